@@ -1,0 +1,35 @@
+"""celery-causal: causal ordering for Celery tasks.
+
+A causal task sent with ``follows=<leader task id>`` runs only after its leader succeeded;
+if it arrives first it is parked in the store and re-enqueued when the leader succeeds.
+"""
+
+from .errors import (
+    CausalError,
+    ConfigurationError,
+    EventArrivedEarly,
+    InvalidLeaderError,
+    MaxDepthExceeded,
+    NotInstalledError,
+    PayloadError,
+    StoreUnavailable,
+)
+from .settings import CausalSettings
+from .task import CausalTask, causal_task, install
+
+__all__ = [
+    # wiring
+    "install",
+    "causal_task",
+    "CausalTask",
+    "CausalSettings",
+    # errors
+    "CausalError",
+    "ConfigurationError",
+    "EventArrivedEarly",
+    "InvalidLeaderError",
+    "MaxDepthExceeded",
+    "NotInstalledError",
+    "PayloadError",
+    "StoreUnavailable",
+]

@@ -1,0 +1,41 @@
+"""Exceptions raised by celery-causal.
+
+Every exception derives from :class:`CausalError`; its docstring is the default message.
+"""
+
+from __future__ import annotations
+
+
+class CausalError(Exception):
+    """A celery-causal error occurred."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigurationError(CausalError):
+    """A causal_* setting has a wrong value."""
+
+
+class NotInstalledError(CausalError):
+    """celery_causal.install(app) was not called for this Celery app."""
+
+
+class InvalidLeaderError(CausalError, ValueError):
+    """The value given as `follows` does not name a leader task."""
+
+
+class PayloadError(CausalError):
+    """The follower's message cannot be stored for later release."""
+
+
+class StoreUnavailable(CausalError):
+    """The causal store (database) cannot be reached."""
+
+
+class EventArrivedEarly(CausalError):
+    """The follower arrived before its leader succeeded; it was parked."""
+
+
+class MaxDepthExceeded(CausalError):
+    """Releasing the followers would exceed causal_max_depth release generations."""

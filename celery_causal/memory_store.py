@@ -1,0 +1,158 @@
+"""An in-memory store with the same atomicity as the SQL store, for tests (one process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .core import release_order
+from .store import ClaimedFollower, Follower, Lookup, ParkOutcome, ScopeStats
+
+
+@dataclass
+class _Row:
+    row_id: int
+    follower: Follower
+    parked_at: float
+    claimed_at: float | None = None
+
+    def claimed(self) -> ClaimedFollower:
+        return ClaimedFollower(
+            **{f.name: getattr(self.follower, f.name) for f in dataclasses.fields(Follower)},
+            row_id=self.row_id,
+            parked_at=self.parked_at,
+        )
+
+
+class MemoryStore:
+    """Every operation holds one lock, so each is atomic as in the SQL store."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._rows: dict[tuple[str, str], _Row] = {}
+        self._done: dict[tuple[str, str], float] = {}
+        self._next_id = 1
+
+    def create_schema(self) -> list[str]:
+        return []
+
+    def lookup(self, scope: str, task_ids: Sequence[str], seen_ttl: float) -> Lookup:
+        with self._lock:
+            now = self.clock()
+            done = frozenset(t for t in task_ids if self._is_done(scope, t, now, seen_ttl))
+            return Lookup(done=done, now=now)
+
+    def _is_done(self, scope: str, task_id: str, now: float, seen_ttl: float) -> bool:
+        at = self._done.get((scope, task_id))
+        return at is not None and at > now - seen_ttl
+
+    def park(self, follower: Follower, seen_ttl: float) -> ParkOutcome:
+        key = (follower.scope, follower.follower_id)
+        with self._lock:
+            now = self.clock()
+            row = self._rows.get(key)
+            if row is None:
+                row = self._rows[key] = _Row(self._next_id, follower, parked_at=now)
+                self._next_id += 1
+            leader_done = self._is_done(follower.scope, follower.leader_id, now, seen_ttl)
+            if not leader_done or row.claimed_at is not None:
+                return ParkOutcome.PARKED
+            del self._rows[key]
+            return ParkOutcome.LEADER_DONE
+
+    def record_done(self, scope: str, task_id: str) -> None:
+        with self._lock:
+            self._done.setdefault((scope, task_id), self.clock())
+
+    def _claim(self, rows: list[_Row], now: float, limit: int) -> list[ClaimedFollower]:
+        ordered = release_order(r.claimed() for r in rows)[:limit]
+        by_id = {r.row_id: r for r in rows}
+        for follower in ordered:
+            by_id[follower.row_id].claimed_at = now
+        return ordered
+
+    def claim_followers(self, scope: str, leader_id: str, limit: int) -> list[ClaimedFollower]:
+        with self._lock:
+            rows = [
+                r
+                for r in self._rows.values()
+                if r.claimed_at is None
+                and r.follower.scope == scope
+                and r.follower.leader_id == leader_id
+            ]
+            return self._claim(rows, self.clock(), limit)
+
+    def claim_lost(
+        self, lookback: float, release_timeout: float, limit: int
+    ) -> list[ClaimedFollower]:
+        with self._lock:
+            now = self.clock()
+            rows = [
+                r
+                for r in self._rows.values()
+                if (r.claimed_at is None and r.parked_at < now - lookback)
+                or (r.claimed_at is not None and r.claimed_at < now - release_timeout)
+            ]
+            return self._claim(rows, now, limit)
+
+    def _by_row_ids(self, row_ids: Sequence[int]) -> list[tuple[str, str]]:
+        wanted = set(row_ids)
+        return [k for k, r in self._rows.items() if r.row_id in wanted]
+
+    def finish(self, row_ids: Sequence[int]) -> None:
+        with self._lock:
+            for key in self._by_row_ids(row_ids):
+                del self._rows[key]
+
+    def unclaim(self, row_ids: Sequence[int]) -> None:
+        with self._lock:
+            for key in self._by_row_ids(row_ids):
+                self._rows[key].claimed_at = None
+
+    def forget(self, scope: str, follower_id: str) -> bool:
+        with self._lock:
+            return self._rows.pop((scope, follower_id), None) is not None
+
+    def count_followers(self, scope: str, leader_id: str) -> int:
+        with self._lock:
+            return sum(
+                1
+                for r in self._rows.values()
+                if r.claimed_at is None
+                and r.follower.scope == scope
+                and r.follower.leader_id == leader_id
+            )
+
+    def expire_done(self, seen_ttl: float, limit: int) -> int:
+        with self._lock:
+            cutoff = self.clock() - seen_ttl
+            old = [k for k, at in self._done.items() if at <= cutoff][:limit]
+            for key in old:
+                del self._done[key]
+            return len(old)
+
+    def stats(self, lookback: float) -> list[ScopeStats]:
+        with self._lock:
+            now = self.clock()
+            scopes = sorted({r.follower.scope for r in self._rows.values()})
+            result = []
+            for scope in scopes:
+                rows = [r for r in self._rows.values() if r.follower.scope == scope]
+                waiting = [r for r in rows if r.claimed_at is None]
+                result.append(
+                    ScopeStats(
+                        scope=scope,
+                        waiting=len(waiting),
+                        releasing=len(rows) - len(waiting),
+                        oldest_parked_at=min((r.parked_at for r in waiting), default=None),
+                        overdue=sum(1 for r in waiting if r.parked_at < now - lookback),
+                    )
+                )
+            return result
+
+    def close(self) -> None:
+        pass

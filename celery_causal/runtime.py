@@ -1,0 +1,181 @@
+"""One app's causal machinery: settings, store, seen cache; the steps a causal task takes.
+
+Celery-free except for publishing through the app; ``task.py`` calls these steps from the
+task's ``__call__`` and from the sweep task.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cachetools import TTLCache
+
+from .core import Action, Arrival, Verdict, decide, may_release
+from .payload import execution_options, pack
+from .release import ReleaseReport, publish
+from .settings import CausalSettings
+from .sql_store import SQLStore
+from .store import CausalStore, ClaimedFollower, ParkOutcome
+
+logger = logging.getLogger("celery_causal")
+
+
+@dataclass
+class SweepReport:
+    released: int = 0
+    refused: int = 0
+    expired_done: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class CausalRuntime:
+    def __init__(
+        self,
+        app: Any,
+        settings: CausalSettings,
+        store: CausalStore | None = None,
+    ) -> None:
+        from kombu.serialization import prepare_accept_content
+
+        self.app = app
+        self.settings = settings
+        self.store: CausalStore = store if store is not None else SQLStore(settings.store_url)
+        self.accept = prepare_accept_content(app.conf.accept_content)
+        # Positive answers only: a leader seen done stays done for the TTL, so a stale
+        # entry can never hold a follower back; a negative answer is always re-asked.
+        self._seen: TTLCache[tuple[str, str], bool] | None = (
+            TTLCache(maxsize=settings.seen_cache_size, ttl=settings.seen_ttl)
+            if settings.seen_cache_size
+            else None
+        )
+        self._seen_lock = threading.Lock()
+
+    # -- seen cache --------------------------------------------------------------------
+
+    def _cached(self, scope: str, task_id: str) -> bool:
+        if self._seen is None:
+            return False
+        with self._seen_lock:
+            return self._seen.get((scope, task_id), False)
+
+    def _remember(self, scope: str, task_ids: Any) -> None:
+        if self._seen is not None:
+            with self._seen_lock:
+                for task_id in task_ids:
+                    self._seen[(scope, task_id)] = True
+
+    # -- before the body ---------------------------------------------------------------
+
+    def check(self, scope: str, arrival: Arrival) -> tuple[Verdict, float]:
+        """Decide run / park / skip for ``arrival``; also return the store's clock."""
+        wanted = [arrival.task_id] + ([arrival.leader] if arrival.leader else [])
+        known = {t for t in wanted if self._cached(scope, t)}
+        if arrival.task_id in known:
+            return decide(arrival, known, 0.0, self.settings.lookback), 0.0
+        lookup = self.store.lookup(
+            scope, [t for t in wanted if t not in known], self.settings.seen_ttl
+        )
+        self._remember(scope, lookup.done)
+        verdict = decide(arrival, known | lookup.done, lookup.now, self.settings.lookback)
+        return verdict, lookup.now
+
+    def park(
+        self,
+        *,
+        scope: str,
+        task: Any,
+        request: Any,
+        arrival: Arrival,
+        now: float,
+    ) -> ParkOutcome:
+        assert arrival.leader is not None
+        follower = pack(
+            scope=scope,
+            task_name=task.name,
+            task_id=arrival.task_id,
+            leader=arrival.leader,
+            occurred_at=arrival.published_at if arrival.published_at is not None else now,
+            args=request.args,
+            kwargs=request.kwargs,
+            options=execution_options(request),
+            serializer=task.serializer or self.app.conf.task_serializer,
+            max_bytes=self.settings.max_payload_bytes,
+            hostname=request.hostname or "",
+        )
+        return self.store.park(follower, self.settings.seen_ttl)
+
+    # -- after the body ----------------------------------------------------------------
+
+    def complete(self, scope: str, task_id: str, depth: int) -> int:
+        """Record ``task_id`` done, then release its followers; return how many."""
+        # Order matters: the done record must be committed before the claim (see store.py).
+        self.store.record_done(scope, task_id)
+        self._remember(scope, (task_id,))
+        if not may_release(depth, self.settings.max_depth):
+            waiting = self.store.count_followers(scope, task_id)
+            if waiting:
+                logger.warning(
+                    "depth exceeded: %d follower(s) of task %s in scope %r stay parked for "
+                    "the sweep (release depth %d > causal_max_depth %s)",
+                    waiting, task_id, scope, depth + 1, self.settings.max_depth,
+                )
+            return 0
+        return self.release_followers(scope, task_id, depth + 1)
+
+    def release_followers(self, scope: str, leader_id: str, depth: int) -> int:
+        released = 0
+        while True:
+            claimed = self.store.claim_followers(scope, leader_id, self.settings.batch_size)
+            report = self._publish(claimed, reason="leader", depth=depth)
+            released += len(report.published)
+            if len(claimed) < self.settings.batch_size:
+                return released
+
+    def _publish(
+        self,
+        claimed: list[ClaimedFollower],
+        *,
+        reason: str,
+        depth: int,
+        on_published: Callable[[ClaimedFollower], None] | None = None,
+    ) -> ReleaseReport:
+        return publish(
+            self.app, self.store, claimed,
+            reason=reason, depth=depth, accept=self.accept, on_published=on_published,
+        )
+
+    # -- the sweep ---------------------------------------------------------------------
+
+    def sweep(self, progress: Callable[[int], None] | None = None) -> SweepReport:
+        """Release lost followers and expire old done records, in bounded batches."""
+        report = SweepReport()
+        batch = self.settings.batch_size
+        while True:
+            claimed = self.store.claim_lost(
+                self.settings.lookback, self.settings.release_timeout, batch
+            )
+            for follower in claimed:
+                logger.warning(
+                    "lost follower %s (follows %s, scope %r): leader never succeeded "
+                    "within causal_lookback; releasing it",
+                    follower.follower_id, follower.leader_id, follower.scope,
+                )
+            published = self._publish(claimed, reason="sweep", depth=0)
+            report.released += len(published.published)
+            report.refused += len(published.refused)
+            if progress is not None:
+                progress(len(claimed))
+            if len(claimed) < batch:
+                break
+        while True:
+            expired = self.store.expire_done(self.settings.seen_ttl, batch)
+            report.expired_done += expired
+            if expired < batch:
+                break
+        return report

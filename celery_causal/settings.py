@@ -1,0 +1,123 @@
+"""The ``causal_*`` settings, read once from ``app.conf`` into a frozen, validated model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sqlalchemy.engine import make_url
+
+from .errors import ConfigurationError
+
+PREFIX = "causal_"
+
+#: With no ``causal_store_url`` the store is this SQLite file in the working directory.
+DEFAULT_STORE_URL = "sqlite:///celery_causal.sqlite3"
+
+SUPPORTED_SCHEMES = ("postgresql", "sqlite")
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with its password replaced by ``***``, for logs, errors and CLI output."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not parseable: hide everything between "//" and "@"
+        return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+def _seconds(value: Any) -> Any:
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return value
+
+
+class CausalSettings(BaseModel):
+    """Validated ``causal_*`` settings; durations are in seconds (numbers or timedeltas)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: SQLAlchemy URL of the store; PostgreSQL (``postgresql+psycopg://``) or SQLite.
+    store_url: str = DEFAULT_STORE_URL
+    #: A follower younger than this waits for its leader; a parked one older is lost.
+    lookback: float = Field(default=15 * 60, gt=0)
+    #: How long a "done" record answers duplicate and leader checks.
+    seen_ttl: float = Field(default=30 * 60, gt=0)
+    #: Release generations that may cascade from one leader; ``None`` disables the guard.
+    max_depth: int | None = Field(default=20, ge=0)
+    #: Celery beat runs the sweep this often.
+    sweep_interval: float = Field(default=30, gt=0)
+    #: A row left in "releasing" longer than this (its releaser died) is republished by the sweep.
+    release_timeout: float = Field(default=60, gt=0)
+    #: Rows claimed per statement when a leader releases its followers or the sweep runs.
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+    #: What happens to the followers of a leader that failed for good.
+    on_leader_failure: Literal["wait", "release", "fail"] = "wait"
+    #: A follower whose stored message would be larger than this is refused.
+    max_payload_bytes: int = Field(default=1024 * 1024, ge=1024)
+    #: Countdown of the Celery retry when the store cannot be reached.
+    store_retry_delay: float = Field(default=5, ge=0)
+    #: Entries of the per-process cache of leaders known to be done.
+    seen_cache_size: int = Field(default=10_000, ge=0)
+
+    _durations = field_validator(
+        "lookback", "seen_ttl", "sweep_interval", "release_timeout", "store_retry_delay",
+        mode="before",
+    )(_seconds)
+
+    @field_validator("store_url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        scheme = url.split(":", 1)[0].split("+", 1)[0]
+        if scheme not in SUPPORTED_SCHEMES:
+            raise ValueError(
+                f"unsupported scheme {scheme!r}; use postgresql+psycopg://... or sqlite:///..."
+            )
+        return url
+
+    @model_validator(mode="after")
+    def _ttl_covers_lookback(self) -> CausalSettings:
+        if self.seen_ttl < self.lookback:
+            raise ValueError(
+                f"causal_seen_ttl ({self.seen_ttl:g}s) must be at least causal_lookback "
+                f"({self.lookback:g}s): a leader's done record must outlive the wait "
+                "of its followers"
+            )
+        return self
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, Any]) -> CausalSettings:
+        """Read every ``causal_*`` key of a Celery ``app.conf``; raise one clear error if wrong."""
+        values: dict[str, Any] = {}
+        for key in list(conf.keys()):
+            if isinstance(key, str) and key.startswith(PREFIX):
+                value = conf.get(key)
+                if value is not None or key == PREFIX + "max_depth":
+                    values[key[len(PREFIX) :]] = value
+        if values.get("store_url") is None:
+            values.pop("store_url", None)
+        unknown = sorted(set(values) - set(cls.model_fields))
+        if unknown:
+            names = ", ".join(PREFIX + name for name in unknown)
+            known = ", ".join(PREFIX + name for name in cls.model_fields)
+            raise ConfigurationError(f"unknown setting {names}; known settings: {known}")
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigurationError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        name = PREFIX + where if where else "causal settings"
+        message = error["msg"].removeprefix("Value error, ")
+        given = error.get("input")
+        if where == "store_url" and isinstance(given, str):
+            given = mask_url(given)
+        problems.append(f"{name}: {message} (got {given!r})")
+    return "invalid celery-causal settings: " + "; ".join(problems)

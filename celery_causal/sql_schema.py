@@ -1,0 +1,102 @@
+"""Tables and indexes of the SQL store, and the database clock expression."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Double,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    UniqueConstraint,
+)
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
+
+from .store import MAX_ID_LENGTH
+
+metadata = MetaData()
+
+_Id = String(MAX_ID_LENGTH)
+
+#: Parked followers. ``claimed_at IS NULL`` means waiting; set means a releaser claimed the
+#: row and is publishing it (the outbox state); the row is deleted once published.
+followers = Table(
+    "causal_followers",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("scope", _Id, nullable=False),
+    Column("follower_id", _Id, nullable=False),
+    Column("leader_id", _Id, nullable=False),
+    Column("task_name", _Id, nullable=False),
+    Column("occurred_at", Double, nullable=False),
+    Column("parked_at", Double, nullable=False),
+    Column("claimed_at", Double, nullable=True),
+    Column("content_type", String(128), nullable=False),
+    Column("content_encoding", String(64), nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("hostname", _Id, nullable=False, server_default=""),
+    # Parking is idempotent: a redelivered follower hits this key (ON CONFLICT DO NOTHING).
+    UniqueConstraint("scope", "follower_id", name="causal_followers_scope_follower_key"),
+)
+
+# A leader's release reads its waiting followers in occurred order: one index range scan,
+# whatever the table size.
+Index(
+    "causal_followers_leader_idx",
+    followers.c.scope,
+    followers.c.leader_id,
+    followers.c.occurred_at,
+    followers.c.follower_id,
+)
+# The sweep finds lost followers (waiting, parked long ago) ...
+Index(
+    "causal_followers_waiting_idx",
+    followers.c.parked_at,
+    postgresql_where=followers.c.claimed_at.is_(None),
+    sqlite_where=followers.c.claimed_at.is_(None),
+)
+# ... and rows whose releaser died mid-release, without scanning the waiting ones.
+Index(
+    "causal_followers_claimed_idx",
+    followers.c.claimed_at,
+    postgresql_where=followers.c.claimed_at.is_not(None),
+    sqlite_where=followers.c.claimed_at.is_not(None),
+)
+
+#: Tasks that succeeded ("seen"), shared by every worker; expire after ``causal_seen_ttl``.
+done = Table(
+    "causal_done",
+    metadata,
+    Column("scope", _Id, nullable=False),
+    Column("task_id", _Id, nullable=False),
+    Column("done_at", Double, nullable=False),
+    PrimaryKeyConstraint("scope", "task_id", name="causal_done_pkey"),
+)
+Index("causal_done_done_at_idx", done.c.done_at)
+
+
+class db_clock(FunctionElement[float]):  # noqa: N801 - reads like the SQL function it is
+    """The database's clock in epoch seconds, so every worker shares one clock."""
+
+    type = Double()
+    inherit_cache = True
+
+
+@compiles(db_clock, "postgresql")
+def _pg_clock(element: db_clock, compiler: Any, **kw: Any) -> str:
+    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+
+
+@compiles(db_clock, "sqlite")
+def _sqlite_clock(element: db_clock, compiler: Any, **kw: Any) -> str:
+    # Julian day with millisecond precision, moved to the Unix epoch.
+    return "((julianday('now') - 2440587.5) * 86400.0)"

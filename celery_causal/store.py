@@ -1,0 +1,130 @@
+"""The storage contract: a handful of atomic operations every store implements.
+
+Two stores implement it: :class:`~celery_causal.sql_store.SQLStore` (PostgreSQL and SQLite,
+SQLAlchemy Core) and :class:`~celery_causal.memory_store.MemoryStore` (tests). Each method's
+docstring says what is atomic. Timestamps are epoch seconds taken from the store's own clock,
+so a worker with a wrong clock cannot release or hold work early.
+
+How park and release avoid stranding a follower (the seed's park/complete race): a leader
+first *commits* its done record (:meth:`record_done`), then claims its followers
+(:meth:`claim_followers`). A follower first *commits* its row (:meth:`park`), then re-checks
+the leader. Whichever commits second sees the other's commit: either the leader's claim sees
+the row, or the follower's re-check sees the done record and takes its row back. The claim
+and the take-back both move a row out of ``waiting`` in one statement, so exactly one wins.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+#: Longest task id, leader id or scope the store accepts.
+MAX_ID_LENGTH = 255
+
+
+class ParkOutcome(enum.Enum):
+    #: The row is stored; a release (the leader's, one already under way, or the sweep's)
+    #: will publish it. The caller must not run the task.
+    PARKED = "parked"
+    #: The leader was done by the time the row was committed; the row was taken back
+    #: and the caller must run the task now.
+    LEADER_DONE = "leader-done"
+
+
+@dataclass(frozen=True)
+class Follower:
+    """A parked message: everything needed to publish it again, as it was sent."""
+
+    scope: str
+    follower_id: str
+    leader_id: str
+    task_name: str
+    #: When the follower's event occurred (first publish, producer's clock).
+    occurred_at: float
+    #: The message, serialized by the task's serializer: args, kwargs, options.
+    payload: bytes
+    content_type: str
+    content_encoding: str
+    #: Worker host that parked it; events sent later about this task use it.
+    hostname: str = ""
+
+
+@dataclass(frozen=True)
+class ClaimedFollower(Follower):
+    """A follower claimed for release; :meth:`CausalStore.finish` deletes it once published."""
+
+    row_id: int = 0
+    parked_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Which of the asked task ids are done, and the store's clock when it answered."""
+
+    done: frozenset[str]
+    now: float
+
+
+@dataclass(frozen=True)
+class ScopeStats:
+    scope: str
+    waiting: int
+    releasing: int
+    oldest_parked_at: float | None
+    overdue: int
+
+
+class CausalStore(Protocol):
+    """Atomic operations on the follower table and the done records."""
+
+    def create_schema(self) -> list[str]:
+        """Create missing tables and indexes; return what was created (idempotent)."""
+
+    def lookup(self, scope: str, task_ids: Sequence[str], seen_ttl: float) -> Lookup:
+        """Return which of ``task_ids`` were recorded done within ``seen_ttl``, and the clock."""
+
+    def park(self, follower: Follower, seen_ttl: float) -> ParkOutcome:
+        """Commit ``follower`` as waiting (a duplicate leaves one row), then re-check its leader.
+
+        If the leader is done by then, atomically take the row back (``LEADER_DONE``) unless
+        a releaser claimed it first (then ``PARKED``: the releaser publishes it).
+        """
+
+    def record_done(self, scope: str, task_id: str) -> None:
+        """Commit ``task_id`` as done (idempotent). Must be committed before claiming."""
+
+    def claim_followers(self, scope: str, leader_id: str, limit: int) -> list[ClaimedFollower]:
+        """Atomically move up to ``limit`` waiting followers of ``leader_id`` to releasing.
+
+        Returned in release order. Concurrent claimers get disjoint rows.
+        """
+
+    def claim_lost(
+        self, lookback: float, release_timeout: float, limit: int
+    ) -> list[ClaimedFollower]:
+        """Atomically claim rows parked longer than ``lookback``, and releasing rows whose
+        claim is older than ``release_timeout`` (their releaser died). Disjoint across
+        concurrent sweeps; returned in release order."""
+
+    def finish(self, row_ids: Sequence[int]) -> None:
+        """Delete released rows (after their messages were published)."""
+
+    def unclaim(self, row_ids: Sequence[int]) -> None:
+        """Put claimed rows back to waiting (publishing them failed)."""
+
+    def forget(self, scope: str, follower_id: str) -> bool:
+        """Delete one follower without running it; ``True`` if it existed."""
+
+    def count_followers(self, scope: str, leader_id: str) -> int:
+        """How many followers of ``leader_id`` are waiting."""
+
+    def expire_done(self, seen_ttl: float, limit: int) -> int:
+        """Delete up to ``limit`` done records older than ``seen_ttl``; return how many."""
+
+    def stats(self, lookback: float) -> list[ScopeStats]:
+        """Per scope: waiting, releasing, oldest park time, overdue for the sweep."""
+
+    def close(self) -> None:
+        """Release connections."""

@@ -1,0 +1,225 @@
+"""All Celery wiring: the task base class, ``install(app)``, the sweep task and signals."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from celery import Celery, Task, signals
+from celery.exceptions import Ignore
+
+from .core import Action, Arrival
+from .errors import NotInstalledError, StoreUnavailable
+from .payload import DEPTH, FOLLOWS, PUBLISHED_AT, RELEASED, check_task_id, leader_id
+from .runtime import CausalRuntime
+from .settings import CausalSettings
+from .store import CausalStore, ParkOutcome
+
+logger = logging.getLogger("celery_causal")
+
+SWEEP_TASK = "celery_causal.sweep"
+BEAT_ENTRY = "celery-causal-sweep"
+
+#: Store-outage retries do not give up: the task waits for the database rather than
+#: failing or running out of order.
+_STORE_MAX_RETRIES = 10**9
+
+_lock = threading.Lock()
+_installed: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+_runtimes: weakref.WeakKeyDictionary[Any, CausalRuntime] = weakref.WeakKeyDictionary()
+
+
+def runtime_for(app: Any) -> CausalRuntime:
+    """The app's causal runtime, built on first use from ``app.conf``."""
+    runtime = _runtimes.get(app)
+    if runtime is not None:
+        return runtime
+    with _lock:
+        runtime = _runtimes.get(app)
+        if runtime is None:
+            options = _installed.get(app)
+            if options is None:
+                raise NotInstalledError(
+                    f"celery_causal.install(app) was not called for app {app.main!r}"
+                )
+            settings = CausalSettings.from_conf(app.conf)
+            runtime = CausalRuntime(app, settings, store=options.get("store"))
+            _runtimes[app] = runtime
+        return runtime
+
+
+def _header(request: Any, name: str) -> Any:
+    headers = request.headers or {}
+    if name in headers:
+        return headers[name]
+    return getattr(request, name, None)
+
+
+def arrival_from(request: Any) -> tuple[Arrival, int]:
+    """The ordering facts a delivered message carries, and its release depth."""
+    published_at = _header(request, PUBLISHED_AT)
+    arrival = Arrival(
+        task_id=request.id,
+        follows=_header(request, FOLLOWS),
+        released=bool(_header(request, RELEASED)),
+        published_at=float(published_at) if published_at is not None else None,
+    )
+    return arrival, int(_header(request, DEPTH) or 0)
+
+
+class CausalTask(Task):  # type: ignore[misc]
+    """Base class of causal tasks: ``@app.task(base=CausalTask)``.
+
+    Send with ``follows=<leader task id or AsyncResult>``; the task then runs only after
+    its leader succeeded (or once its message is older than ``causal_lookback``).
+    """
+
+    #: Followers and done records are isolated by scope; leader and follower share one.
+    scope: str = "default"
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        follows: Any = None,
+        **options: Any,
+    ) -> Any:
+        headers = dict(options.pop("headers", None) or {})
+        if follows is not None:
+            headers[FOLLOWS] = leader_id(follows)
+        if task_id is not None:
+            check_task_id(task_id)
+        # The event's occurrence time: the lookback is measured from the first publish,
+        # and retries and re-enqueues keep it (setdefault).
+        headers.setdefault(PUBLISHED_AT, time.time())
+        return super().apply_async(
+            args, kwargs, task_id=task_id, producer=producer, link=link,
+            link_error=link_error, shadow=shadow, headers=headers, **options,
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if request.called_directly or request.is_eager:
+            return super().__call__(*args, **kwargs)
+        runtime = runtime_for(self.app)
+        arrival, depth = arrival_from(request)
+        scope = self.scope
+        try:
+            self._wait_for_leader(runtime, scope, arrival, request)
+        except StoreUnavailable as exc:
+            logger.error(
+                "causal check of task %s (follows %s, scope %r) failed, retrying in %gs: %s",
+                arrival.task_id, arrival.follows, scope,
+                runtime.settings.store_retry_delay, exc,
+            )
+            raise self.retry(
+                exc=exc, countdown=runtime.settings.store_retry_delay,
+                max_retries=_STORE_MAX_RETRIES,
+            ) from None
+        retval = super().__call__(*args, **kwargs)
+        try:
+            runtime.complete(scope, arrival.task_id, depth)
+        except StoreUnavailable as exc:
+            logger.error(
+                "task %s (scope %r) succeeded but its done record could not be stored; its "
+                "followers will be released by the sweep: %s", arrival.task_id, scope, exc,
+            )
+        return retval
+
+    def _wait_for_leader(
+        self, runtime: CausalRuntime, scope: str, arrival: Arrival, request: Any
+    ) -> None:
+        """Return if the body may run now; raise ``Ignore`` if it must not."""
+        verdict, now = runtime.check(scope, arrival)
+        if verdict.action is Action.SKIP_DUPLICATE:
+            logger.info(
+                "duplicate skip: task %s (follows %s, scope %r) already done",
+                arrival.task_id, arrival.follows, scope,
+            )
+            raise Ignore()
+        if verdict.action is Action.PARK:
+            outcome = runtime.park(
+                scope=scope, task=self, request=request, arrival=arrival, now=now
+            )
+            if outcome is ParkOutcome.PARKED:
+                logger.info(
+                    "parked task %s: follows %s (scope %r), which has not succeeded yet",
+                    arrival.task_id, arrival.leader, scope,
+                )
+                raise Ignore()
+            logger.info(
+                "task %s runs: its leader %s (scope %r) succeeded while it was parking",
+                arrival.task_id, arrival.leader, scope,
+            )
+        elif verdict.reason == "older than lookback":
+            logger.info(
+                "task %s runs without its leader %s (scope %r): older than causal_lookback",
+                arrival.task_id, arrival.leader, scope,
+            )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def causal_task(app: Celery, *, scope: str = "default", **options: Any) -> Callable[[F], Any]:
+    """``@causal_task(app, scope="orders", **app_task_options)``: a causal task."""
+    options.setdefault("base", CausalTask)
+    return app.task(scope=scope, **options)  # type: ignore[no-any-return]
+
+
+def _sweep_task(app: Any) -> Callable[[], dict[str, int]]:
+    def sweep() -> dict[str, int]:
+        """Release lost followers and expire old done records (celery-causal)."""
+        return runtime_for(app).sweep().as_dict()
+
+    return sweep
+
+
+def install(app: Celery, *, beat: bool = True, store: CausalStore | None = None) -> None:
+    """Wire celery-causal into ``app``: the one call users make. Idempotent.
+
+    Registers the ``celery_causal.sweep`` task and, unless ``beat=False``, its Celery beat
+    entry. ``store`` replaces the store built from ``causal_store_url`` (tests pass a
+    :class:`~celery_causal.testing.MemoryStore`).
+    """
+    with _lock:
+        first = app not in _installed
+        _installed[app] = {"store": store, "beat": beat}
+        _runtimes.pop(app, None)
+    if not first:
+        return
+    app.task(name=SWEEP_TASK, ignore_result=False, shared=False)(_sweep_task(app))
+
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
+        # Validate settings and create the schema when the worker starts, so a wrong
+        # value stops it with a clear error instead of failing the first task.
+        if getattr(sender, "app", None) is app:
+            runtime_for(app).store.create_schema()
+
+    signals.worker_init.connect(on_worker_init, weak=False)
+    if beat:
+        signals.beat_init.connect(_beat_hook(app), weak=False)
+
+
+def _beat_hook(app: Any) -> Callable[..., None]:
+    def on_beat_init(sender: Any = None, **_: Any) -> None:
+        # Added to the running scheduler, not to app.conf.beat_schedule, so the entry
+        # survives a later ``app.conf.beat_schedule = {...}`` or config_from_object().
+        if getattr(sender, "app", None) is not app:
+            return
+        interval = runtime_for(app).settings.sweep_interval
+        scheduler = sender.scheduler
+        scheduler.update_from_dict(
+            {BEAT_ENTRY: {"task": SWEEP_TASK, "schedule": interval, "options": {"expires": interval}}}
+        )
+
+    return on_beat_init
