@@ -66,7 +66,7 @@ class MemoryStore:
 
     def record_done(self, scope: str, task_id: str) -> None:
         with self._lock:
-            self._done.setdefault((scope, task_id), self.clock())
+            self._done[(scope, task_id)] = self.clock()
 
     def _claim(self, rows: list[_Row], now: float, limit: int) -> list[ClaimedFollower]:
         ordered = release_order(r.claimed() for r in rows)[:limit]

@@ -111,7 +111,7 @@ def pack(
     """Serialize a follower's message; raise :class:`PayloadError` if it cannot be stored."""
     body = {"args": list(args or ()), "kwargs": dict(kwargs or {}), "options": dict(options)}
     try:
-        content_type, content_encoding, data = dumps(body, serializer=serializer)
+        content_type, content_encoding, data = dumps(body, serializer=serializer)  # type: ignore[no-untyped-call]
     except (EncodeError, TypeError, ValueError) as exc:
         raise PayloadError(
             f"cannot store follower {task_id} of {task_name}: its message does not serialize "
@@ -139,7 +139,7 @@ def pack(
 def unpack(follower: Follower, accept: Collection[str]) -> Message:
     """Decode a stored follower; only content types in ``accept`` are deserialized."""
     try:
-        body = loads(
+        body = loads(  # type: ignore[no-untyped-call]
             follower.payload,
             follower.content_type,
             follower.content_encoding,
@@ -157,6 +157,4 @@ def unpack(follower: Follower, accept: Collection[str]) -> Message:
             f"{follower.content_type!r} is not accepted ({exc})"
         ) from exc
     except (DecodeError, KeyError, TypeError, ValueError) as exc:
-        raise PayloadError(
-            f"stored follower {follower.follower_id} is corrupt: {exc!r}"
-        ) from exc
+        raise PayloadError(f"stored follower {follower.follower_id} is corrupt: {exc!r}") from exc

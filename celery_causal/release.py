@@ -80,7 +80,10 @@ def publish(
                 report.published.append(follower.follower_id)
                 logger.info(
                     "released task %s (follows %s, scope %r) by %s",
-                    follower.follower_id, follower.leader_id, follower.scope, reason,
+                    follower.follower_id,
+                    follower.leader_id,
+                    follower.scope,
+                    reason,
                 )
                 if on_published is not None:
                     on_published(follower)

@@ -14,7 +14,7 @@ from typing import Any
 
 from cachetools import TTLCache
 
-from .core import Action, Arrival, Verdict, decide, may_release
+from .core import Arrival, Verdict, decide, may_release
 from .payload import execution_options, pack
 from .release import ReleaseReport, publish
 from .settings import CausalSettings
@@ -46,7 +46,7 @@ class CausalRuntime:
         self.app = app
         self.settings = settings
         self.store: CausalStore = store if store is not None else SQLStore(settings.store_url)
-        self.accept = prepare_accept_content(app.conf.accept_content)
+        self.accept = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
         # Positive answers only: a leader seen done stays done for the TTL, so a stale
         # entry can never hold a follower back; a negative answer is always re-asked.
         self._seen: TTLCache[tuple[str, str], bool] | None = (
@@ -123,7 +123,11 @@ class CausalRuntime:
                 logger.warning(
                     "depth exceeded: %d follower(s) of task %s in scope %r stay parked for "
                     "the sweep (release depth %d > causal_max_depth %s)",
-                    waiting, task_id, scope, depth + 1, self.settings.max_depth,
+                    waiting,
+                    task_id,
+                    scope,
+                    depth + 1,
+                    self.settings.max_depth,
                 )
             return 0
         return self.release_followers(scope, task_id, depth + 1)
@@ -146,8 +150,13 @@ class CausalRuntime:
         on_published: Callable[[ClaimedFollower], None] | None = None,
     ) -> ReleaseReport:
         return publish(
-            self.app, self.store, claimed,
-            reason=reason, depth=depth, accept=self.accept, on_published=on_published,
+            self.app,
+            self.store,
+            claimed,
+            reason=reason,
+            depth=depth,
+            accept=self.accept,
+            on_published=on_published,
         )
 
     # -- the sweep ---------------------------------------------------------------------
@@ -164,7 +173,9 @@ class CausalRuntime:
                 logger.warning(
                     "lost follower %s (follows %s, scope %r): leader never succeeded "
                     "within causal_lookback; releasing it",
-                    follower.follower_id, follower.leader_id, follower.scope,
+                    follower.follower_id,
+                    follower.leader_id,
+                    follower.scope,
                 )
             published = self._publish(claimed, reason="sweep", depth=0)
             report.released += len(published.published)

@@ -8,7 +8,6 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
 from sqlalchemy.engine import make_url
 
 from .errors import ConfigurationError
@@ -64,7 +63,11 @@ class CausalSettings(BaseModel):
     seen_cache_size: int = Field(default=10_000, ge=0)
 
     _durations = field_validator(
-        "lookback", "seen_ttl", "sweep_interval", "release_timeout", "store_retry_delay",
+        "lookback",
+        "seen_ttl",
+        "sweep_interval",
+        "release_timeout",
+        "store_retry_delay",
         mode="before",
     )(_seconds)
 

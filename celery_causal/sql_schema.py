@@ -31,8 +31,9 @@ _Id = String(MAX_ID_LENGTH)
 followers = Table(
     "causal_followers",
     metadata,
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-           autoincrement=True),
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
     Column("scope", _Id, nullable=False),
     Column("follower_id", _Id, nullable=False),
     Column("leader_id", _Id, nullable=False),
@@ -84,7 +85,7 @@ done = Table(
 Index("causal_done_done_at_idx", done.c.done_at)
 
 
-class db_clock(FunctionElement[float]):  # noqa: N801 - reads like the SQL function it is
+class db_clock(FunctionElement[float]):
     """The database's clock in epoch seconds, so every worker shares one clock."""
 
     type = Double()

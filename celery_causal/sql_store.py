@@ -125,9 +125,7 @@ class SQLStore:
             )
             event.listen(engine, "connect", _sqlite_pragmas)
             return engine
-        return create_engine(
-            self.url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=10
-        )
+        return create_engine(self.url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=10)
 
     def _run(self, operation: Callable[[Any], T]) -> T:
         """Run ``operation(connection)``; one immediate retry after a dropped connection.
@@ -147,7 +145,9 @@ class SQLStore:
                     f"causal store {mask_url(self.url)} failed: {exc.orig!r}"
                 ) from exc
             except SQLAlchemyError as exc:
-                raise StoreUnavailable(f"causal store {mask_url(self.url)} failed: {exc!r}") from exc
+                raise StoreUnavailable(
+                    f"causal store {mask_url(self.url)} failed: {exc!r}"
+                ) from exc
         raise AssertionError("unreachable")
 
     def create_schema(self) -> list[str]:
@@ -179,9 +179,11 @@ class SQLStore:
 
     def lookup(self, scope: str, task_ids: Sequence[str], seen_ttl: float) -> Lookup:
         # One row whatever the answer: the clock plus one EXISTS per asked id.
-        columns = [db_clock().label("now")]
+        columns: list[Any] = [db_clock().label("now")]
         for i, task_id in enumerate(task_ids):
-            columns.append(exists().where(self._done_within(scope, task_id, seen_ttl)).label(f"d{i}"))
+            columns.append(
+                exists().where(self._done_within(scope, task_id, seen_ttl)).label(f"d{i}")
+            )
         row = self._run(lambda c: c.execute(select(*columns)).one())
         found = frozenset(t for i, t in enumerate(task_ids) if row[i + 1])
         return Lookup(done=found, now=float(row[0]))
@@ -298,9 +300,7 @@ class SQLStore:
     def unclaim(self, row_ids: Sequence[int]) -> None:
         if row_ids:
             stmt = (
-                update(followers)
-                .where(followers.c.id.in_(list(row_ids)))
-                .values(claimed_at=None)
+                update(followers).where(followers.c.id.in_(list(row_ids))).values(claimed_at=None)
             )
             self._run(lambda c: c.execute(stmt))
 
@@ -339,8 +339,7 @@ class SQLStore:
                 func.sum(case((waiting, 0), else_=1)),
                 func.min(case((waiting, followers.c.parked_at), else_=None)),
                 func.sum(
-                    case((and_(waiting, followers.c.parked_at < db_clock() - lookback), 1),
-                         else_=0)
+                    case((and_(waiting, followers.c.parked_at < db_clock() - lookback), 1), else_=0)
                 ),
             )
             .group_by(followers.c.scope)
@@ -371,4 +370,3 @@ def _schema_objects(conn: Any) -> set[str]:
             found.add(f"table {table.name}")
             found.update(f"index {ix['name']}" for ix in inspector.get_indexes(table.name))
     return found
-

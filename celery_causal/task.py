@@ -102,8 +102,15 @@ class CausalTask(Task):  # type: ignore[misc]
         # and retries and re-enqueues keep it (setdefault).
         headers.setdefault(PUBLISHED_AT, time.time())
         return super().apply_async(
-            args, kwargs, task_id=task_id, producer=producer, link=link,
-            link_error=link_error, shadow=shadow, headers=headers, **options,
+            args,
+            kwargs,
+            task_id=task_id,
+            producer=producer,
+            link=link,
+            link_error=link_error,
+            shadow=shadow,
+            headers=headers,
+            **options,
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -118,11 +125,15 @@ class CausalTask(Task):  # type: ignore[misc]
         except StoreUnavailable as exc:
             logger.error(
                 "causal check of task %s (follows %s, scope %r) failed, retrying in %gs: %s",
-                arrival.task_id, arrival.follows, scope,
-                runtime.settings.store_retry_delay, exc,
+                arrival.task_id,
+                arrival.follows,
+                scope,
+                runtime.settings.store_retry_delay,
+                exc,
             )
             raise self.retry(
-                exc=exc, countdown=runtime.settings.store_retry_delay,
+                exc=exc,
+                countdown=runtime.settings.store_retry_delay,
                 max_retries=_STORE_MAX_RETRIES,
             ) from None
         retval = super().__call__(*args, **kwargs)
@@ -131,7 +142,10 @@ class CausalTask(Task):  # type: ignore[misc]
         except StoreUnavailable as exc:
             logger.error(
                 "task %s (scope %r) succeeded but its done record could not be stored; its "
-                "followers will be released by the sweep: %s", arrival.task_id, scope, exc,
+                "followers will be released by the sweep: %s",
+                arrival.task_id,
+                scope,
+                exc,
             )
         return retval
 
@@ -143,7 +157,9 @@ class CausalTask(Task):  # type: ignore[misc]
         if verdict.action is Action.SKIP_DUPLICATE:
             logger.info(
                 "duplicate skip: task %s (follows %s, scope %r) already done",
-                arrival.task_id, arrival.follows, scope,
+                arrival.task_id,
+                arrival.follows,
+                scope,
             )
             raise Ignore()
         if verdict.action is Action.PARK:
@@ -153,17 +169,23 @@ class CausalTask(Task):  # type: ignore[misc]
             if outcome is ParkOutcome.PARKED:
                 logger.info(
                     "parked task %s: follows %s (scope %r), which has not succeeded yet",
-                    arrival.task_id, arrival.leader, scope,
+                    arrival.task_id,
+                    arrival.leader,
+                    scope,
                 )
                 raise Ignore()
             logger.info(
                 "task %s runs: its leader %s (scope %r) succeeded while it was parking",
-                arrival.task_id, arrival.leader, scope,
+                arrival.task_id,
+                arrival.leader,
+                scope,
             )
         elif verdict.reason == "older than lookback":
             logger.info(
                 "task %s runs without its leader %s (scope %r): older than causal_lookback",
-                arrival.task_id, arrival.leader, scope,
+                arrival.task_id,
+                arrival.leader,
+                scope,
             )
 
 
@@ -219,7 +241,13 @@ def _beat_hook(app: Any) -> Callable[..., None]:
         interval = runtime_for(app).settings.sweep_interval
         scheduler = sender.scheduler
         scheduler.update_from_dict(
-            {BEAT_ENTRY: {"task": SWEEP_TASK, "schedule": interval, "options": {"expires": interval}}}
+            {
+                BEAT_ENTRY: {
+                    "task": SWEEP_TASK,
+                    "schedule": interval,
+                    "options": {"expires": interval},
+                }
+            }
         )
 
     return on_beat_init

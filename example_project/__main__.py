@@ -1,0 +1,5 @@
+import sys
+
+from example_project.demo import main
+
+sys.exit(main())

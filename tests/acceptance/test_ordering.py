@@ -1,0 +1,160 @@
+"""Causal ordering through real prefork workers (2 processes), Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from celery_causal.sql_store import SQLStore
+from tests.acceptance.conftest import Log, WorkerProcess
+from tests.helpers import wait_for
+
+SEED = {"one": None, "two": "one", "three_a": "two", "three_b": "two"}
+
+
+def _ids(prefix: str) -> dict[str, str]:
+    return {label: f"{prefix}-{label}" for label in SEED}
+
+
+@pytest.mark.parametrize(
+    "arrival",
+    [
+        ["one", "two", "three_a", "three_b"],
+        ["two", "three_a", "one", "three_b"],
+        ["three_b", "three_a", "two", "one"],
+    ],
+    ids=["proper", "jumbled", "backwards"],
+)
+def test_seed_events_respect_causal_order(
+    worker: WorkerProcess, causal_app: Any, log: Log, arrival: list[str]
+) -> None:
+    ids = _ids(uuid.uuid4().hex[:8])
+    base = time.time()
+    for label in arrival:
+        leader = SEED[label]
+        causal_app.step.apply_async(
+            (log.name, label),
+            task_id=ids[label],
+            follows=ids[leader] if leader else None,
+            headers={"causal_published_at": base + list(SEED).index(label)},
+        )
+    ran = log.wait_len(4)
+    assert sorted(ran) == sorted(SEED)
+    # Siblings three_a and three_b may run at once on the two processes; every
+    # leader runs before its followers.
+    assert ran.index("one") < ran.index("two") < min(ran.index("three_a"), ran.index("three_b"))
+
+
+def test_follower_older_than_lookback_runs_immediately(
+    worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
+) -> None:
+    result = causal_app.step.apply_async(
+        (log.name, "late"),
+        follows=f"never-{uuid.uuid4()}",
+        headers={"causal_published_at": time.time() - 86400},
+    )
+    assert result.get(timeout=60) == "late"
+    assert log.entries() == ["late"]
+
+
+def test_two_scopes_do_not_interfere(
+    worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
+) -> None:
+    leader = f"leader-{uuid.uuid4()}"
+    other = causal_app.other_scope_step.apply_async((log.name, "other"), follows=leader)
+    same = causal_app.step.apply_async((log.name, "same"), follows=leader)
+    wait_for(
+        lambda: (
+            store.count_followers("acc", leader) == 1
+            and store.count_followers("acc-other", leader) == 1
+        ),
+        60,
+        "both parked",
+    )
+    causal_app.step.apply_async((log.name, "leader"), task_id=leader)
+    assert same.get(timeout=60) == "same"
+    assert log.entries() == ["leader", "same"]
+    assert store.count_followers("acc-other", leader) == 1
+    assert other.state == "PENDING"
+
+
+def test_fifty_reversed_chains_of_five_run_in_order(
+    worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    for c in range(50):
+        for i in range(4, -1, -1):
+            causal_app.step.apply_async(
+                (log.name, f"c{c}:{i}"),
+                task_id=f"{run}-c{c}-{i}",
+                follows=f"{run}-c{c}-{i - 1}" if i else None,
+            )
+    ran = log.wait_len(250, timeout=180)
+    assert Counter(ran) == Counter(f"c{c}:{i}" for c in range(50) for i in range(5))
+    for c in range(50):
+        steps = [int(e.split(":")[1]) for e in ran if e.startswith(f"c{c}:")]
+        assert steps == [0, 1, 2, 3, 4], f"chain {c} ran as {steps}"
+    assert sum(s.waiting + s.releasing for s in store.stats(900)) == 0
+
+
+@pytest.mark.timeout(400)
+def test_one_leader_releases_a_thousand_followers_exactly_once(
+    worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
+) -> None:
+    leader = f"big-leader-{uuid.uuid4()}"
+    with causal_app.app.producer_or_acquire() as producer:
+        for i in range(1000):
+            causal_app.step.apply_async((log.name, f"f{i}"), follows=leader, producer=producer)
+    wait_for(lambda: store.count_followers("acc", leader) == 1000, 180, "1000 parked")
+    assert log.entries() == []
+    causal_app.step.apply_async((log.name, "leader"), task_id=leader)
+    ran = log.wait_len(1001, timeout=180)
+    assert ran[0] == "leader"
+    assert Counter(ran[1:]) == Counter(f"f{i}" for i in range(1000))
+    wait_for(lambda: not store.stats(900), 30, "follower table empty")
+
+
+def test_async_result_of_a_parked_follower_returns_its_value(
+    worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
+) -> None:
+    leader = causal_app.step.AsyncResult(f"leader-{uuid.uuid4()}")
+    follower = causal_app.step.s(log.name, "follower").set(follows=leader).delay()
+    wait_for(lambda: store.count_followers("acc", leader.id) == 1, 60, "parked")
+    assert follower.state == "PENDING"
+    causal_app.step.apply_async((log.name, "leader"), task_id=leader.id)
+    assert follower.get(timeout=60) == "follower"
+    assert log.entries() == ["leader", "follower"]
+
+
+def test_duplicate_deliveries_run_no_body_twice(
+    worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
+) -> None:
+    leader, fid = f"dup-leader-{uuid.uuid4()}", f"dup-follower-{uuid.uuid4()}"
+    # Given a parked follower delivered twice
+    for _ in range(2):
+        causal_app.step.apply_async((log.name, "follower"), task_id=fid, follows=leader)
+    wait_for(
+        lambda: worker.log_text().count(f"Task acc.step[{fid}] ignored") == 2,
+        60,
+        "both copies handled",
+    )
+    assert store.count_followers("acc", leader) == 1
+    # When the leader runs, and then the finished leader and follower are delivered again
+    causal_app.step.apply_async((log.name, "leader"), task_id=leader).get(timeout=60)
+    causal_app.step.AsyncResult(fid).get(timeout=60)
+    causal_app.step.apply_async((log.name, "leader"), task_id=leader)
+    causal_app.step.apply_async((log.name, "follower"), task_id=fid, follows=leader)
+    wait_for(
+        lambda: (
+            worker.log_text().count(f"duplicate skip: task {leader}") == 1
+            and worker.log_text().count(f"duplicate skip: task {fid}") == 1
+        ),
+        60,
+        "duplicates skipped",
+    )
+    # Then each body ran once
+    assert log.entries() == ["leader", "follower"]

@@ -1,0 +1,72 @@
+"""Helpers shared by the test tiers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import text, update
+
+from celery_causal.memory_store import MemoryStore
+from celery_causal.sql_schema import done, followers
+from celery_causal.sql_store import SQLStore
+from celery_causal.store import CausalStore, Follower
+
+
+def follower(
+    follower_id: str,
+    leader_id: str,
+    *,
+    scope: str = "default",
+    occurred_at: float = 1.0,
+    task_name: str = "tests.step",
+) -> Follower:
+    return Follower(
+        scope=scope,
+        follower_id=follower_id,
+        leader_id=leader_id,
+        task_name=task_name,
+        occurred_at=occurred_at,
+        payload=b'{"args": [], "kwargs": {}, "options": {}}',
+        content_type="application/json",
+        content_encoding="utf-8",
+        hostname="worker@test",
+    )
+
+
+def age(store: CausalStore, seconds: float) -> None:
+    """Make every parked row, claim and done record ``seconds`` older."""
+    if isinstance(store, MemoryStore):
+        base = store.clock
+        store.clock = lambda: base() + seconds
+        return
+    assert isinstance(store, SQLStore)
+    with store.engine.connect() as conn:
+        conn.execute(
+            update(followers).values(
+                parked_at=followers.c.parked_at - seconds,
+                claimed_at=followers.c.claimed_at - seconds,
+            )
+        )
+        conn.execute(update(done).values(done_at=done.c.done_at - seconds))
+
+
+def truncate(store: SQLStore) -> None:
+    with store.engine.connect() as conn:
+        for table in ("causal_followers", "causal_done"):
+            conn.execute(text(f"DELETE FROM {table}"))
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)

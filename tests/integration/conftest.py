@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from celery_causal.memory_store import MemoryStore
+from celery_causal.sql_store import SQLStore
+from celery_causal.store import CausalStore
+from tests.helpers import truncate
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CausalStore]:
+    """Every store that implements the contract; the same tests run against each."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'causal.sqlite3'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    sql = SQLStore(url)
+    truncate(sql)
+    try:
+        yield sql
+    finally:
+        truncate(sql)
+        sql.close()
+
+
+@pytest.fixture
+def pg_store(pg_url: str) -> Iterator[SQLStore]:
+    sql = SQLStore(pg_url)
+    truncate(sql)
+    try:
+        yield sql
+    finally:
+        truncate(sql)
+        sql.close()

@@ -1,0 +1,177 @@
+"""The seed's ordering cases through a real Celery worker (solo pool, in-memory broker).
+
+One worker thread takes messages in FIFO order, so arrival order is exactly the order in
+which messages are sent and the bodies' order can be asserted exactly, as the seed does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+import celery_causal
+from celery_causal.memory_store import MemoryStore
+from celery_causal.sql_store import SQLStore
+from celery_causal.store import CausalStore
+from celery_causal.task import runtime_for
+from tests.helpers import age, truncate, wait_for
+
+
+@pytest.fixture(params=["memory", "postgresql"])
+def causal_store(request: pytest.FixtureRequest) -> Iterator[CausalStore]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    store = SQLStore(request.getfixturevalue("pg_url"))
+    truncate(store)
+    yield store
+    truncate(store)
+    store.close()
+
+
+class Harness:
+    def __init__(self, store: CausalStore, **conf: Any) -> None:
+        self.app = Celery(f"inproc{id(self)}", broker="memory://", backend="cache+memory://")
+        self.app.conf.update(broker_transport_options={"polling_interval": 0.02}, **conf)
+        celery_causal.install(self.app, store=store, beat=False)
+        self.store = store
+        self.ran: list[str] = []
+
+        @celery_causal.causal_task(self.app, name="tests.event", scope="events", shared=False)
+        def event(label: str) -> str:
+            self.ran.append(label)
+            return label
+
+        @celery_causal.causal_task(self.app, name="tests.other", scope="other", shared=False)
+        def other(label: str) -> str:
+            self.ran.append(label)
+            return label
+
+        self.event, self.other = event, other
+
+    def send(
+        self,
+        label: str,
+        follows: str | None = None,
+        *,
+        task: Any = None,
+        occurred: float | None = None,
+    ) -> Any:
+        headers = {"causal_published_at": occurred} if occurred is not None else None
+        return (task or self.event).apply_async(
+            (label,), task_id=label, follows=follows, headers=headers
+        )
+
+    @contextmanager
+    def worker(self) -> Iterator[None]:
+        with start_worker(
+            self.app, pool="solo", concurrency=1, perform_ping_check=False, shutdown_timeout=30
+        ):
+            yield
+
+    def run_until(self, condition: Callable[[], bool], what: str) -> None:
+        with self.worker():
+            wait_for(condition, 30, what)
+
+
+SEED = {"one": None, "two": "one", "three_a": "two", "three_b": "two"}
+
+
+@pytest.mark.parametrize(
+    "arrival",
+    [
+        ["one", "two", "three_a", "three_b"],
+        ["two", "three_a", "one", "three_b"],
+        ["three_b", "three_a", "two", "one"],
+    ],
+    ids=["proper", "jumbled", "backwards"],
+)
+def test_seed_cases_run_in_causal_order(causal_store: CausalStore, arrival: list[str]) -> None:
+    h = Harness(causal_store)
+    base = time.time()
+    occurred = {"one": base, "two": base + 1, "three_a": base + 2, "three_b": base + 3}
+    for label in arrival:
+        h.send(label, SEED[label], occurred=occurred[label])
+    h.run_until(lambda: len(h.ran) >= 4, "four events")
+    assert h.ran == ["one", "two", "three_a", "three_b"]
+
+
+def test_follower_older_than_lookback_runs_at_once(causal_store: CausalStore) -> None:
+    h = Harness(causal_store, causal_lookback=60, causal_seen_ttl=120)
+    h.send("late", "never-comes", occurred=time.time() - 3600)
+    h.send("fresh", "never-comes")
+    h.send("marker")
+    h.run_until(lambda: "marker" in h.ran, "marker")
+    assert h.ran == ["late", "marker"]
+    assert causal_store.count_followers("events", "never-comes") == 1
+
+
+def test_scopes_do_not_interfere(causal_store: CausalStore) -> None:
+    h = Harness(causal_store)
+    h.send("follower-other", "leader", task=h.other)
+    h.send("follower-events", "leader")
+    h.send("leader")  # an events-scope task with the id "leader"
+    h.run_until(lambda: "follower-events" in h.ran, "events follower")
+    assert h.ran == ["leader", "follower-events"]
+    assert causal_store.count_followers("other", "leader") == 1
+
+
+def test_async_result_resolves_after_release(causal_store: CausalStore) -> None:
+    h = Harness(causal_store)
+    follower = h.send("f", "L")
+    with h.worker():
+        wait_for(lambda: causal_store.count_followers("events", "L") == 1, 30, "park")
+        h.send("L")
+        assert follower.get(timeout=30) == "f"
+    assert h.ran == ["L", "f"]
+
+
+def test_duplicates_do_not_run_twice(causal_store: CausalStore) -> None:
+    h = Harness(causal_store)
+    h.send("f", "L")
+    h.send("f", "L")  # the parked follower delivered twice
+    h.send("L")
+    h.send("L")  # a finished task delivered again
+    h.send("marker")
+    h.run_until(lambda: "marker" in h.ran, "marker")
+    with h.worker():
+        h.send("f", "L")  # and the released follower once more, after it ran
+        h.send("marker2")
+        wait_for(lambda: "marker2" in h.ran, 30, "marker2")
+    assert sorted(h.ran) == ["L", "f", "marker", "marker2"]
+
+
+def test_depth_guard_leaves_deep_followers_for_the_sweep(causal_store: CausalStore) -> None:
+    # Given a chain e0 <- e1 <- ... <- e5 sent backwards, with at most 3 release generations
+    h = Harness(causal_store, causal_max_depth=3, causal_lookback=60, causal_seen_ttl=120)
+    for i in range(5, 0, -1):
+        h.send(f"e{i}", f"e{i - 1}")
+    h.send("e0")
+    h.run_until(lambda: len(h.ran) >= 4, "three generations")
+    # Then e1..e3 were released in cascade and e4 stays parked, not dropped
+    assert h.ran == ["e0", "e1", "e2", "e3"]
+    assert causal_store.count_followers("events", "e3") == 1
+    # When the sweep finds e4 (and e5 behind it) lost, the rest of the chain runs, once
+    age(causal_store, 61)
+    assert runtime_for(h.app).sweep().released == 2
+    h.run_until(lambda: len(h.ran) >= 6, "rest of the chain")
+    assert sorted(h.ran[4:]) == ["e4", "e5"]
+    assert sum(s.waiting + s.releasing for s in causal_store.stats(60)) == 0
+
+
+def test_chain_of_21_backwards_trips_the_default_depth_guard(
+    causal_store: CausalStore,
+) -> None:
+    h = Harness(causal_store)
+    for i in range(21, 0, -1):
+        h.send(f"e{i}", f"e{i - 1}")
+    h.send("e0")
+    h.run_until(lambda: len(h.ran) >= 21, "20 generations")
+    assert h.ran == [f"e{i}" for i in range(21)]
+    assert causal_store.count_followers("events", "e20") == 1

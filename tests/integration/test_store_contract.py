@@ -1,0 +1,194 @@
+"""The storage contract, run against every store (memory, SQLite, PostgreSQL)."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import pytest
+
+from celery_causal.store import CausalStore, ParkOutcome
+from tests.helpers import age, follower
+
+TTL = 1800.0
+
+
+def test_parking_twice_leaves_one_row(store: CausalStore) -> None:
+    assert store.park(follower("f1", "L"), TTL) is ParkOutcome.PARKED
+    assert store.park(follower("f1", "L"), TTL) is ParkOutcome.PARKED
+    assert store.count_followers("default", "L") == 1
+    assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
+
+
+def test_lookup_reports_done_ids_within_the_ttl(store: CausalStore) -> None:
+    store.record_done("default", "a")
+    result = store.lookup("default", ["a", "b"], TTL)
+    assert result.done == {"a"}
+    assert result.now > 1_600_000_000  # an epoch-seconds clock
+    age(store, 100)
+    assert store.lookup("default", ["a"], 50).done == frozenset()
+    assert store.lookup("default", ["a"], 200).done == {"a"}
+
+
+def test_record_done_again_refreshes_an_expired_record(store: CausalStore) -> None:
+    store.record_done("default", "a")
+    age(store, 100)
+    store.record_done("default", "a")
+    assert store.lookup("default", ["a"], 50).done == {"a"}
+
+
+def test_followers_are_claimed_in_occurred_order_ties_by_id(store: CausalStore) -> None:
+    for fid, occurred in [("c", 3.0), ("b2", 2.0), ("a", 1.0), ("b1", 2.0)]:
+        store.park(follower(fid, "L", occurred_at=occurred), TTL)
+    store.park(follower("other", "M"), TTL)
+    claimed = store.claim_followers("default", "L", 10)
+    assert [f.follower_id for f in claimed] == ["a", "b1", "b2", "c"]
+    assert store.claim_followers("default", "L", 10) == []  # claimed rows are not waiting
+
+
+def test_claim_in_batches_keeps_order(store: CausalStore) -> None:
+    for i in range(7):
+        store.park(follower(f"f{i}", "L", occurred_at=float(i)), TTL)
+    batches = [store.claim_followers("default", "L", 3) for _ in range(3)]
+    assert [[f.follower_id for f in b] for b in batches] == [
+        ["f0", "f1", "f2"],
+        ["f3", "f4", "f5"],
+        ["f6"],
+    ]
+
+
+def test_claimed_rows_round_trip_every_field(store: CausalStore) -> None:
+    original = follower("f1", "L", scope="s", occurred_at=12.5)
+    store.park(original, TTL)
+    (claimed,) = store.claim_followers("s", "L", 10)
+    for name in (
+        "scope",
+        "follower_id",
+        "leader_id",
+        "task_name",
+        "occurred_at",
+        "payload",
+        "content_type",
+        "content_encoding",
+        "hostname",
+    ):
+        assert getattr(claimed, name) == getattr(original, name), name
+    assert claimed.row_id > 0 and claimed.parked_at > 0
+
+
+def test_finish_deletes_and_unclaim_puts_back(store: CausalStore) -> None:
+    store.park(follower("f1", "L"), TTL)
+    store.park(follower("f2", "L"), TTL)
+    first, second = store.claim_followers("default", "L", 10)
+    store.finish([first.row_id])
+    store.unclaim([second.row_id])
+    assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f2"]
+
+
+def test_scopes_are_isolated(store: CausalStore) -> None:
+    store.park(follower("f1", "L", scope="a"), TTL)
+    store.park(follower("f1", "L", scope="b"), TTL)  # same ids, other scope: its own row
+    store.record_done("a", "L")
+    assert store.lookup("b", ["L"], TTL).done == frozenset()
+    assert [f.scope for f in store.claim_followers("a", "L", 10)] == ["a"]
+    assert store.count_followers("b", "L") == 1
+    assert store.forget("b", "f1") is True
+    assert store.forget("b", "f1") is False
+
+
+def test_park_after_leader_done_takes_the_row_back(store: CausalStore) -> None:
+    # The interleaving the seed got wrong: the follower read "leader not done", then the
+    # leader committed and claimed (nothing yet), then the follower parks.
+    store.record_done("default", "L")
+    assert store.claim_followers("default", "L", 10) == []
+    assert store.park(follower("f1", "L"), TTL) is ParkOutcome.LEADER_DONE
+    assert store.count_followers("default", "L") == 0
+
+
+def test_park_before_leader_done_is_claimed_by_the_leader(store: CausalStore) -> None:
+    assert store.park(follower("f1", "L"), TTL) is ParkOutcome.PARKED
+    store.record_done("default", "L")
+    assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
+
+
+def test_duplicate_park_of_a_row_being_released_does_not_run_it(store: CausalStore) -> None:
+    store.park(follower("f1", "L"), TTL)
+    store.record_done("default", "L")
+    store.claim_followers("default", "L", 10)  # the leader is publishing it
+    assert store.park(follower("f1", "L"), TTL) is ParkOutcome.PARKED
+
+
+def test_claim_lost_waits_for_the_lookback_and_returns_occurred_order(
+    store: CausalStore,
+) -> None:
+    store.park(follower("three_b", "two", occurred_at=3.0), TTL)
+    store.park(follower("three_a", "two", occurred_at=2.0), TTL)
+    store.park(follower("two", "one", occurred_at=1.0), TTL)
+    assert store.claim_lost(lookback=60, release_timeout=60, limit=100) == []
+    age(store, 61)
+    lost = store.claim_lost(lookback=60, release_timeout=60, limit=100)
+    assert [f.follower_id for f in lost] == ["two", "three_a", "three_b"]
+    assert store.claim_lost(lookback=60, release_timeout=600, limit=100) == []
+
+
+def test_claim_lost_republishes_rows_whose_releaser_died(store: CausalStore) -> None:
+    store.park(follower("f1", "L"), TTL)
+    store.record_done("default", "L")
+    store.claim_followers("default", "L", 10)  # ... and the releasing process dies here
+    assert store.claim_lost(lookback=600, release_timeout=30, limit=10) == []
+    age(store, 31)
+    assert [f.follower_id for f in store.claim_lost(600, 30, 10)] == ["f1"]
+
+
+def test_expire_done_in_batches(store: CausalStore) -> None:
+    for i in range(5):
+        store.record_done("default", f"t{i}")
+    assert store.expire_done(seen_ttl=60, limit=10) == 0
+    age(store, 61)
+    store.record_done("default", "fresh")
+    assert store.expire_done(seen_ttl=60, limit=3) == 3
+    assert store.expire_done(seen_ttl=60, limit=3) == 2
+    assert store.lookup("default", ["fresh"], 60).done == {"fresh"}
+
+
+def test_stats_per_scope(store: CausalStore) -> None:
+    store.park(follower("f1", "L", scope="a"), TTL)
+    store.park(follower("f2", "L", scope="a"), TTL)
+    store.park(follower("f3", "M", scope="b"), TTL)
+    store.claim_followers("a", "L", 1)
+    age(store, 100)
+    stats = {s.scope: s for s in store.stats(lookback=50)}
+    assert (stats["a"].waiting, stats["a"].releasing, stats["a"].overdue) == (1, 1, 1)
+    assert (stats["b"].waiting, stats["b"].releasing) == (1, 0)
+    assert stats["b"].oldest_parked_at is not None
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_claims_are_disjoint(store: CausalStore) -> None:
+    for i in range(400):
+        store.park(follower(f"f{i}", "L", occurred_at=float(i)), TTL)
+    age(store, 1000)
+    barrier = threading.Barrier(4)
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claimer(lost: bool) -> None:
+        barrier.wait()
+        while True:
+            batch = (
+                store.claim_lost(500, 500, 25)
+                if lost
+                else store.claim_followers("default", "L", 25)
+            )
+            if not batch:
+                return
+            with lock:
+                claimed.extend(f.follower_id for f in batch)
+
+    threads = [threading.Thread(target=claimer, args=(i % 2 == 0,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    counts = Counter(claimed)
+    assert len(counts) == 400 and max(counts.values()) == 1

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from celery_causal.core import Action, Arrival, decide, may_release, release_order
+
+LOOKBACK = 900.0
+NOW = 10_000.0
+
+
+@pytest.mark.parametrize(
+    ("arrival", "done", "action", "reason"),
+    [
+        (Arrival("t"), set(), Action.RUN, "no leader"),
+        (Arrival("t"), {"t"}, Action.SKIP_DUPLICATE, "already done"),
+        (Arrival("t", follows="L", published_at=NOW), set(), Action.PARK, "leader not done"),
+        (Arrival("t", follows="L", published_at=NOW), {"L"}, Action.RUN, "leader done"),
+        (
+            Arrival("t", follows="L", published_at=NOW),
+            {"L", "t"},
+            Action.SKIP_DUPLICATE,
+            "already done",
+        ),
+        (
+            Arrival("t", follows="L", published_at=NOW - LOOKBACK),
+            set(),
+            Action.RUN,
+            "older than lookback",
+        ),
+        (
+            Arrival("t", follows="L", published_at=NOW - LOOKBACK + 1),
+            set(),
+            Action.PARK,
+            "leader not done",
+        ),
+        (Arrival("t", follows="L", released=True, published_at=NOW), set(), Action.RUN, "released"),
+        (Arrival("t", follows="t", published_at=NOW), set(), Action.RUN, "follows itself"),
+        (Arrival("t", follows="L"), set(), Action.PARK, "leader not done"),
+    ],
+)
+def test_decide(arrival: Arrival, done: set[str], action: Action, reason: str) -> None:
+    verdict = decide(arrival, done, NOW, LOOKBACK)
+    assert (verdict.action, verdict.reason) == (action, reason)
+
+
+def test_released_follower_still_skips_when_it_already_ran() -> None:
+    arrival = Arrival("t", follows="L", released=True)
+    assert decide(arrival, {"t"}, NOW, LOOKBACK).action is Action.SKIP_DUPLICATE
+
+
+@pytest.mark.parametrize(
+    ("depth", "max_depth", "allowed"),
+    [
+        (0, 20, True),
+        (19, 20, True),
+        (20, 20, False),
+        (21, 20, False),
+        (500, None, True),
+        (0, 0, False),
+    ],
+)
+def test_may_release(depth: int, max_depth: int | None, allowed: bool) -> None:
+    assert may_release(depth, max_depth) is allowed
+
+
+@dataclass(frozen=True)
+class F:
+    follower_id: str
+    occurred_at: float
+
+
+def test_release_order_is_occurred_then_follower_id() -> None:
+    items = [F("b", 2.0), F("c", 1.0), F("a", 2.0)]
+    assert [f.follower_id for f in release_order(items)] == ["c", "a", "b"]

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from celery_causal.errors import ConfigurationError
+from celery_causal.settings import DEFAULT_STORE_URL, CausalSettings, mask_url
+
+
+def test_defaults_are_the_seeds() -> None:
+    s = CausalSettings.from_conf({})
+    assert (s.lookback, s.seen_ttl, s.max_depth) == (900, 1800, 20)
+    assert s.store_url == DEFAULT_STORE_URL
+    assert s.sweep_interval == 30 and s.on_leader_failure == "wait"
+
+
+def test_durations_accept_timedeltas_and_none_disables_depth() -> None:
+    s = CausalSettings.from_conf(
+        {
+            "causal_lookback": timedelta(minutes=2),
+            "causal_seen_ttl": 300,
+            "causal_max_depth": None,
+            "broker_url": "ignored",
+        }
+    )
+    assert (s.lookback, s.seen_ttl, s.max_depth) == (120, 300, None)
+
+
+@pytest.mark.parametrize(
+    ("conf", "names"),
+    [
+        ({"causal_lookback": -5}, "causal_lookback"),
+        ({"causal_seen_ttl": 60}, "causal_seen_ttl"),
+        ({"causal_max_depth": -1}, "causal_max_depth"),
+        ({"causal_store_url": "mysql://u:secret@h/db"}, "causal_store_url"),
+        ({"causal_lookbak": 5}, "causal_lookbak"),
+        ({"causal_on_leader_failure": "explode"}, "causal_on_leader_failure"),
+    ],
+)
+def test_wrong_values_name_the_setting(conf: dict[str, object], names: str) -> None:
+    with pytest.raises(ConfigurationError, match=names) as info:
+        CausalSettings.from_conf(conf)
+    assert "secret" not in str(info.value)
+
+
+def test_settings_are_frozen() -> None:
+    s = CausalSettings.from_conf({})
+    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error
+        s.lookback = 5  # type: ignore[misc]
+
+
+def test_mask_url_hides_the_password() -> None:
+    assert mask_url("postgresql+psycopg://bob:s3cret@db:5432/x") == (
+        "postgresql+psycopg://bob:***@db:5432/x"
+    )
