@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from celery import Celery, Task, signals
+from celery import Celery, Task, bootsteps, signals
 from celery.exceptions import Ignore
 
 from .core import Action, Arrival
@@ -198,6 +198,26 @@ def causal_task(app: Celery, *, scope: str = "default", **options: Any) -> Calla
     return app.task(scope=scope, **options)  # type: ignore[no-any-return]
 
 
+class CausalWorkerStep(bootsteps.Step):  # type: ignore[misc]
+    """Validates the settings and creates the schema when a worker starts.
+
+    A wrong value stops the worker with an error naming the setting, instead of failing
+    its first causal task.
+    """
+
+    name = "celery-causal"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        runtime = runtime_for(worker.app)  # raises ConfigurationError: the worker stops
+        try:
+            runtime.store.create_schema()
+        except StoreUnavailable as exc:
+            # The database may come up after the worker (compose, k8s): tasks retry until
+            # it answers, and the schema is created on first use.
+            logger.error("causal store not reachable at worker start: %s", exc)
+
+
 def _sweep_task(app: Any) -> Callable[[], dict[str, int]]:
     def sweep() -> dict[str, int]:
         """Release lost followers and expire old done records (celery-causal)."""
@@ -221,13 +241,7 @@ def install(app: Celery, *, beat: bool = True, store: CausalStore | None = None)
         return
     app.task(name=SWEEP_TASK, ignore_result=False, shared=False)(_sweep_task(app))
 
-    def on_worker_init(sender: Any = None, **_: Any) -> None:
-        # Validate settings and create the schema when the worker starts, so a wrong
-        # value stops it with a clear error instead of failing the first task.
-        if getattr(sender, "app", None) is app:
-            runtime_for(app).store.create_schema()
-
-    signals.worker_init.connect(on_worker_init, weak=False)
+    app.steps["worker"].add(CausalWorkerStep)
     if beat:
         signals.beat_init.connect(_beat_hook(app), weak=False)
 

@@ -158,3 +158,37 @@ def test_duplicate_deliveries_run_no_body_twice(
     )
     # Then each body ran once
     assert log.entries() == ["leader", "follower"]
+
+
+def test_worker_with_a_wrong_setting_stops_with_an_error_naming_it(
+    acceptance_env: dict[str, str], tmp_path: Any
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.acceptance.conftest import ROOT
+
+    env = dict(acceptance_env, CAUSAL_LOOKBACK="-5")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.acceptance.causal_app",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            "2",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "causal_lookback: Input should be greater than 0" in proc.stderr + proc.stdout

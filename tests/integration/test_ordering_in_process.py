@@ -7,6 +7,7 @@ which messages are sent and the bodies' order can be asserted exactly, as the se
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -42,6 +43,9 @@ class Harness:
         celery_causal.install(self.app, store=store, beat=False)
         self.store = store
         self.ran: list[str] = []
+        # Task ids are unique per harness: results of earlier tests (the in-memory result
+        # backend is shared by the whole process) must not answer this test's AsyncResults.
+        self.tag = uuid.uuid4().hex[:8]
 
         @celery_causal.causal_task(self.app, name="tests.event", scope="events", shared=False)
         def event(label: str) -> str:
@@ -65,8 +69,14 @@ class Harness:
     ) -> Any:
         headers = {"causal_published_at": occurred} if occurred is not None else None
         return (task or self.event).apply_async(
-            (label,), task_id=label, follows=follows, headers=headers
+            (label,),
+            task_id=self.id(label),
+            follows=follows and self.id(follows),
+            headers=headers,
         )
+
+    def id(self, label: str) -> str:
+        return f"{self.tag}-{label}"
 
     @contextmanager
     def worker(self) -> Iterator[None]:
@@ -109,7 +119,7 @@ def test_follower_older_than_lookback_runs_at_once(causal_store: CausalStore) ->
     h.send("marker")
     h.run_until(lambda: "marker" in h.ran, "marker")
     assert h.ran == ["late", "marker"]
-    assert causal_store.count_followers("events", "never-comes") == 1
+    assert causal_store.count_followers("events", h.id("never-comes")) == 1
 
 
 def test_scopes_do_not_interfere(causal_store: CausalStore) -> None:
@@ -119,14 +129,14 @@ def test_scopes_do_not_interfere(causal_store: CausalStore) -> None:
     h.send("leader")  # an events-scope task with the id "leader"
     h.run_until(lambda: "follower-events" in h.ran, "events follower")
     assert h.ran == ["leader", "follower-events"]
-    assert causal_store.count_followers("other", "leader") == 1
+    assert causal_store.count_followers("other", h.id("leader")) == 1
 
 
 def test_async_result_resolves_after_release(causal_store: CausalStore) -> None:
     h = Harness(causal_store)
     follower = h.send("f", "L")
     with h.worker():
-        wait_for(lambda: causal_store.count_followers("events", "L") == 1, 30, "park")
+        wait_for(lambda: causal_store.count_followers("events", h.id("L")) == 1, 30, "park")
         h.send("L")
         assert follower.get(timeout=30) == "f"
     assert h.ran == ["L", "f"]
@@ -156,7 +166,7 @@ def test_depth_guard_leaves_deep_followers_for_the_sweep(causal_store: CausalSto
     h.run_until(lambda: len(h.ran) >= 4, "three generations")
     # Then e1..e3 were released in cascade and e4 stays parked, not dropped
     assert h.ran == ["e0", "e1", "e2", "e3"]
-    assert causal_store.count_followers("events", "e3") == 1
+    assert causal_store.count_followers("events", h.id("e3")) == 1
     # When the sweep finds e4 (and e5 behind it) lost, the rest of the chain runs, once
     age(causal_store, 61)
     assert runtime_for(h.app).sweep().released == 2
@@ -174,4 +184,4 @@ def test_chain_of_21_backwards_trips_the_default_depth_guard(
     h.send("e0")
     h.run_until(lambda: len(h.ran) >= 21, "20 generations")
     assert h.ran == [f"e{i}" for i in range(21)]
-    assert causal_store.count_followers("events", "e20") == 1
+    assert causal_store.count_followers("events", h.id("e20")) == 1

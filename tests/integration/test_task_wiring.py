@@ -1,0 +1,104 @@
+"""The public API forms and what a parked message keeps, through a real in-process worker."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import os
+import uuid
+from typing import Any
+
+import pytest
+from celery import Celery
+
+import celery_causal
+from celery_causal.errors import NotInstalledError
+from celery_causal.memory_store import MemoryStore
+from celery_causal.sql_store import SQLStore
+from tests.helpers import truncate, wait_for
+from tests.integration.test_ordering_in_process import Harness
+
+
+def test_base_class_form_parks_and_releases_in_the_default_scope() -> None:
+    store = MemoryStore()
+    h = Harness(store)
+    seen: list[Any] = []
+
+    @h.app.task(base=celery_causal.CausalTask, name="tests.based", shared=False)
+    def based(value: Any) -> None:
+        seen.append(value)
+
+    based.apply_async(("follower",), task_id=h.id("f"), follows=h.id("lead"))
+    based.apply_async(("leader",), task_id=h.id("lead"))
+    h.run_until(lambda: len(seen) == 2, "both bodies")
+    assert seen == ["leader", "follower"]
+    assert store.stats(900) == []  # the follower was parked in scope "default", then released
+
+
+def test_parked_message_keeps_argument_types_headers_and_callbacks(pg_url: str) -> None:
+    store = SQLStore(pg_url)
+    truncate(store)
+    h = Harness(store)
+    received: list[Any] = []
+
+    @celery_causal.causal_task(h.app, name="tests.typed", scope="events", shared=False, bind=True)
+    def typed(self: Any, *args: Any, **kwargs: Any) -> str:
+        received.append((args, kwargs, self.request.headers.get("tenant")))
+        return "typed-done"
+
+    @h.app.task(name="tests.callback", shared=False)
+    def callback(value: str) -> None:
+        received.append(("callback", value))
+
+    values = (
+        datetime.datetime(2026, 11, 28, 12, 0, tzinfo=datetime.timezone.utc),
+        uuid.UUID(int=7),
+        decimal.Decimal("19.99"),
+        b"\x00raw",
+    )
+    typed.apply_async(
+        values,
+        {"when": datetime.date(2026, 1, 1)},
+        task_id=h.id("typed"),
+        follows=h.id("L"),
+        headers={"tenant": "acme"},
+        link=callback.s(),
+    )
+    with h.worker():
+        wait_for(lambda: store.count_followers("events", h.id("L")) == 1, 30, "parked")
+        h.send("L")
+        wait_for(lambda: len(received) == 2, 30, "follower and its callback")
+    truncate(store)
+    assert received[0] == (values, {"when": datetime.date(2026, 1, 1)}, "acme")
+    assert received[1] == ("callback", "typed-done")
+
+
+def test_a_task_of_an_app_without_install_is_a_clear_error() -> None:
+    app = Celery("not-installed", broker="memory://", backend="cache+memory://")
+
+    @app.task(base=celery_causal.CausalTask, shared=False)
+    def lonely() -> None: ...
+
+    from celery_causal.task import runtime_for
+
+    with pytest.raises(NotInstalledError, match="install"):
+        runtime_for(app)
+
+
+def test_engines_are_not_shared_across_fork(pg_url: str) -> None:
+    store = SQLStore(pg_url)
+    store.record_done("default", "parent-before-fork")  # the parent holds a pooled connection
+    pid = os.fork()
+    if pid == 0:  # child: must open its own connection and leave the parent's alone
+        try:
+            store.record_done("default", "child")
+            ok = store.lookup("default", ["child", "parent-before-fork"], 60).done
+            os._exit(0 if ok == {"child", "parent-before-fork"} else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's pooled connection still works after the child exited.
+    assert store.lookup("default", ["child"], 60).done == {"child"}
+    truncate(store)
+    store.close()
