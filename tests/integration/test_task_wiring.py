@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import os
+import time
 import uuid
 from typing import Any
 
@@ -43,7 +44,8 @@ def test_parked_message_keeps_argument_types_headers_and_callbacks(pg_url: str) 
 
     @celery_causal.causal_task(h.app, name="tests.typed", scope="events", shared=False, bind=True)
     def typed(self: Any, *args: Any, **kwargs: Any) -> str:
-        received.append((args, kwargs, self.request.headers.get("tenant")))
+        headers = self.request.headers
+        received.append((args, kwargs, headers.get("tenant"), headers["causal_published_at"]))
         return "typed-done"
 
     @h.app.task(name="tests.callback", shared=False)
@@ -56,12 +58,13 @@ def test_parked_message_keeps_argument_types_headers_and_callbacks(pg_url: str) 
         decimal.Decimal("19.99"),
         b"\x00raw",
     )
+    published_at = time.time() - 10  # the event's first publish; kept across re-enqueue
     typed.apply_async(
         values,
         {"when": datetime.date(2026, 1, 1)},
         task_id=h.id("typed"),
         follows=h.id("L"),
-        headers={"tenant": "acme"},
+        headers={"tenant": "acme", "causal_published_at": published_at},
         link=callback.s(),
     )
     with h.worker():
@@ -69,7 +72,7 @@ def test_parked_message_keeps_argument_types_headers_and_callbacks(pg_url: str) 
         h.send("L")
         wait_for(lambda: len(received) == 2, 30, "follower and its callback")
     truncate(store)
-    assert received[0] == (values, {"when": datetime.date(2026, 1, 1)}, "acme")
+    assert received[0] == (values, {"when": datetime.date(2026, 1, 1)}, "acme", published_at)
     assert received[1] == ("callback", "typed-done")
 
 
