@@ -39,3 +39,7 @@ class EventArrivedEarly(CausalError):
 
 class MaxDepthExceeded(CausalError):
     """Releasing the followers would exceed causal_max_depth release generations."""
+
+
+class LeaderFailed(CausalError):
+    """The leader this task follows failed for good (causal_on_leader_failure = "fail")."""

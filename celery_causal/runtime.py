@@ -15,6 +15,7 @@ from typing import Any
 from cachetools import TTLCache
 
 from .core import Arrival, Verdict, decide, may_release
+from .errors import LeaderFailed
 from .payload import execution_options, pack
 from .release import ReleaseReport, publish
 from .settings import CausalSettings
@@ -131,6 +132,48 @@ class CausalRuntime:
                 )
             return 0
         return self.release_followers(scope, task_id, depth + 1)
+
+    def leader_failed(self, scope: str, task_id: str, depth: int, exc: BaseException) -> int:
+        """Apply ``causal_on_leader_failure`` to the followers of a task that failed for good."""
+        policy = self.settings.on_leader_failure
+        if policy == "wait":
+            return 0  # the seed's behaviour: the sweep releases them after the lookback
+        if policy == "release":
+            released = self.release_followers(scope, task_id, depth + 1)
+            if released:
+                logger.warning(
+                    "task %s (scope %r) failed; released its %d follower(s) "
+                    "(causal_on_leader_failure='release')",
+                    task_id,
+                    scope,
+                    released,
+                )
+            return released
+        return self._fail_followers(scope, task_id, exc)
+
+    def _fail_followers(self, scope: str, task_id: str, exc: BaseException) -> int:
+        # A follower failed this way never runs, so its own followers fail in turn.
+        failed = 0
+        pending = [task_id]
+        while pending:
+            leader = pending.pop()
+            while True:
+                claimed = self.store.claim_followers(scope, leader, self.settings.batch_size)
+                for follower in claimed:
+                    error = LeaderFailed(
+                        f"task {follower.follower_id} was not run: the task it follows, "
+                        f"{leader} (scope {scope!r}), failed: {exc!r}"
+                    )
+                    self.app.backend.mark_as_failure(follower.follower_id, error)
+                    logger.warning("%s", error)
+                    pending.append(follower.follower_id)
+                # Rows are deleted only after their failure was stored: a crash in between
+                # leaves them claimed, and the sweep releases them (late, not lost).
+                self.store.finish([f.row_id for f in claimed])
+                failed += len(claimed)
+                if len(claimed) < self.settings.batch_size:
+                    break
+        return failed
 
     def release_followers(self, scope: str, leader_id: str, depth: int) -> int:
         released = 0

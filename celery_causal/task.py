@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import Celery, Task, bootsteps, signals
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject, Retry
 
 from .core import Action, Arrival
 from .errors import NotInstalledError, StoreUnavailable
@@ -27,6 +28,9 @@ BEAT_ENTRY = "celery-causal-sweep"
 #: Store-outage retries do not give up: the task waits for the database rather than
 #: failing or running out of order.
 _STORE_MAX_RETRIES = 10**9
+
+#: Attempts (0.5 s, 1 s, 2 s, ... apart) at recording a finished task while the store is away.
+_AFTER_BODY_ATTEMPTS = 5
 
 _lock = threading.Lock()
 _installed: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
@@ -136,17 +140,24 @@ class CausalTask(Task):  # type: ignore[misc]
                 countdown=runtime.settings.store_retry_delay,
                 max_retries=_STORE_MAX_RETRIES,
             ) from None
-        retval = super().__call__(*args, **kwargs)
         try:
-            runtime.complete(scope, arrival.task_id, depth)
-        except StoreUnavailable as exc:
-            logger.error(
-                "task %s (scope %r) succeeded but its done record could not be stored; its "
-                "followers will be released by the sweep: %s",
+            retval = super().__call__(*args, **kwargs)
+        except (Retry, Ignore, Reject):
+            raise  # not a final outcome: a retry succeeds later or the message comes back
+        except Exception as failure:
+            _after_body(
+                "its followers could not be handled after its failure",
+                functools.partial(runtime.leader_failed, scope, arrival.task_id, depth, failure),
                 arrival.task_id,
                 scope,
-                exc,
             )
+            raise
+        _after_body(
+            "its done record could not be stored; its followers will be released by the sweep",
+            lambda: runtime.complete(scope, arrival.task_id, depth),
+            arrival.task_id,
+            scope,
+        )
         return retval
 
     def _wait_for_leader(
@@ -187,6 +198,26 @@ class CausalTask(Task):  # type: ignore[misc]
                 arrival.leader,
                 scope,
             )
+
+
+def _after_body(problem: str, step: Callable[[], object], task_id: str, scope: str) -> None:
+    """Run a step that follows the body, retrying while the store is unreachable.
+
+    The body already ran, so the task is not retried through Celery (that would run it
+    again); the steps are idempotent, so repeating them here is safe. If the store stays
+    away, the sweep releases the followers after the lookback: late, never lost.
+    """
+    delay = 0.5
+    for attempt in range(_AFTER_BODY_ATTEMPTS):
+        try:
+            step()
+            return
+        except StoreUnavailable as exc:
+            if attempt == _AFTER_BODY_ATTEMPTS - 1:
+                logger.error("task %s (scope %r): %s: %s", task_id, scope, problem, exc)
+                return
+            time.sleep(delay)
+            delay *= 2
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -29,10 +30,10 @@ def service_missing(what: str, error: BaseException) -> None:
     pytest.skip(f"SKIPPED, SERVICE MISSING: {message}")
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """URL of a fresh PostgreSQL database for this test run, dropped afterwards."""
-    name = f"causal_test_{RUN_ID}"
+@contextmanager
+def fresh_database(suffix: str = "") -> Iterator[str]:
+    """Create a PostgreSQL database of this run, yield its URL, drop it afterwards."""
+    name = f"causal_test_{RUN_ID}{suffix}"
     try:
         admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
@@ -46,6 +47,13 @@ def pg_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """URL of a fresh PostgreSQL database for this test run, dropped afterwards."""
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -1,51 +1,114 @@
 """The Celery app the acceptance tests run in real worker processes.
 
-Configured from the environment the test fixtures set, so each test run uses its own
-database and Redis key prefix.
+Configured from the environment the test fixtures set, so each test run (and each worker a
+test starts for itself) uses its own database and Redis key prefix.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
+from typing import Any
 
 import redis
 from celery import Celery
 
 import celery_causal
 
-PREFIX = os.environ.get("CAUSAL_TEST_PREFIX", "causal-test-local:")
 REDIS_URL = os.environ.get("CAUSAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-app = Celery("causal_acceptance", broker=REDIS_URL, backend=REDIS_URL)
-app.conf.update(
-    broker_transport_options={"global_keyprefix": PREFIX},
-    result_backend_transport_options={"global_keyprefix": PREFIX},
-    broker_connection_retry_on_startup=True,
-    worker_prefetch_multiplier=4,
-    causal_store_url=os.environ.get("CAUSAL_STORE_URL"),
-    causal_lookback=float(os.environ.get("CAUSAL_LOOKBACK", 900)),
-    causal_seen_ttl=float(os.environ.get("CAUSAL_SEEN_TTL", 1800)),
-    causal_release_timeout=float(os.environ.get("CAUSAL_RELEASE_TIMEOUT", 60)),
-    causal_sweep_interval=float(os.environ.get("CAUSAL_SWEEP_INTERVAL", 30)),
-)
-celery_causal.install(app)
-
 _redis = redis.Redis.from_url(REDIS_URL)
 
 
-@celery_causal.causal_task(app, name="acc.step", scope="acc")
-def step(log: str, label: str) -> str:
-    """Append ``label`` to the Redis list ``log``: the order bodies ran, across processes."""
-    _redis.rpush(PREFIX + log, label)
-    return label
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
 
 
-@celery_causal.causal_task(app, name="acc.other_scope_step", scope="acc-other")
-def other_scope_step(log: str, label: str) -> str:
-    _redis.rpush(PREFIX + log, label)
-    return label
+@dataclass
+class Handle:
+    app: Celery
+    prefix: str
+    step: Any
+    other_scope_step: Any
+    flaky: Any
+    broken: Any
+    ping: Any
 
 
-@app.task(name="acc.ping")
-def ping() -> str:
-    return "pong"
+def create(prefix: str | None = None, store_url: str | None = None) -> Handle:
+    prefix = prefix or _env("CAUSAL_TEST_PREFIX", "causal-test-local:")
+    transport = {"global_keyprefix": prefix}
+    if os.environ.get("CAUSAL_TEST_VISIBILITY_TIMEOUT"):
+        # Unacked messages of a killed worker come back after this many seconds.
+        transport.update(
+            visibility_timeout=float(os.environ["CAUSAL_TEST_VISIBILITY_TIMEOUT"]),
+            unacked_restore_interval=1,
+            unacked_restore_throttle=1,
+        )
+    app = Celery("causal_acceptance", broker=REDIS_URL, backend=REDIS_URL)
+    acks_late = bool(os.environ.get("CAUSAL_TEST_ACKS_LATE"))
+    step_sleep = float(_env("CAUSAL_TEST_STEP_SLEEP", "0"))
+    app.conf.update(
+        broker_transport_options=transport,
+        result_backend_transport_options={"global_keyprefix": prefix},
+        broker_connection_retry_on_startup=True,
+        worker_prefetch_multiplier=4,
+        task_acks_late=acks_late,
+        task_reject_on_worker_lost=acks_late,
+        causal_store_url=store_url or os.environ.get("CAUSAL_STORE_URL"),
+        causal_lookback=float(_env("CAUSAL_LOOKBACK", "900")),
+        causal_seen_ttl=float(_env("CAUSAL_SEEN_TTL", "1800")),
+        causal_release_timeout=float(_env("CAUSAL_RELEASE_TIMEOUT", "60")),
+        causal_sweep_interval=float(_env("CAUSAL_SWEEP_INTERVAL", "30")),
+        causal_on_leader_failure=_env("CAUSAL_ON_LEADER_FAILURE", "wait"),
+        causal_store_retry_delay=float(_env("CAUSAL_STORE_RETRY_DELAY", "5")),
+    )
+    celery_causal.install(app)
+    # A user who assigns beat_schedule after install: the sweep's beat entry must survive.
+    app.conf.beat_schedule = {"acc-hourly-ping": {"task": "acc.ping", "schedule": 3600.0}}
+
+    @celery_causal.causal_task(app, name="acc.step", scope="acc", shared=False)
+    def step(log: str, label: str) -> str:
+        """Append ``label`` to the Redis list ``log``: the order bodies ran, across processes."""
+        _redis.rpush(prefix + log, label)
+        if step_sleep:
+            time.sleep(step_sleep)
+        return label
+
+    @celery_causal.causal_task(app, name="acc.other_scope_step", scope="acc-other", shared=False)
+    def other_scope_step(log: str, label: str) -> str:
+        _redis.rpush(prefix + log, label)
+        return label
+
+    @celery_causal.causal_task(
+        app,
+        name="acc.flaky",
+        scope="acc",
+        shared=False,
+        bind=True,
+        autoretry_for=(RuntimeError,),
+        max_retries=5,
+        default_retry_delay=0.1,
+    )
+    def flaky(self: Any, log: str, label: str, failures: int) -> str:
+        """Fail ``failures`` times, then succeed (Celery retries it)."""
+        _redis.rpush(prefix + log, f"{label}:try{self.request.retries}")
+        if self.request.retries < failures:
+            raise RuntimeError(f"{label} fails on try {self.request.retries}")
+        return label
+
+    @celery_causal.causal_task(app, name="acc.broken", scope="acc", shared=False)
+    def broken(log: str, label: str) -> str:
+        _redis.rpush(prefix + log, label)
+        raise ValueError(f"{label} is broken")
+
+    @app.task(name="acc.ping", shared=False)
+    def ping() -> str:
+        return "pong"
+
+    return Handle(app, prefix, step, other_scope_step, flaky, broken, ping)
+
+
+_default = create()
+app = _default.app
+step, other_scope_step, ping = _default.step, _default.other_scope_step, _default.ping

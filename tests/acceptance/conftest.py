@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +17,54 @@ import pytest
 import redis
 
 from celery_causal.sql_store import SQLStore
+from tests.conftest import fresh_database
 from tests.helpers import truncate, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class WorkerProcess:
-    def __init__(self, env: dict[str, str], log_path: Path, name: str) -> None:
-        self.env, self.log_path, self.name = env, log_path, name
+class CeleryProcess:
+    """``celery -A tests.acceptance.causal_app <args>`` as a subprocess, logging to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, args: list[str]) -> None:
+        self.env, self.log_path, self.args = env, log_path, args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "tests.acceptance.causal_app", *self.args],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the main process and its pool children."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class WorkerProcess(CeleryProcess):
+    def __init__(self, env: dict[str, str], log_path: Path, name: str) -> None:
+        super().__init__(
+            env,
+            log_path,
             [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tests.acceptance.causal_app",
                 "worker",
                 "-P",
                 "prefork",
@@ -42,29 +73,17 @@ class WorkerProcess:
                 "-l",
                 "info",
                 "-n",
-                f"{self.name}@%h",
+                f"{name}@%h",
                 "--without-mingle",
                 "--without-gossip",
             ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
+    def pool_pids(self) -> list[int]:
+        import psutil
 
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        assert self.proc is not None
+        return [c.pid for c in psutil.Process(self.proc.pid).children()]
 
 
 @pytest.fixture(scope="session")
@@ -135,3 +154,56 @@ class Log:
 @pytest.fixture
 def log(redis_url: str, key_prefix: str, request: pytest.FixtureRequest) -> Log:
     return Log(redis.Redis.from_url(redis_url), key_prefix, f"log-{uuid.uuid4().hex[:8]}")
+
+
+@dataclass
+class Spawned:
+    """A worker of a test's own, with its own database, key prefix and producer app."""
+
+    worker: WorkerProcess
+    handle: Any
+    store: SQLStore
+    env: dict[str, str]
+    log_dir: Path
+
+    def log(self, name: str) -> Log:
+        return Log(
+            redis.Redis.from_url(self.env["CAUSAL_TEST_REDIS_URL"]), self.handle.prefix, name
+        )
+
+    def wait_ready(self) -> None:
+        try:
+            assert self.handle.ping.delay().get(timeout=60) == "pong"
+        except Exception:
+            print(self.worker.log_text())
+            raise
+
+
+@pytest.fixture
+def spawn(
+    acceptance_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., Spawned]]:
+    """Start a worker with settings of the test's own: ``spawn(CAUSAL_LOOKBACK="2")``."""
+    from tests.acceptance import causal_app as module
+
+    cleanup = ExitStack()
+
+    def start(**overrides: str) -> Spawned:
+        suffix = uuid.uuid4().hex[:6]
+        db_url = cleanup.enter_context(fresh_database(f"_{suffix}"))
+        prefix = f"{acceptance_env['CAUSAL_TEST_PREFIX']}{suffix}:"
+        env = dict(acceptance_env, CAUSAL_STORE_URL=db_url, CAUSAL_TEST_PREFIX=prefix, **overrides)
+        for key, value in overrides.items():  # the producer's app sees the same settings
+            monkeypatch.setenv(key, value)
+        handle = module.create(prefix, store_url=db_url)
+        store = SQLStore(db_url)
+        cleanup.callback(store.close)
+        worker = WorkerProcess(env, tmp_path / f"worker-{suffix}.log", f"w{suffix}")
+        worker.start()
+        cleanup.callback(worker.stop)
+        spawned = Spawned(worker, handle, store, env, tmp_path)
+        spawned.wait_ready()
+        return spawned
+
+    with cleanup:
+        yield start

@@ -1,0 +1,295 @@
+"""Lost followers, the beat sweep, crashes and failed leaders, with real worker processes.
+
+Each test starts a worker of its own (own database, own Redis key prefix) with short
+durations, and waits on conditions, never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, select, text
+
+from celery_causal.sql_schema import followers
+from celery_causal.task import SWEEP_TASK
+from tests.acceptance.conftest import CeleryProcess, Spawned, WorkerProcess
+from tests.conftest import PG_ADMIN_URL
+from tests.helpers import wait_for
+
+
+def sweep(s: Spawned) -> dict[str, int]:
+    """One sweep, run by the worker as beat would run it."""
+    result: dict[str, int] = s.handle.app.send_task(SWEEP_TASK).get(timeout=60)
+    return result
+
+
+def released_by_sweep(worker: WorkerProcess) -> list[str]:
+    return [
+        line.split("released task ")[1].split(" ")[0]
+        for line in worker.log_text().splitlines()
+        if "released task " in line and line.endswith("by sweep")
+    ]
+
+
+def oldest_claim_age(s: Spawned) -> float:
+    with s.store.engine.connect() as conn:
+        oldest = conn.execute(select(func.min(followers.c.claimed_at))).scalar()
+    return 0.0 if oldest is None else s.store.clock() - oldest
+
+
+def test_lost_followers_wait_for_the_lookback_then_come_back_in_occurred_order(
+    spawn: Callable[..., Spawned],
+) -> None:
+    s = spawn(CAUSAL_LOOKBACK="4", CAUSAL_SEEN_TTL="60")
+    log, run = s.log("lost"), uuid.uuid4().hex[:6]
+    base = time.time()
+    # Given one <- two <- (three_a, three_b), sent backwards, and "one" never comes
+    for label, leader, offset in [("three_b", "two", 3), ("three_a", "two", 2), ("two", "one", 1)]:
+        s.handle.step.apply_async(
+            (log.name, label),
+            task_id=f"{run}-{label}",
+            follows=f"{run}-{leader}",
+            headers={"causal_published_at": base + offset},
+        )
+    wait_for(lambda: sum(x.waiting for x in s.store.stats(4)) == 3, 60, "three parked")
+    # When a sweep runs before the lookback, nothing is released
+    assert sweep(s)["released"] == 0
+    assert log.entries() == []
+    # When the lookback has passed, the first sweep releases all three, in occurred order
+    wait_for(lambda: sum(x.overdue for x in s.store.stats(4)) == 3, 60, "lookback passed")
+    assert sweep(s)["released"] == 3
+    assert sorted(log.wait_len(3)) == ["three_a", "three_b", "two"]
+    assert released_by_sweep(s.worker) == [f"{run}-two", f"{run}-three_a", f"{run}-three_b"]
+    assert s.store.stats(4) == []
+
+
+@pytest.mark.timeout(300)
+def test_beat_schedules_the_sweep_despite_a_later_beat_schedule_assignment(
+    spawn: Callable[..., Spawned], tmp_path: Path
+) -> None:
+    # causal_app assigns app.conf.beat_schedule = {...} after install(app)
+    s = spawn(CAUSAL_LOOKBACK="2", CAUSAL_SEEN_TTL="60", CAUSAL_SWEEP_INTERVAL="1")
+    beat = CeleryProcess(
+        s.env,
+        tmp_path / "beat.log",
+        ["beat", "-l", "info", "-s", str(tmp_path / "beat-schedule"), "--max-interval", "1"],
+    )
+    beat.start()
+    try:
+        log = s.log("beat")
+        result = s.handle.step.apply_async((log.name, "lost"), follows=f"never-{uuid.uuid4()}")
+        # No manual sweep: beat sends celery_causal.sweep every second
+        assert result.get(timeout=120) == "lost"
+        assert log.entries() == ["lost"]
+        beat_log = beat.log_text()
+        assert f"Sending due task celery-causal-sweep ({SWEEP_TASK})" in beat_log
+    finally:
+        beat.stop()
+
+
+@pytest.mark.timeout(300)
+def test_worker_killed_between_claim_and_publish_loses_no_follower(
+    spawn: Callable[..., Spawned],
+) -> None:
+    # Given a worker whose processes die right after claiming followers for release
+    s = spawn(CELERY_CAUSAL_CRASH_AFTER_CLAIM="leader", CAUSAL_RELEASE_TIMEOUT="2")
+    log, leader = s.log("crash"), f"crash-leader-{uuid.uuid4()}"
+    for i in range(5):
+        s.handle.step.apply_async((log.name, f"f{i}"), follows=leader)
+    wait_for(lambda: s.store.count_followers("acc", leader) == 5, 60, "five parked")
+    s.handle.step.apply_async((log.name, "leader"), task_id=leader)
+    wait_for(lambda: "killing this process after claim" in s.worker.log_text(), 60, "crash")
+    assert log.entries() == ["leader"]
+    assert sum(x.releasing for x in s.store.stats(600)) == 5  # claimed, never published
+    # When the worker is killed and restarted without the fault, and one sweep runs
+    s.worker.kill()
+    env = {k: v for k, v in s.env.items() if k != "CELERY_CAUSAL_CRASH_AFTER_CLAIM"}
+    s.worker = WorkerProcess(env, s.worker.log_path.with_suffix(".2.log"), "restarted")
+    s.worker.start()
+    try:
+        s.wait_ready()
+        wait_for(lambda: oldest_claim_age(s) > 2, 60, "release timeout")
+        assert sweep(s)["released"] == 5
+        # Then every follower ran, after its leader
+        ran = log.wait_len(6)
+        assert ran[0] == "leader"
+        assert Counter(ran[1:]) == Counter(f"f{i}" for i in range(5))
+    finally:
+        s.worker.stop()
+
+
+@pytest.mark.timeout(600)
+def test_chaos_three_sigkills_keep_every_chain_in_causal_order(
+    spawn: Callable[..., Spawned],
+) -> None:
+    # Given 20 chains of 5 sent fully reversed to 2 worker processes with acks_late
+    s = spawn(
+        CAUSAL_TEST_ACKS_LATE="1",
+        CAUSAL_TEST_VISIBILITY_TIMEOUT="4",
+        CAUSAL_RELEASE_TIMEOUT="3",
+        CAUSAL_TEST_STEP_SLEEP="0.1",
+    )
+    log, run = s.log("chaos"), uuid.uuid4().hex[:6]
+    for c in range(20):
+        for i in range(4, -1, -1):
+            s.handle.step.apply_async(
+                (log.name, f"c{c}:{i}"),
+                task_id=f"{run}-c{c}-{i}",
+                follows=f"{run}-c{c}-{i - 1}" if i else None,
+            )
+    # When the worker is SIGKILLed three times mid-stream and restarted each time
+    for kill in range(3):
+        wait_for(lambda n=kill: len(log.entries()) > 10 * (n + 1), 120, f"progress {kill}")
+        s.worker.kill()
+        s.worker = WorkerProcess(
+            s.env, s.worker.log_path.with_suffix(f".{kill}.log"), f"chaos{kill}"
+        )
+        s.worker.start()
+    s.wait_ready()
+
+    # Then, with sweeps republishing what a dead releaser left claimed, every body runs
+    def all_ran() -> bool:
+        if oldest_claim_age(s) > 3:
+            sweep(s)
+        return len(set(log.entries())) == 100
+
+    wait_for(all_ran, 300, "all 100 bodies")
+    ran = log.entries()
+    for c in range(20):
+        firsts = [ran.index(f"c{c}:{i}") for i in range(5)]
+        assert firsts == sorted(firsts), f"chain {c} out of order: {ran}"
+    duplicates = {e: n for e, n in Counter(ran).items() if n > 1}
+    print(f"chaos: {len(ran)} body runs for 100 tasks; duplicates: {duplicates or 'none'}")
+    s.worker.stop()
+
+
+@pytest.mark.timeout(300)
+def test_terminated_database_connections_mid_stream_lose_nothing(
+    spawn: Callable[..., Spawned],
+) -> None:
+    s = spawn(CAUSAL_TEST_STEP_SLEEP="0.02")
+    log, run = s.log("pgkill"), uuid.uuid4().hex[:6]
+    for c in range(20):
+        for i in range(4, -1, -1):
+            s.handle.step.apply_async(
+                (log.name, f"c{c}:{i}"),
+                task_id=f"{run}-c{c}-{i}",
+                follows=f"{run}-c{c}-{i - 1}" if i else None,
+            )
+    database = s.store.engine.url.database
+    for _ in range(3):
+        wait_for(lambda: len(log.entries()) >= 5, 60, "progress")
+        with s.store.engine.connect() as conn:
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :db AND pid <> pg_backend_pid()"
+                ),
+                {"db": database},
+            )
+        time.sleep(0.2)
+    ran = log.wait_len(100, timeout=240)
+    assert Counter(ran) == Counter(f"c{c}:{i}" for c in range(20) for i in range(5))
+    for c in range(20):
+        assert [e for e in ran if e.startswith(f"c{c}:")] == [f"c{c}:{i}" for i in range(5)]
+
+
+def _leader_fails(s: Spawned) -> tuple[str, object, object]:
+    log, leader = s.log("policy"), f"failing-{uuid.uuid4()}"
+    follower = s.handle.step.apply_async((log.name, "follower"), follows=leader)
+    grandchild = s.handle.step.apply_async((log.name, "grandchild"), follows=follower)
+    wait_for(lambda: sum(x.waiting for x in s.store.stats(900)) == 2, 60, "parked")
+    result = s.handle.broken.apply_async((log.name, "leader"), task_id=leader)
+    with pytest.raises(ValueError, match="is broken"):
+        result.get(timeout=60)
+    return log.name, follower, grandchild
+
+
+def test_failed_leader_policy_wait_keeps_followers_parked(
+    spawn: Callable[..., Spawned],
+) -> None:
+    s = spawn()
+    _, follower, _ = _leader_fails(s)
+    time.sleep(1)  # give a wrong release the chance to show
+    assert sum(x.waiting for x in s.store.stats(900)) == 2
+    assert follower.state == "PENDING"  # type: ignore[attr-defined]
+
+
+def test_failed_leader_policy_release_runs_followers_at_once(
+    spawn: Callable[..., Spawned],
+) -> None:
+    s = spawn(CAUSAL_ON_LEADER_FAILURE="release")
+    log, follower, grandchild = _leader_fails(s)
+    assert follower.get(timeout=60) == "follower"  # type: ignore[attr-defined]
+    assert grandchild.get(timeout=60) == "grandchild"  # type: ignore[attr-defined]
+    assert s.log(log).entries() == ["leader", "follower", "grandchild"]
+
+
+def test_failed_leader_policy_fail_marks_followers_failed(
+    spawn: Callable[..., Spawned],
+) -> None:
+    from celery_causal.errors import LeaderFailed
+
+    s = spawn(CAUSAL_ON_LEADER_FAILURE="fail")
+    log, follower, grandchild = _leader_fails(s)
+    for result in (follower, grandchild):
+        with pytest.raises(LeaderFailed, match="failed"):
+            result.get(timeout=60)  # type: ignore[attr-defined]
+    assert s.store.stats(900) == []
+    assert s.log(log).entries() == ["leader"]
+
+
+def test_leader_that_fails_twice_then_succeeds_releases_after_the_success(
+    spawn: Callable[..., Spawned],
+) -> None:
+    s = spawn(CAUSAL_ON_LEADER_FAILURE="release")
+    log, leader = s.log("flaky"), f"flaky-{uuid.uuid4()}"
+    follower = s.handle.step.apply_async((log.name, "follower"), follows=leader)
+    wait_for(lambda: s.store.count_followers("acc", leader) == 1, 60, "parked")
+    s.handle.flaky.apply_async((log.name, "leader", 2), task_id=leader)
+    assert follower.get(timeout=60) == "follower"
+    assert log.entries() == ["leader:try0", "leader:try1", "leader:try2", "follower"]
+
+
+@pytest.mark.timeout(300)
+def test_unreachable_database_retries_the_task_through_celery_and_runs_nothing_unordered(
+    spawn: Callable[..., Spawned],
+) -> None:
+    s = spawn(CAUSAL_STORE_RETRY_DELAY="0.5")
+    log, leader = s.log("outage"), f"outage-leader-{uuid.uuid4()}"
+    database = s.store.engine.url.database
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+    def allow(ok: bool) -> None:
+        with admin.connect() as conn:
+            if not ok:
+                conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false'))
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :db AND pid <> pg_backend_pid()"
+                    ),
+                    {"db": database},
+                )
+            else:
+                conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true'))
+
+    # Given the database refuses every connection
+    allow(False)
+    try:
+        follower = s.handle.step.apply_async((log.name, "follower"), follows=leader)
+        s.handle.step.apply_async((log.name, "leader"), task_id=leader)
+        # Then the causal check fails loudly and Celery retries; no body runs unordered
+        wait_for(lambda: s.worker.log_text().count("retrying in 0.5s") >= 4, 60, "retries")
+        assert log.entries() == []
+    finally:
+        allow(True)
+        admin.dispose()
+    # When the database is back, work continues in order
+    assert follower.get(timeout=60) == "follower"
+    assert log.entries() == ["leader", "follower"]
