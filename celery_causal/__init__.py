@@ -9,13 +9,14 @@ from .errors import (
     ConfigurationError,
     EventArrivedEarly,
     InvalidLeaderError,
+    LeaderFailed,
     MaxDepthExceeded,
     NotInstalledError,
     PayloadError,
     StoreUnavailable,
 )
 from .settings import CausalSettings
-from .task import CausalTask, causal_task, install
+from .task import DEFERRED, SWEEP_TASK, CausalTask, causal_task, install
 
 __all__ = [
     # wiring
@@ -23,11 +24,14 @@ __all__ = [
     "causal_task",
     "CausalTask",
     "CausalSettings",
+    "DEFERRED",
+    "SWEEP_TASK",
     # errors
     "CausalError",
     "ConfigurationError",
     "EventArrivedEarly",
     "InvalidLeaderError",
+    "LeaderFailed",
     "MaxDepthExceeded",
     "NotInstalledError",
     "PayloadError",

@@ -9,7 +9,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .core import release_order
-from .store import ClaimedFollower, Follower, Lookup, ParkOutcome, ScopeStats
+from .store import (
+    ClaimedFollower,
+    Follower,
+    FollowerInfo,
+    Lookup,
+    ParkOutcome,
+    ScopeStats,
+)
 
 
 @dataclass
@@ -135,7 +142,7 @@ class MemoryStore:
                 del self._done[key]
             return len(old)
 
-    def stats(self, lookback: float) -> list[ScopeStats]:
+    def stats(self, lookback: float, release_timeout: float = 60.0) -> list[ScopeStats]:
         with self._lock:
             now = self.clock()
             scopes = sorted({r.follower.scope for r in self._rows.values()})
@@ -150,9 +157,52 @@ class MemoryStore:
                         releasing=len(rows) - len(waiting),
                         oldest_parked_at=min((r.parked_at for r in waiting), default=None),
                         overdue=sum(1 for r in waiting if r.parked_at < now - lookback),
+                        stuck=sum(
+                            1
+                            for r in rows
+                            if r.claimed_at is not None and r.claimed_at < now - release_timeout
+                        ),
                     )
                 )
             return result
+
+    def list_followers(
+        self, scope: str | None, leader_id: str | None, limit: int
+    ) -> list[FollowerInfo]:
+        with self._lock:
+            rows = sorted(
+                (
+                    r
+                    for r in self._rows.values()
+                    if scope in (None, r.follower.scope)
+                    and leader_id in (None, r.follower.leader_id)
+                ),
+                key=lambda r: (r.parked_at, r.row_id),
+            )
+            return [
+                FollowerInfo(
+                    scope=r.follower.scope,
+                    follower_id=r.follower.follower_id,
+                    leader_id=r.follower.leader_id,
+                    task_name=r.follower.task_name,
+                    occurred_at=r.follower.occurred_at,
+                    parked_at=r.parked_at,
+                    claimed_at=r.claimed_at,
+                )
+                for r in rows[:limit]
+            ]
+
+    def claim_one(self, scope: str, follower_id: str) -> ClaimedFollower | None:
+        with self._lock:
+            row = self._rows.get((scope, follower_id))
+            if row is None:
+                return None
+            row.claimed_at = self.clock()
+            return row.claimed()
+
+    def scopes_of(self, follower_id: str) -> list[str]:
+        with self._lock:
+            return sorted(scope for scope, fid in self._rows if fid == follower_id)
 
     def close(self) -> None:
         pass

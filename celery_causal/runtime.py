@@ -56,6 +56,24 @@ class CausalRuntime:
             else None
         )
         self._seen_lock = threading.Lock()
+        #: Send Celery events (task-deferred, task-failed) as the worker does with ``-E``;
+        #: the worker's start-up step sets it from the worker's own switch.
+        self.send_events = bool(app.conf.worker_send_task_events)
+
+    def send_task_event(self, type_: str, task_id: str, hostname: str, **fields: Any) -> None:
+        """Send a Celery event about ``task_id`` on behalf of the worker ``hostname``.
+
+        Events about a parked task sent from another process (the leader's worker, the
+        sweep) carry the hostname that parked it, so monitors such as Flower do not see
+        a worker that does not exist.
+        """
+        if not self.send_events:
+            return
+        try:
+            with self.app.events.default_dispatcher(hostname=hostname or None) as dispatcher:
+                dispatcher.send(type_, uuid=task_id, **fields)
+        except Exception as exc:  # monitoring must never break ordering
+            logger.warning("could not send %s event for task %s: %r", type_, task_id, exc)
 
     # -- seen cache --------------------------------------------------------------------
 
@@ -165,6 +183,13 @@ class CausalRuntime:
                         f"{leader} (scope {scope!r}), failed: {exc!r}"
                     )
                     self.app.backend.mark_as_failure(follower.follower_id, error)
+                    self.send_task_event(
+                        "task-failed",
+                        follower.follower_id,
+                        follower.hostname,
+                        exception=repr(error),
+                        traceback="",
+                    )
                     logger.warning("%s", error)
                     pending.append(follower.follower_id)
                 # Rows are deleted only after their failure was stored: a crash in between
@@ -183,6 +208,14 @@ class CausalRuntime:
             released += len(report.published)
             if len(claimed) < self.settings.batch_size:
                 return released
+
+    def release_one(self, scope: str, follower_id: str) -> ClaimedFollower | None:
+        """Release one follower now, whatever it waits for (an operator's decision)."""
+        claimed = self.store.claim_one(scope, follower_id)
+        if claimed is None:
+            return None
+        report = self._publish([claimed], reason="operator", depth=0)
+        return claimed if report.published else None
 
     def _publish(
         self,

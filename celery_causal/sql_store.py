@@ -33,7 +33,14 @@ from .core import release_order
 from .errors import StoreUnavailable
 from .settings import mask_url
 from .sql_schema import db_clock, done, followers, metadata
-from .store import ClaimedFollower, Follower, Lookup, ParkOutcome, ScopeStats
+from .store import (
+    ClaimedFollower,
+    Follower,
+    FollowerInfo,
+    Lookup,
+    ParkOutcome,
+    ScopeStats,
+)
 
 T = TypeVar("T")
 
@@ -141,8 +148,9 @@ class SQLStore:
             except DBAPIError as exc:
                 if exc.connection_invalidated and attempt == 1:
                     continue
+                reason = " ".join(str(exc.orig).split())
                 raise StoreUnavailable(
-                    f"causal store {mask_url(self.url)} failed: {exc.orig!r}"
+                    f"causal store {mask_url(self.url)} failed: {type(exc.orig).__name__}: {reason}"
                 ) from exc
             except SQLAlchemyError as exc:
                 raise StoreUnavailable(
@@ -330,8 +338,9 @@ class SQLStore:
         stmt = delete(done).where(tuple_(done.c.scope, done.c.task_id).in_(old))
         return int(self._run(lambda c: c.execute(stmt).rowcount))
 
-    def stats(self, lookback: float) -> list[ScopeStats]:
+    def stats(self, lookback: float, release_timeout: float = 60.0) -> list[ScopeStats]:
         waiting = followers.c.claimed_at.is_(None)
+        stuck = followers.c.claimed_at < db_clock() - release_timeout
         stmt = (
             select(
                 followers.c.scope,
@@ -341,6 +350,7 @@ class SQLStore:
                 func.sum(
                     case((and_(waiting, followers.c.parked_at < db_clock() - lookback), 1), else_=0)
                 ),
+                func.sum(case((stuck, 1), else_=0)),
             )
             .group_by(followers.c.scope)
             .order_by(followers.c.scope)
@@ -353,9 +363,48 @@ class SQLStore:
                 releasing=int(r[2] or 0),
                 oldest_parked_at=None if r[3] is None else float(r[3]),
                 overdue=int(r[4] or 0),
+                stuck=int(r[5] or 0),
             )
             for r in rows
         ]
+
+    def list_followers(
+        self, scope: str | None, leader_id: str | None, limit: int
+    ) -> list[FollowerInfo]:
+        stmt = select(
+            followers.c.scope,
+            followers.c.follower_id,
+            followers.c.leader_id,
+            followers.c.task_name,
+            followers.c.occurred_at,
+            followers.c.parked_at,
+            followers.c.claimed_at,
+        )
+        if scope is not None:
+            stmt = stmt.where(followers.c.scope == scope)
+        if leader_id is not None:
+            stmt = stmt.where(followers.c.leader_id == leader_id)
+        stmt = stmt.order_by(followers.c.parked_at, followers.c.id).limit(limit)
+        rows = self._run(lambda c: c.execute(stmt).all())
+        return [FollowerInfo(*row) for row in rows]
+
+    def claim_one(self, scope: str, follower_id: str) -> ClaimedFollower | None:
+        stmt = (
+            update(followers)
+            .where(followers.c.scope == scope, followers.c.follower_id == follower_id)
+            .values(claimed_at=db_clock())
+            .returning(*_FOLLOWER_COLUMNS)
+        )
+        row = self._run(lambda c: c.execute(stmt).first())
+        return None if row is None else _claimed(row)
+
+    def scopes_of(self, follower_id: str) -> list[str]:
+        stmt = (
+            select(followers.c.scope)
+            .where(followers.c.follower_id == follower_id)
+            .order_by(followers.c.scope)
+        )
+        return list(self._run(lambda c: c.execute(stmt).scalars().all()))
 
     def clock(self) -> float:
         """The database's clock, epoch seconds."""

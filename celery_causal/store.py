@@ -70,10 +70,29 @@ class Lookup:
 @dataclass(frozen=True)
 class ScopeStats:
     scope: str
+    #: Followers waiting for their leader.
     waiting: int
+    #: Followers claimed by a releaser and not yet deleted.
     releasing: int
+    #: Park time of the oldest waiting follower (store clock).
     oldest_parked_at: float | None
+    #: Waiting longer than the lookback: the next sweep releases them.
     overdue: int
+    #: Releasing longer than the release timeout: their releaser died; the sweep retries.
+    stuck: int = 0
+
+
+@dataclass(frozen=True)
+class FollowerInfo:
+    """One row of the follower table, for operators (no payload)."""
+
+    scope: str
+    follower_id: str
+    leader_id: str
+    task_name: str
+    occurred_at: float
+    parked_at: float
+    claimed_at: float | None
 
 
 class CausalStore(Protocol):
@@ -123,8 +142,22 @@ class CausalStore(Protocol):
     def expire_done(self, seen_ttl: float, limit: int) -> int:
         """Delete up to ``limit`` done records older than ``seen_ttl``; return how many."""
 
-    def stats(self, lookback: float) -> list[ScopeStats]:
-        """Per scope: waiting, releasing, oldest park time, overdue for the sweep."""
+    def stats(self, lookback: float, release_timeout: float = 60.0) -> list[ScopeStats]:
+        """Per scope: waiting, releasing, oldest park time, overdue, stuck in releasing."""
+
+    def list_followers(
+        self, scope: str | None, leader_id: str | None, limit: int
+    ) -> list[FollowerInfo]:
+        """Rows, oldest parked first, optionally of one scope and/or one leader."""
+
+    def claim_one(self, scope: str, follower_id: str) -> ClaimedFollower | None:
+        """Claim one follower for release whatever its state (an operator's release)."""
+
+    def scopes_of(self, follower_id: str) -> list[str]:
+        """The scopes in which a follower with this id is parked."""
+
+    def clock(self) -> float:
+        """The store's clock, epoch seconds."""
 
     def close(self) -> None:
         """Release connections."""

@@ -23,6 +23,8 @@ from .store import CausalStore, ParkOutcome
 logger = logging.getLogger("celery_causal")
 
 SWEEP_TASK = "celery_causal.sweep"
+#: Result-backend state and Flower state of a parked task.
+DEFERRED = "DEFERRED"
 BEAT_ENTRY = "celery-causal-sweep"
 
 #: Store-outage retries do not give up: the task waits for the database rather than
@@ -174,6 +176,10 @@ class CausalTask(Task):  # type: ignore[misc]
             )
             raise Ignore()
         if verdict.action is Action.PARK:
+            # The DEFERRED state is stored before the row exists: once parked, the leader
+            # may release the follower and its SUCCESS must not be overwritten by us.
+            if not request.ignore_result:
+                self.update_state(state=DEFERRED, meta={"follows": arrival.leader, "scope": scope})
             outcome = runtime.park(
                 scope=scope, task=self, request=request, arrival=arrival, now=now
             )
@@ -183,6 +189,13 @@ class CausalTask(Task):  # type: ignore[misc]
                     arrival.task_id,
                     arrival.leader,
                     scope,
+                )
+                runtime.send_task_event(
+                    "task-deferred",
+                    arrival.task_id,
+                    request.hostname or "",
+                    follows=arrival.leader,
+                    scope=scope,
                 )
                 raise Ignore()
             logger.info(
@@ -241,6 +254,7 @@ class CausalWorkerStep(bootsteps.Step):  # type: ignore[misc]
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         runtime = runtime_for(worker.app)  # raises ConfigurationError: the worker stops
+        runtime.send_events = bool(worker.task_events)  # -E; inherited by pool processes
         try:
             runtime.store.create_schema()
         except StoreUnavailable as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -60,7 +61,9 @@ class CeleryProcess:
 
 
 class WorkerProcess(CeleryProcess):
-    def __init__(self, env: dict[str, str], log_path: Path, name: str) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, name: str, extra: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(
             env,
             log_path,
@@ -76,8 +79,11 @@ class WorkerProcess(CeleryProcess):
                 f"{name}@%h",
                 "--without-mingle",
                 "--without-gossip",
+                *extra,
             ],
         )
+
+        self.nodename = f"{name}@{socket.gethostname()}"
 
     def pool_pids(self) -> list[int]:
         import psutil
@@ -188,7 +194,7 @@ def spawn(
 
     cleanup = ExitStack()
 
-    def start(**overrides: str) -> Spawned:
+    def start(*worker_args: str, **overrides: str) -> Spawned:
         suffix = uuid.uuid4().hex[:6]
         db_url = cleanup.enter_context(fresh_database(f"_{suffix}"))
         prefix = f"{acceptance_env['CAUSAL_TEST_PREFIX']}{suffix}:"
@@ -198,7 +204,9 @@ def spawn(
         handle = module.create(prefix, store_url=db_url)
         store = SQLStore(db_url)
         cleanup.callback(store.close)
-        worker = WorkerProcess(env, tmp_path / f"worker-{suffix}.log", f"w{suffix}")
+        worker = WorkerProcess(
+            env, tmp_path / f"worker-{suffix}.log", f"w{suffix}", tuple(worker_args)
+        )
         worker.start()
         cleanup.callback(worker.stop)
         spawned = Spawned(worker, handle, store, env, tmp_path)

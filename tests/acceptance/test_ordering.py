@@ -79,7 +79,8 @@ def test_two_scopes_do_not_interfere(
     assert same.get(timeout=60) == "same"
     assert log.entries() == ["leader", "same"]
     assert store.count_followers("acc-other", leader) == 1
-    assert other.state == "PENDING"
+    assert other.state == "DEFERRED"
+    assert other.info == {"follows": leader, "scope": "acc-other"}
 
 
 def test_fifty_reversed_chains_of_five_run_in_order(
@@ -124,7 +125,7 @@ def test_async_result_of_a_parked_follower_returns_its_value(
     leader = causal_app.step.AsyncResult(f"leader-{uuid.uuid4()}")
     follower = causal_app.step.s(log.name, "follower").set(follows=leader).delay()
     wait_for(lambda: store.count_followers("acc", leader.id) == 1, 60, "parked")
-    assert follower.state == "PENDING"
+    assert follower.state == "DEFERRED"
     causal_app.step.apply_async((log.name, "leader"), task_id=leader.id)
     assert follower.get(timeout=60) == "follower"
     assert log.entries() == ["leader", "follower"]

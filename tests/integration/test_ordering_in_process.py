@@ -39,7 +39,11 @@ def causal_store(request: pytest.FixtureRequest) -> Iterator[CausalStore]:
 class Harness:
     def __init__(self, store: CausalStore, **conf: Any) -> None:
         self.app = Celery(f"inproc{id(self)}", broker="memory://", backend="cache+memory://")
-        self.app.conf.update(broker_transport_options={"polling_interval": 0.02}, **conf)
+        self.app.conf.update(
+            broker_transport_options={"polling_interval": 0.02},
+            worker_hijack_root_logger=False,  # keep pytest's log capture
+            **conf,
+        )
         celery_causal.install(self.app, store=store, beat=False)
         self.store = store
         self.ran: list[str] = []
@@ -185,3 +189,37 @@ def test_chain_of_21_backwards_trips_the_default_depth_guard(
     h.run_until(lambda: len(h.ran) >= 21, "20 generations")
     assert h.ran == [f"e{i}" for i in range(21)]
     assert causal_store.count_followers("events", h.id("e20")) == 1
+
+
+def test_log_lines_name_task_leader_and_scope(
+    causal_store: CausalStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="celery_causal")
+    h = Harness(causal_store, causal_max_depth=1, causal_lookback=60, causal_seen_ttl=120)
+    h.send("b", "a")
+    h.send("c", "b")
+    h.send("a")
+    h.send("a")  # duplicate
+    h.run_until(lambda: h.ran == ["a", "b"], "a and b")
+    age(causal_store, 61)
+    runtime_for(h.app).sweep()
+    h.run_until(lambda: "c" in h.ran, "c released by the sweep")
+
+    def line(start: str, level: int) -> str:
+        found = [r for r in caplog.records if r.getMessage().startswith(start)]
+        assert found, f"no log line starting {start!r}"
+        assert found[0].levelno == level
+        return found[0].getMessage()
+
+    for text in [
+        line("parked task", logging.INFO),
+        line("released task", logging.INFO),
+        line("lost follower", logging.WARNING),
+        line("depth exceeded", logging.WARNING),
+    ]:
+        assert "'events'" in text and h.tag in text, text
+    assert h.id("c") in line("lost follower", logging.WARNING)
+    assert h.id("b") in line("depth exceeded", logging.WARNING)  # c's leader, past the depth
+    assert h.id("a") in line("duplicate skip", logging.INFO)

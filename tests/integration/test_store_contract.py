@@ -192,3 +192,25 @@ def test_concurrent_claims_are_disjoint(store: CausalStore) -> None:
         t.join()
     counts = Counter(claimed)
     assert len(counts) == 400 and max(counts.values()) == 1
+
+
+def test_operator_listing_and_single_release(store: CausalStore) -> None:
+    store.park(follower("f1", "L", scope="a"), TTL)
+    store.park(follower("f2", "M", scope="a"), TTL)
+    store.park(follower("f1", "L", scope="b"), TTL)
+    assert [(i.scope, i.follower_id) for i in store.list_followers(None, None, 10)] == [
+        ("a", "f1"),
+        ("a", "f2"),
+        ("b", "f1"),
+    ]
+    assert [i.follower_id for i in store.list_followers("a", "M", 10)] == ["f2"]
+    assert len(store.list_followers(None, None, 2)) == 2
+    assert store.scopes_of("f1") == ["a", "b"]
+    claimed = store.claim_one("b", "f1")
+    assert claimed is not None and claimed.scope == "b"
+    assert store.claim_one("b", "missing") is None
+    stats = {s.scope: s for s in store.stats(900, release_timeout=30)}
+    assert (stats["b"].releasing, stats["b"].stuck) == (1, 0)
+    age(store, 31)
+    assert store.stats(900, release_timeout=30)[1].stuck == 1
+    assert store.clock() > 1_600_000_000

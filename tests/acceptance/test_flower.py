@@ -1,0 +1,85 @@
+"""A real Flower process shows parked tasks as DEFERRED, then SUCCESS once released."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from celery_causal.task import runtime_for
+from tests.acceptance.conftest import CeleryProcess, Spawned
+from tests.helpers import wait_for
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(port: int, path: str) -> Any:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.timeout(300)
+def test_flower_lists_a_parked_task_as_deferred_then_success(
+    spawn: Callable[..., Spawned], tmp_path: Path
+) -> None:
+    s = spawn("-E", CAUSAL_ON_LEADER_FAILURE="fail")
+    port = _free_port()
+    flower = CeleryProcess(
+        dict(s.env, FLOWER_UNAUTHENTICATED_API="true"),
+        tmp_path / "flower.log",
+        ["flower", f"--port={port}", "--address=127.0.0.1"],
+    )
+    flower.start()
+    try:
+        wait_for(lambda: _get(port, "/api/workers?refresh=1"), 60, "Flower's API")
+        leader, follower = f"fl-leader-{uuid.uuid4()}", f"fl-follower-{uuid.uuid4()}"
+        s.handle.step.apply_async(("flower", "follower"), task_id=follower, follows=leader)
+
+        deferred = wait_for(
+            lambda: (_get(port, "/api/tasks?state=DEFERRED") or {}).get(follower),
+            60,
+            "the follower listed as DEFERRED",
+        )
+        assert deferred["state"] == "DEFERRED"
+        assert deferred["name"] == "acc.step"
+        info = _get(port, f"/api/task/info/{follower}")
+        assert info["state"] == "DEFERRED"
+
+        s.handle.step.apply_async(("flower", "leader"), task_id=leader)
+        wait_for(
+            lambda: (_get(port, f"/api/task/info/{follower}") or {}).get("state") == "SUCCESS",
+            60,
+            "the follower shown as SUCCESS",
+        )
+
+        # A failure sent from another process (here: this one, as the CLI or a leader's
+        # worker would) is shown for the task, under the host that parked it
+        other = f"fl-other-{uuid.uuid4()}"
+        s.handle.step.apply_async(("flower", "other"), task_id=other, follows="fl-gone")
+        wait_for(lambda: s.store.count_followers("acc", "fl-gone") == 1, 60, "parked")
+        runtime = runtime_for(s.handle.app)
+        runtime.send_events = True
+        assert runtime.leader_failed("acc", "fl-gone", 0, RuntimeError("boom")) == 1
+        wait_for(
+            lambda: (_get(port, f"/api/task/info/{other}") or {}).get("state") == "FAILURE",
+            60,
+            "the failed follower shown as FAILURE",
+        )
+        # No phantom worker: every event came under the real worker's name
+        workers = (_get(port, "/workers?json=1") or {}).get("data", [])
+        assert [w["hostname"] for w in workers] == [s.worker.nodename]
+    finally:
+        flower.stop()
