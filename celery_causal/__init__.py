@@ -13,6 +13,7 @@ from .errors import (
     MaxDepthExceeded,
     NotInstalledError,
     PayloadError,
+    StoreError,
     StoreUnavailable,
 )
 from .settings import CausalSettings
@@ -35,5 +36,6 @@ __all__ = [
     "MaxDepthExceeded",
     "NotInstalledError",
     "PayloadError",
+    "StoreError",
     "StoreUnavailable",
 ]

@@ -29,7 +29,11 @@ class PayloadError(CausalError):
     """The follower's message cannot be stored for later release."""
 
 
-class StoreUnavailable(CausalError):
+class StoreError(CausalError):
+    """The causal store (database) refused an operation."""
+
+
+class StoreUnavailable(StoreError):
     """The causal store (database) cannot be reached."""
 
 

@@ -13,8 +13,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    Double,
     Engine,
     and_,
+    bindparam,
     case,
     create_engine,
     delete,
@@ -27,10 +29,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from .core import release_order
-from .errors import StoreUnavailable
+from .errors import StoreError, StoreUnavailable
 from .settings import mask_url
 from .sql_schema import db_clock, done, followers, metadata
 from .store import (
@@ -78,6 +81,82 @@ def _claimed(row: Any) -> ClaimedFollower:
     )
 
 
+def _done_within(task_param: str) -> Any:
+    return and_(
+        done.c.scope == bindparam("b_scope"),
+        done.c.task_id == bindparam(task_param),
+        done.c.done_at > db_clock() - bindparam("b_ttl", type_=Double),
+    )
+
+
+def _lookup_statement(count: int) -> Any:
+    # One row whatever the answer: the clock plus one EXISTS per asked id.
+    return select(
+        db_clock().label("now"),
+        *(exists().where(_done_within(f"t{i}")).label(f"d{i}") for i in range(count)),
+    )
+
+
+_LOOKUPS = {count: _lookup_statement(count) for count in (1, 2)}
+
+_TAKE_BACK = (
+    delete(followers)
+    .where(
+        followers.c.scope == bindparam("b_scope"),
+        followers.c.follower_id == bindparam("b_follower"),
+        followers.c.claimed_at.is_(None),
+        exists().where(_done_within("b_leader")),
+    )
+    .returning(followers.c.id)
+)
+
+
+def _claim_statement(where: Any, order_by: Any) -> Any:
+    # SKIP LOCKED: concurrent claimers (two sweeps, a sweep and a leader) take disjoint
+    # rows instead of waiting on each other; the claim is one UPDATE, so a row is never
+    # selected by one statement and taken by another.
+    ids = (
+        select(followers.c.id)
+        .where(where)
+        .order_by(*order_by)
+        .limit(bindparam("b_limit"))
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        update(followers)
+        .where(followers.c.id.in_(ids.scalar_subquery()))
+        .values(claimed_at=db_clock())
+        .returning(*_FOLLOWER_COLUMNS)
+    )
+
+
+_CLAIM_FOLLOWERS = _claim_statement(
+    and_(
+        followers.c.scope == bindparam("b_scope"),
+        followers.c.leader_id == bindparam("b_leader"),
+        followers.c.claimed_at.is_(None),
+    ),
+    (followers.c.occurred_at, followers.c.follower_id),
+)
+# Rows whose releaser died mid-release (claimed long ago) ...
+_CLAIM_STUCK = _claim_statement(
+    and_(
+        followers.c.claimed_at.is_not(None),
+        followers.c.claimed_at < db_clock() - bindparam("b_timeout", type_=Double),
+    ),
+    (followers.c.claimed_at,),
+)
+# ... and lost followers: waiting longer than the lookback, oldest parked first (each
+# batch is then sorted by occurred time).
+_CLAIM_LOST = _claim_statement(
+    and_(
+        followers.c.claimed_at.is_(None),
+        followers.c.parked_at < db_clock() - bindparam("b_lookback", type_=Double),
+    ),
+    (followers.c.parked_at,),
+)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets prefork children read while one writes; busy_timeout makes writers queue
     # instead of failing with "database is locked".
@@ -101,6 +180,30 @@ class SQLStore:
             sqlite.insert if url.startswith("sqlite") else postgresql.insert
         )
         self.is_postgresql = url.startswith("postgresql")
+        self._park_insert = (
+            self._insert(followers)
+            .values(
+                scope=bindparam("b_scope"),
+                follower_id=bindparam("b_follower"),
+                leader_id=bindparam("b_leader"),
+                task_name=bindparam("b_task"),
+                occurred_at=bindparam("b_occurred"),
+                parked_at=db_clock(),
+                content_type=bindparam("b_ctype"),
+                content_encoding=bindparam("b_cenc"),
+                payload=bindparam("b_payload"),
+                hostname=bindparam("b_host"),
+            )
+            # Parking is idempotent: a redelivered follower leaves the one row there is.
+            .on_conflict_do_nothing(index_elements=["scope", "follower_id"])
+        )
+        record = self._insert(done).values(
+            scope=bindparam("b_scope"), task_id=bindparam("b_task_id"), done_at=db_clock()
+        )
+        # A task run again after its record expired refreshes it.
+        self._record_done = record.on_conflict_do_update(
+            index_elements=["scope", "task_id"], set_={"done_at": record.excluded.done_at}
+        )
 
     def __repr__(self) -> str:
         return f"SQLStore({mask_url(self.url)!r})"
@@ -128,18 +231,31 @@ class SQLStore:
     def _make_engine(self) -> Engine:
         if self.url.startswith("sqlite"):
             engine = create_engine(
-                self.url, isolation_level="AUTOCOMMIT", connect_args={"timeout": 30}
+                self.url,
+                isolation_level="AUTOCOMMIT",
+                connect_args={"timeout": 30},
+                pool_reset_on_return=None,
             )
             event.listen(engine, "connect", _sqlite_pragmas)
             return engine
-        return create_engine(self.url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=10)
+        # Every statement runs in autocommit, so a returned connection has no transaction
+        # to roll back: skipping the reset saves a round of pool work on every call.
+        return create_engine(
+            self.url,
+            isolation_level="AUTOCOMMIT",
+            pool_size=5,
+            max_overflow=10,
+            pool_reset_on_return=None,
+        )
 
     def _run(self, operation: Callable[[Any], T]) -> T:
         """Run ``operation(connection)``; one immediate retry after a dropped connection.
 
         Every operation is safe to repeat (inserts are ON CONFLICT, claims move rows out
         of ``waiting`` once), so a retry after a connection was cut mid-statement cannot
-        duplicate or lose anything. Other database errors become :class:`StoreUnavailable`.
+        duplicate or lose anything. A database that cannot be reached raises
+        :class:`StoreUnavailable` (the task retries); one that refuses the statement raises
+        :class:`StoreError` (the task fails: retrying would not help).
         """
         for attempt in (1, 2):
             try:
@@ -148,14 +264,15 @@ class SQLStore:
             except DBAPIError as exc:
                 if exc.connection_invalidated and attempt == 1:
                     continue
-                reason = " ".join(str(exc.orig).split())
-                raise StoreUnavailable(
-                    f"causal store {mask_url(self.url)} failed: {type(exc.orig).__name__}: {reason}"
-                ) from exc
-            except SQLAlchemyError as exc:
-                raise StoreUnavailable(
-                    f"causal store {mask_url(self.url)} failed: {exc!r}"
-                ) from exc
+                reason = f"{type(exc.orig).__name__}: {' '.join(str(exc.orig).split())}"
+                message = f"causal store {mask_url(self.url)} failed: {reason}"
+                if exc.connection_invalidated or isinstance(
+                    exc, (OperationalError, InterfaceError)
+                ):
+                    raise StoreUnavailable(message) from exc
+                raise StoreError(message) from exc
+            except SATimeoutError as exc:  # no pooled connection came free in time
+                raise StoreUnavailable(f"causal store {mask_url(self.url)}: {exc}") from exc
         raise AssertionError("unreachable")
 
     def create_schema(self) -> list[str]:
@@ -184,120 +301,73 @@ class SQLStore:
         self._engine = None
 
     # -- operations --------------------------------------------------------------------
+    # The statements a task runs on every call are built once, with bound parameters, so a
+    # call costs one pooled round trip and no statement construction.
 
     def lookup(self, scope: str, task_ids: Sequence[str], seen_ttl: float) -> Lookup:
-        # One row whatever the answer: the clock plus one EXISTS per asked id.
-        columns: list[Any] = [db_clock().label("now")]
-        for i, task_id in enumerate(task_ids):
-            columns.append(
-                exists().where(self._done_within(scope, task_id, seen_ttl)).label(f"d{i}")
-            )
-        row = self._run(lambda c: c.execute(select(*columns)).one())
+        stmt = _LOOKUPS.get(len(task_ids))
+        if stmt is None:
+            stmt = _lookup_statement(len(task_ids))
+        params: dict[str, Any] = {"b_scope": scope, "b_ttl": seen_ttl}
+        params.update((f"t{i}", task_id) for i, task_id in enumerate(task_ids))
+        row = self._run(lambda c: c.execute(stmt, params).one())
         found = frozenset(t for i, t in enumerate(task_ids) if row[i + 1])
         return Lookup(done=found, now=float(row[0]))
 
-    @staticmethod
-    def _done_within(scope: str, task_id: str, seen_ttl: float) -> Any:
-        return and_(
-            done.c.scope == scope,
-            done.c.task_id == task_id,
-            done.c.done_at > db_clock() - seen_ttl,
-        )
-
     def park(self, follower: Follower, seen_ttl: float) -> ParkOutcome:
-        insert = (
-            self._insert(followers)
-            .values(
-                scope=follower.scope,
-                follower_id=follower.follower_id,
-                leader_id=follower.leader_id,
-                task_name=follower.task_name,
-                occurred_at=follower.occurred_at,
-                parked_at=db_clock(),
-                content_type=follower.content_type,
-                content_encoding=follower.content_encoding,
-                payload=follower.payload,
-                hostname=follower.hostname,
-            )
-            .on_conflict_do_nothing(index_elements=["scope", "follower_id"])
-        )
+        values = {
+            "b_scope": follower.scope,
+            "b_follower": follower.follower_id,
+            "b_leader": follower.leader_id,
+            "b_task": follower.task_name,
+            "b_occurred": follower.occurred_at,
+            "b_ctype": follower.content_type,
+            "b_cenc": follower.content_encoding,
+            "b_payload": follower.payload,
+            "b_host": follower.hostname,
+        }
+        take_back = {
+            "b_scope": follower.scope,
+            "b_follower": follower.follower_id,
+            "b_leader": follower.leader_id,
+            "b_ttl": seen_ttl,
+        }
+
         # The park/complete interleaving: this follower read "leader not done", then the
         # leader (another worker) committed its done record and claimed its followers
-        # before this row existed. The insert above is committed first (autocommit); this
-        # second statement takes a fresh snapshot, so it sees any done record committed
-        # before the insert, and then takes the row back itself. If instead the leader
-        # commits after this check, its claim (a later snapshot) sees the committed row.
-        # ``claimed_at IS NULL`` makes the take-back and the leader's claim exclusive: a
-        # claim in flight holds the row lock; once it commits, this DELETE re-reads the
-        # row, finds it claimed and deletes nothing.
-        take_back = (
-            delete(followers)
-            .where(
-                followers.c.scope == follower.scope,
-                followers.c.follower_id == follower.follower_id,
-                followers.c.claimed_at.is_(None),
-                exists().where(self._done_within(follower.scope, follower.leader_id, seen_ttl)),
-            )
-            .returning(followers.c.id)
-        )
-
+        # before this row existed. The insert is committed first (autocommit); the
+        # take-back is a second statement with a fresh snapshot, so it sees any done record
+        # committed before the insert, and then takes the row back itself. If instead the
+        # leader commits after the take-back's snapshot, its claim (a later snapshot) sees
+        # the committed row. ``claimed_at IS NULL`` makes the take-back and the leader's
+        # claim exclusive: a claim in flight holds the row lock; once it commits, the
+        # DELETE re-reads the row, finds it claimed and deletes nothing.
         def run(conn: Any) -> ParkOutcome:
-            conn.execute(insert)
-            taken = conn.execute(take_back).first()
+            conn.execute(self._park_insert, values)
+            taken = conn.execute(_TAKE_BACK, take_back).first()
             return ParkOutcome.LEADER_DONE if taken is not None else ParkOutcome.PARKED
 
         return self._run(run)
 
     def record_done(self, scope: str, task_id: str) -> None:
-        stmt = self._insert(done).values(scope=scope, task_id=task_id, done_at=db_clock())
-        # A task run again after its record expired refreshes it.
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["scope", "task_id"], set_={"done_at": stmt.excluded.done_at}
-        )
-        self._run(lambda c: c.execute(stmt))
+        params = {"b_scope": scope, "b_task_id": task_id}
+        self._run(lambda c: c.execute(self._record_done, params))
 
-    def _claim(self, where: Any, order_by: Any, limit: int) -> list[ClaimedFollower]:
-        # SKIP LOCKED: concurrent claimers (two sweeps, a sweep and a leader) take disjoint
-        # rows instead of waiting on each other; the claim is one UPDATE, so a row is never
-        # selected by one statement and taken by another.
-        ids = (
-            select(followers.c.id)
-            .where(where)
-            .order_by(*order_by)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        stmt = (
-            update(followers)
-            .where(followers.c.id.in_(ids.scalar_subquery()))
-            .values(claimed_at=db_clock())
-            .returning(*_FOLLOWER_COLUMNS)
-        )
-        rows = self._run(lambda c: c.execute(stmt).all())
+    def _claim(self, stmt: Any, params: dict[str, Any]) -> list[ClaimedFollower]:
+        rows = self._run(lambda c: c.execute(stmt, params).all())
         return release_order(_claimed(r) for r in rows)
 
     def claim_followers(self, scope: str, leader_id: str, limit: int) -> list[ClaimedFollower]:
-        where = and_(
-            followers.c.scope == scope,
-            followers.c.leader_id == leader_id,
-            followers.c.claimed_at.is_(None),
-        )
-        return self._claim(where, (followers.c.occurred_at, followers.c.follower_id), limit)
+        params = {"b_scope": scope, "b_leader": leader_id, "b_limit": limit}
+        return self._claim(_CLAIM_FOLLOWERS, params)
 
     def claim_lost(
         self, lookback: float, release_timeout: float, limit: int
     ) -> list[ClaimedFollower]:
-        stuck = and_(
-            followers.c.claimed_at.is_not(None),
-            followers.c.claimed_at < db_clock() - release_timeout,
-        )
-        claimed = self._claim(stuck, (followers.c.claimed_at,), limit)
+        claimed = self._claim(_CLAIM_STUCK, {"b_timeout": release_timeout, "b_limit": limit})
         if len(claimed) < limit:
-            lost = and_(
-                followers.c.claimed_at.is_(None),
-                followers.c.parked_at < db_clock() - lookback,
-            )
-            claimed += self._claim(lost, (followers.c.parked_at,), limit - len(claimed))
+            params = {"b_lookback": lookback, "b_limit": limit - len(claimed)}
+            claimed += self._claim(_CLAIM_LOST, params)
         return release_order(claimed)
 
     def finish(self, row_ids: Sequence[int]) -> None:

@@ -106,12 +106,12 @@ def acceptance_env(pg_url: str, redis_url: str, key_prefix: str) -> dict[str, st
 
 @pytest.fixture(scope="session")
 def causal_app(acceptance_env: dict[str, str]) -> Any:
-    """The acceptance app in this (producer) process, pointed at this run's services."""
-    for key in ("CAUSAL_STORE_URL", "CAUSAL_TEST_REDIS_URL", "CAUSAL_TEST_PREFIX"):
-        os.environ[key] = acceptance_env[key]
+    """The acceptance app on the producer side, pointed at this run's services."""
     from tests.acceptance import causal_app as module
 
-    return module
+    return module.create(
+        acceptance_env["CAUSAL_TEST_PREFIX"], store_url=acceptance_env["CAUSAL_STORE_URL"]
+    )
 
 
 @pytest.fixture(scope="session")

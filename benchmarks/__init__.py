@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of plain Celery and celery-causal (``python -m benchmarks``)."""

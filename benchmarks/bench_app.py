@@ -1,0 +1,39 @@
+"""The benchmark's Celery app: the same trivial body as a plain task and as a causal task.
+
+Configured from the environment the benchmark sets (own database, own Redis key prefix).
+Bodies count completions in Redis, so no result backend is needed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import redis
+from celery import Celery
+
+import celery_causal
+
+REDIS_URL = os.environ.get("CAUSAL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+PREFIX = os.environ.get("CAUSAL_BENCH_PREFIX", "causal-bench:")
+COUNTER = PREFIX + "done"
+
+app = Celery("causal_bench", broker=REDIS_URL)
+app.conf.update(
+    broker_transport_options={"global_keyprefix": PREFIX},
+    broker_connection_retry_on_startup=True,
+    task_ignore_result=True,
+    worker_prefetch_multiplier=16,
+    causal_store_url=os.environ.get("CAUSAL_STORE_URL"),
+)
+celery_causal.install(app, beat=False)
+_redis = redis.Redis.from_url(REDIS_URL)
+
+
+@app.task(name="bench.plain")
+def plain(i: int) -> None:
+    _redis.incr(COUNTER)
+
+
+@celery_causal.causal_task(app, name="bench.causal", scope="bench")
+def causal(i: int) -> None:
+    _redis.incr(COUNTER)
