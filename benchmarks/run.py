@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,12 +64,17 @@ class Bench:
     def __init__(self, db_url: str, run: str, log_dir: Path) -> None:
         self.prefix = f"causal-bench-{run}:"
         self.env = dict(
-            os.environ, CAUSAL_STORE_URL=db_url, CAUSAL_BENCH_PREFIX=self.prefix,
+            os.environ,
+            CAUSAL_STORE_URL=db_url,
+            CAUSAL_BENCH_PREFIX=self.prefix,
             CAUSAL_BENCH_REDIS_URL=REDIS_URL,
             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         )
-        os.environ.update(CAUSAL_STORE_URL=db_url, CAUSAL_BENCH_PREFIX=self.prefix,
-                          CAUSAL_BENCH_REDIS_URL=REDIS_URL)
+        os.environ.update(
+            CAUSAL_STORE_URL=db_url,
+            CAUSAL_BENCH_PREFIX=self.prefix,
+            CAUSAL_BENCH_REDIS_URL=REDIS_URL,
+        )
         from benchmarks import bench_app
 
         self.mod = bench_app
@@ -83,10 +88,27 @@ class Bench:
     def start_worker(self) -> None:
         with open(self.log_path, "ab") as log:
             self.worker = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "benchmarks.bench_app", "worker",
-                 "-P", "prefork", "-c", "2", "-l", "warning", "--without-mingle",
-                 "--without-gossip", "--without-heartbeat"],
-                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "benchmarks.bench_app",
+                    "worker",
+                    "-P",
+                    "prefork",
+                    "-c",
+                    "2",
+                    "-l",
+                    "warning",
+                    "--without-mingle",
+                    "--without-gossip",
+                    "--without-heartbeat",
+                ],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         # Warm up: both processes connected to the broker and the database.
         self.run_plain(20)
@@ -167,10 +189,8 @@ class Bench:
         assert self.worker is not None
         out = {}
         for child in psutil.Process(self.worker.pid).children():
-            try:
+            with suppress(psutil.NoSuchProcess):
                 out[child.pid] = child.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
         return out
 
 
@@ -179,9 +199,9 @@ def _ratio(causal: list[float], plain: list[float]) -> tuple[float, float, float
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
-def _alternate(repeats: int, a: Callable[[], float], b: Callable[[], float]) -> tuple[
-    list[float], list[float]
-]:
+def _alternate(
+    repeats: int, a: Callable[[], float], b: Callable[[], float]
+) -> tuple[list[float], list[float]]:
     first, second = [], []
     for _ in range(repeats):
         first.append(a())
@@ -192,9 +212,14 @@ def _alternate(repeats: int, a: Callable[[], float], b: Callable[[], float]) -> 
 def w1(b: Bench, n: int, repeats: int) -> Result:
     plain, causal = _alternate(repeats, lambda: b.run_plain(n), lambda: b.run_causal(n))
     med, lo, hi = _ratio(causal, plain)
-    return Result("W1", f"{n:,} independent tasks", f"causal/plain = {med:.2f} ({lo:.2f}-{hi:.2f})",
-                  "<= 1.10", med <= 1.10,
-                  {"plain_s": plain, "causal_s": causal, "plain_tasks_per_s": n / statistics.median(plain)})
+    return Result(
+        "W1",
+        f"{n:,} independent tasks",
+        f"causal/plain = {med:.2f} ({lo:.2f}-{hi:.2f})",
+        "<= 1.10",
+        med <= 1.10,
+        {"plain_s": plain, "causal_s": causal, "plain_tasks_per_s": n / statistics.median(plain)},
+    )
 
 
 def w2_w3(b: Bench, chains: int, repeats: int) -> list[Result]:
@@ -207,11 +232,22 @@ def w2_w3(b: Bench, chains: int, repeats: int) -> list[Result]:
     med, lo, hi = _ratio(causal, plain)
     w3 = [r / c for r, c in zip(reversed_, causal, strict=True)]
     return [
-        Result("W2", f"{chains:,} chains of 5, in order", f"causal/plain = {med:.2f} ({lo:.2f}-{hi:.2f})",
-               "<= 1.25", med <= 1.25, {"plain_s": plain, "causal_s": causal}),
-        Result("W3", f"{chains:,} chains of 5, fully reversed",
-               f"W3/W2 causal = {statistics.median(w3):.2f} ({min(w3):.2f}-{max(w3):.2f})",
-               "<= 2.0", statistics.median(w3) <= 2.0, {"reversed_s": reversed_}),
+        Result(
+            "W2",
+            f"{chains:,} chains of 5, in order",
+            f"causal/plain = {med:.2f} ({lo:.2f}-{hi:.2f})",
+            "<= 1.25",
+            med <= 1.25,
+            {"plain_s": plain, "causal_s": causal},
+        ),
+        Result(
+            "W3",
+            f"{chains:,} chains of 5, fully reversed",
+            f"W3/W2 causal = {statistics.median(w3):.2f} ({min(w3):.2f}-{max(w3):.2f})",
+            "<= 2.0",
+            statistics.median(w3) <= 2.0,
+            {"reversed_s": reversed_},
+        ),
     ]
 
 
@@ -243,10 +279,14 @@ def w4(b: Bench, followers: int) -> Result:
     sampler.join()
     rate = followers / (t1 - t0)
     growth = max((peak[pid] - before.get(pid, peak[pid])) for pid in peak) / 2**20
-    return Result("W4", f"1 leader, {followers:,} parked followers",
-                  f"{rate:,.0f} followers/s; RSS +{growth:.1f} MB",
-                  ">= 5,000/s; <= 50 MB", rate >= 5000 and growth <= 50,
-                  {"seconds": t1 - t0, "rss_growth_mb": growth})
+    return Result(
+        "W4",
+        f"1 leader, {followers:,} parked followers",
+        f"{rate:,.0f} followers/s; RSS +{growth:.1f} MB",
+        ">= 5,000/s; <= 50 MB",
+        rate >= 5000 and growth <= 50,
+        {"seconds": t1 - t0, "rss_growth_mb": growth},
+    )
 
 
 def _insert_lost(b: Bench, n: int, queue: str) -> None:
@@ -294,9 +334,14 @@ def w5(b: Bench, n: int) -> Result:
     rate = report.released / elapsed
     growth = (peak - before) / 2**20
     ok = report.released == n == queued and rate >= 10_000 and growth <= 50
-    return Result("W5", f"{n:,} lost followers, one sweep",
-                  f"{rate:,.0f} released/s; RSS +{growth:.1f} MB; {queued:,} published",
-                  ">= 10,000/s, flat memory", ok, {"seconds": elapsed})
+    return Result(
+        "W5",
+        f"{n:,} lost followers, one sweep",
+        f"{rate:,.0f} released/s; RSS +{growth:.1f} MB; {queued:,} published",
+        ">= 10,000/s, flat memory",
+        ok,
+        {"seconds": elapsed},
+    )
 
 
 def _latency(b: Bench, ops: int) -> tuple[float, float]:
@@ -306,8 +351,16 @@ def _latency(b: Bench, ops: int) -> tuple[float, float]:
     payload = json.dumps({"args": [0], "kwargs": {}, "options": {}}).encode()
     run = uuid.uuid4().hex[:8]
     for j in range(ops):
-        f = Follower("bench-w6", f"{run}-f{j}", f"{run}-L{j}", "bench.causal", time.time(),
-                     payload, "application/json", "utf-8")
+        f = Follower(
+            "bench-w6",
+            f"{run}-f{j}",
+            f"{run}-L{j}",
+            "bench.causal",
+            time.time(),
+            payload,
+            "application/json",
+            "utf-8",
+        )
         t0 = time.perf_counter()
         b.store.park(f, 1800)
         t1 = time.perf_counter()
@@ -327,10 +380,15 @@ def w6(b: Bench, big: int, ops: int) -> Result:
     large = _latency(b, ops)
     park_ratio, release_ratio = large[0] / small[0], large[1] / small[1]
     worst = max(park_ratio, release_ratio)
-    return Result("W6", f"park/release latency, {big:,} vs 1,000 rows",
-                  f"park x{park_ratio:.2f}, release x{release_ratio:.2f} "
-                  f"({small[0] * 1e3:.2f}/{small[1] * 1e3:.2f} ms at 1k)",
-                  "<= 1.2x", worst <= 1.2, {"small": small, "large": large})
+    return Result(
+        "W6",
+        f"park/release latency, {big:,} vs 1,000 rows",
+        f"park x{park_ratio:.2f}, release x{release_ratio:.2f} "
+        f"({small[0] * 1e3:.2f}/{small[1] * 1e3:.2f} ms at 1k)",
+        "<= 1.2x",
+        worst <= 1.2,
+        {"small": small, "large": large},
+    )
 
 
 def _insert_background(b: Bench, n: int) -> None:
@@ -351,8 +409,11 @@ def _insert_background(b: Bench, n: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
-    parser.add_argument("--only", default="W1,W2,W3,W4,W5,W6",
-                        help="comma-separated workloads (W2 and W3 run together)")
+    parser.add_argument(
+        "--only",
+        default="W1,W2,W3,W4,W5,W6",
+        help="comma-separated workloads (W2 and W3 run together)",
+    )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -382,8 +443,10 @@ def main(argv: list[str] | None = None) -> int:
             bench.stop()
     cpu = os.cpu_count()
     mem = psutil.virtual_memory().total / 2**30
-    print(f"\ncelery-causal benchmark, {time.strftime('%Y-%m-%d')}, {cpu} cores, "
-          f"{mem:.0f} GiB{' (quick: sizes / 50, numbers meaningless)' if args.quick else ''}")
+    print(
+        f"\ncelery-causal benchmark, {time.strftime('%Y-%m-%d')}, {cpu} cores, "
+        f"{mem:.0f} GiB{' (quick: sizes / 50, numbers meaningless)' if args.quick else ''}"
+    )
     print(f"{'id':<4} {'workload':<40} {'measured':<52} {'target':<22} ok")
     for r in results:
         ok = "-" if args.quick else ("yes" if r.ok else "NO")
