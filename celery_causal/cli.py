@@ -93,6 +93,7 @@ def _scope_rows(stats: list[ScopeStats], now: float) -> list[dict[str, Any]]:
             "overdue": s.overdue,
             "releasing": s.releasing,
             "stuck": s.stuck,
+            "dead": s.dead,
         }
         for s in stats
     ]
@@ -123,6 +124,11 @@ _METRICS = [
         "stuck",
         "celery_causal_stuck_followers",
         "Followers releasing longer than causal_release_timeout (their releaser died).",
+    ),
+    (
+        "dead",
+        "celery_causal_dead_followers",
+        "Followers moved to causal_dead_followers: their stored message could not be read.",
     ),
 ]
 
@@ -165,7 +171,7 @@ def status(ctx: click.Context, as_json: bool, prometheus: bool) -> None:
         return
     click.echo(
         _table(
-            ["scope", "waiting", "oldest", "overdue", "releasing", "stuck"],
+            ["scope", "waiting", "oldest", "overdue", "releasing", "stuck", "dead"],
             [
                 [
                     r["scope"],
@@ -174,6 +180,7 @@ def status(ctx: click.Context, as_json: bool, prometheus: bool) -> None:
                     str(r["overdue"]),
                     str(r["releasing"]),
                     str(r["stuck"]),
+                    str(r["dead"]),
                 ]
                 for r in rows
             ],

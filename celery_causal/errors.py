@@ -21,7 +21,11 @@ class NotInstalledError(CausalError):
     """celery_causal.install(app) was not called for this Celery app."""
 
 
-class InvalidLeaderError(CausalError, ValueError):
+class InvalidIdError(CausalError, ValueError):
+    """A task id, leader id or scope that celery-causal cannot store."""
+
+
+class InvalidLeaderError(InvalidIdError):
     """The value given as `follows` does not name a leader task."""
 
 

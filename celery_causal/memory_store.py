@@ -43,6 +43,7 @@ class MemoryStore:
         self._rows: dict[tuple[str, str], _Row] = {}
         self._done: dict[tuple[str, str], float] = {}
         self._next_id = 1
+        self._dead: dict[int, tuple[Follower, str]] = {}
 
     def create_schema(self) -> list[str]:
         return []
@@ -115,6 +116,11 @@ class MemoryStore:
             for key in self._by_row_ids(row_ids):
                 del self._rows[key]
 
+    def bury(self, row_id: int, reason: str) -> None:
+        with self._lock:
+            for key in self._by_row_ids([row_id]):
+                self._dead.setdefault(row_id, (self._rows.pop(key).follower, reason))
+
     def unclaim(self, row_ids: Sequence[int]) -> None:
         with self._lock:
             for key in self._by_row_ids(row_ids):
@@ -145,7 +151,10 @@ class MemoryStore:
     def stats(self, lookback: float, release_timeout: float = 60.0) -> list[ScopeStats]:
         with self._lock:
             now = self.clock()
-            scopes = sorted({r.follower.scope for r in self._rows.values()})
+            scopes = sorted(
+                {r.follower.scope for r in self._rows.values()}
+                | {f.scope for f, _ in self._dead.values()}
+            )
             result = []
             for scope in scopes:
                 rows = [r for r in self._rows.values() if r.follower.scope == scope]
@@ -162,6 +171,7 @@ class MemoryStore:
                             for r in rows
                             if r.claimed_at is not None and r.claimed_at < now - release_timeout
                         ),
+                        dead=sum(1 for f, _ in self._dead.values() if f.scope == scope),
                     )
                 )
             return result

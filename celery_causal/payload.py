@@ -16,7 +16,7 @@ from typing import Any
 from kombu.exceptions import ContentDisallowed, DecodeError, EncodeError
 from kombu.serialization import dumps, loads
 
-from .errors import InvalidLeaderError, PayloadError
+from .errors import InvalidIdError, InvalidLeaderError, PayloadError
 from .store import MAX_ID_LENGTH, Follower
 
 # Headers celery-causal adds to a task message. They travel with the message through
@@ -30,6 +30,17 @@ DEPTH = "causal_depth"
 _DELIVERY_ONLY = frozenset({"redelivered", "eta", "countdown"})
 
 
+def check_id(value: str, what: str, error: type[InvalidIdError] = InvalidIdError) -> str:
+    """``value`` if the store can hold it as a task id, leader id or scope."""
+    if not value.strip():
+        raise error(f"{what} must be a non-empty string")
+    if len(value) > MAX_ID_LENGTH:
+        raise error(f"{what} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}")
+    if "\x00" in value:
+        raise error(f"{what} contains a NUL character, which PostgreSQL cannot store")
+    return value
+
+
 def leader_id(follows: object) -> str:
     """The leader's task id from a ``follows`` value: a task id or an ``AsyncResult``."""
     value = follows
@@ -40,21 +51,7 @@ def leader_id(follows: object) -> str:
             f"follows must be a task id (str) or an AsyncResult, not {type(follows).__name__}"
             + (" (one leader per task)" if isinstance(follows, (list, tuple, set)) else "")
         )
-    if not value.strip():
-        raise InvalidLeaderError("follows must be a non-empty task id")
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidLeaderError(
-            f"follows is {len(value)} characters long; task ids are limited to {MAX_ID_LENGTH}"
-        )
-    return value
-
-
-def check_task_id(task_id: str) -> None:
-    if len(task_id) > MAX_ID_LENGTH:
-        raise InvalidLeaderError(
-            f"task id is {len(task_id)} characters long; causal tasks are limited to "
-            f"{MAX_ID_LENGTH}"
-        )
+    return check_id(value, "follows", InvalidLeaderError)
 
 
 @dataclass(frozen=True)

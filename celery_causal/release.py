@@ -59,8 +59,17 @@ def publish(
                 try:
                     message = unpack(follower, accept)
                 except PayloadError as exc:
-                    # Left claimed: the row is kept for an operator, not deleted unseen.
-                    logger.error("not releasing follower: %s", exc)
+                    # Moved aside for an operator (causal_dead_followers), never deleted
+                    # unseen and never run; the other followers go on.
+                    logger.error(
+                        "not releasing task %s (follows %s, scope %r): %s; moved to "
+                        "causal_dead_followers",
+                        follower.follower_id,
+                        follower.leader_id,
+                        follower.scope,
+                        exc,
+                    )
+                    store.bury(follower.row_id, str(exc))
                     report.refused.append(follower.follower_id)
                     continue
                 options = dict(message.options)

@@ -73,6 +73,29 @@ Index(
     sqlite_where=followers.c.claimed_at.is_not(None),
 )
 
+#: Followers whose stored message could not be read back (corrupt, tampered with, or of a
+#: content type the app does not accept): moved aside for an operator, never run.
+dead_followers = Table(
+    "causal_dead_followers",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False
+    ),
+    Column("scope", _Id, nullable=False),
+    Column("follower_id", _Id, nullable=False),
+    Column("leader_id", _Id, nullable=False),
+    Column("task_name", _Id, nullable=False),
+    Column("occurred_at", Double, nullable=False),
+    Column("parked_at", Double, nullable=False),
+    Column("died_at", Double, nullable=False),
+    Column("reason", String(2000), nullable=False),
+    Column("content_type", String(128), nullable=False),
+    Column("content_encoding", String(64), nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("hostname", _Id, nullable=False, server_default=""),
+)
+Index("causal_dead_followers_scope_idx", dead_followers.c.scope)
+
 #: Tasks that succeeded ("seen"), shared by every worker; expire after ``causal_seen_ttl``.
 done = Table(
     "causal_done",

@@ -24,6 +24,7 @@ from sqlalchemy import (
     exists,
     func,
     inspect,
+    literal,
     select,
     tuple_,
     update,
@@ -35,7 +36,7 @@ from sqlalchemy.exc import TimeoutError as SATimeoutError
 from .core import release_order
 from .errors import StoreError, StoreUnavailable
 from .settings import mask_url
-from .sql_schema import db_clock, done, followers, metadata
+from .sql_schema import db_clock, dead_followers, done, followers, metadata
 from .store import (
     ClaimedFollower,
     Follower,
@@ -375,6 +376,28 @@ class SQLStore:
             stmt = delete(followers).where(followers.c.id.in_(list(row_ids)))
             self._run(lambda c: c.execute(stmt))
 
+    def bury(self, row_id: int, reason: str) -> None:
+        columns = [c.name for c in dead_followers.c if c.name not in ("died_at", "reason")]
+        source = select(
+            *(followers.c[name] for name in columns),
+            db_clock().label("died_at"),
+            literal(reason[:2000]).label("reason"),
+        ).where(followers.c.id == row_id)
+        copy = (
+            self._insert(dead_followers)
+            .from_select([*columns, "died_at", "reason"], source)
+            .on_conflict_do_nothing(index_elements=["id"])
+        )
+        remove = delete(followers).where(followers.c.id == row_id)
+
+        # Copy, then delete: a crash in between leaves the row claimed, the sweep claims
+        # it again, and the copy's ON CONFLICT makes the second burial a no-op.
+        def run(conn: Any) -> None:
+            conn.execute(copy)
+            conn.execute(remove)
+
+        self._run(run)
+
     def unclaim(self, row_ids: Sequence[int]) -> None:
         if row_ids:
             stmt = (
@@ -425,7 +448,15 @@ class SQLStore:
             .group_by(followers.c.scope)
             .order_by(followers.c.scope)
         )
-        rows = self._run(lambda c: c.execute(stmt).all())
+        dead_stmt = select(dead_followers.c.scope, func.count()).group_by(dead_followers.c.scope)
+
+        def run(conn: Any) -> tuple[list[Any], dict[str, int]]:
+            return conn.execute(stmt).all(), dict(conn.execute(dead_stmt).all())
+
+        rows, dead = self._run(run)
+        for scope in sorted(set(dead) - {r[0] for r in rows}):
+            rows.append((scope, 0, 0, None, 0, 0))
+        rows.sort(key=lambda r: r[0])
         return [
             ScopeStats(
                 scope=r[0],
@@ -434,6 +465,7 @@ class SQLStore:
                 oldest_parked_at=None if r[3] is None else float(r[3]),
                 overdue=int(r[4] or 0),
                 stuck=int(r[5] or 0),
+                dead=dead.get(r[0], 0),
             )
             for r in rows
         ]

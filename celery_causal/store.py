@@ -80,6 +80,8 @@ class ScopeStats:
     overdue: int
     #: Releasing longer than the release timeout: their releaser died; the sweep retries.
     stuck: int = 0
+    #: Moved aside because their stored message could not be read back.
+    dead: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,9 @@ class CausalStore(Protocol):
 
     def finish(self, row_ids: Sequence[int]) -> None:
         """Delete released rows (after their messages were published)."""
+
+    def bury(self, row_id: int, reason: str) -> None:
+        """Move a claimed row whose message cannot be read to the dead followers (idempotent)."""
 
     def unclaim(self, row_ids: Sequence[int]) -> None:
         """Put claimed rows back to waiting (publishing them failed)."""

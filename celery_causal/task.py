@@ -14,8 +14,8 @@ from celery import Celery, Task, bootsteps, signals
 from celery.exceptions import Ignore, Reject, Retry
 
 from .core import Action, Arrival
-from .errors import NotInstalledError, StoreUnavailable
-from .payload import DEPTH, FOLLOWS, PUBLISHED_AT, RELEASED, check_task_id, leader_id
+from .errors import InvalidIdError, NotInstalledError, StoreUnavailable
+from .payload import DEPTH, FOLLOWS, PUBLISHED_AT, RELEASED, check_id, leader_id
 from .runtime import CausalRuntime
 from .settings import CausalSettings
 from .store import CausalStore, ParkOutcome
@@ -103,7 +103,10 @@ class CausalTask(Task):  # type: ignore[misc]
         if follows is not None:
             headers[FOLLOWS] = leader_id(follows)
         if task_id is not None:
-            check_task_id(task_id)
+            check_id(task_id, "task_id")
+        if not isinstance(self.scope, str):
+            raise InvalidIdError(f"scope of {self.name} must be a string, not {self.scope!r}")
+        check_id(self.scope, f"scope of {self.name}")
         # The event's occurrence time: the lookback is measured from the first publish,
         # and retries and re-enqueues keep it (setdefault).
         headers.setdefault(PUBLISHED_AT, time.time())
@@ -196,6 +199,7 @@ class CausalTask(Task):  # type: ignore[misc]
                     request.hostname or "",
                     follows=arrival.leader,
                     scope=scope,
+                    name=self.name,
                 )
                 raise Ignore()
             logger.info(

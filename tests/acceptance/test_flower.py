@@ -31,6 +31,14 @@ def _get(port: int, path: str) -> Any:
         return None
 
 
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=5) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
 @pytest.mark.timeout(300)
 def test_flower_lists_a_parked_task_as_deferred_then_success(
     spawn: Callable[..., Spawned], tmp_path: Path
@@ -44,7 +52,8 @@ def test_flower_lists_a_parked_task_as_deferred_then_success(
     )
     flower.start()
     try:
-        wait_for(lambda: _get(port, "/api/workers?refresh=1"), 60, "Flower's API")
+        wait_for(lambda: _healthy(port), 60, "Flower's health check")
+        wait_for(lambda: _get(port, "/api/workers?refresh=1"), 60, "Flower seeing the worker")
         leader, follower = f"fl-leader-{uuid.uuid4()}", f"fl-follower-{uuid.uuid4()}"
         s.handle.step.apply_async(("flower", "follower"), task_id=follower, follows=leader)
 

@@ -214,3 +214,15 @@ def test_operator_listing_and_single_release(store: CausalStore) -> None:
     age(store, 31)
     assert store.stats(900, release_timeout=30)[1].stuck == 1
     assert store.clock() > 1_600_000_000
+
+
+def test_bury_moves_a_claimed_row_aside_once(store: CausalStore) -> None:
+    store.park(follower("bad", "L", scope="a"), TTL)
+    store.park(follower("good", "L", scope="a"), TTL)
+    store.record_done("a", "L")
+    bad, _ = sorted(store.claim_followers("a", "L", 10), key=lambda f: f.follower_id)
+    store.bury(bad.row_id, "corrupt payload")
+    store.bury(bad.row_id, "corrupt payload")  # a second burial (after a crash) is a no-op
+    (stats,) = store.stats(900)
+    assert (stats.dead, stats.releasing, stats.waiting) == (1, 1, 0)
+    assert [i.follower_id for i in store.list_followers("a", None, 10)] == ["good"]

@@ -88,7 +88,7 @@ def test_leader_id_accepts_ids_and_async_results() -> None:
         (["a", "b"], "one leader per task"),
         ("", "non-empty"),
         ("  ", "non-empty"),
-        ("x" * 256, "limited to 255"),
+        ("x" * 256, "the limit is 255"),
         (object(), "not object"),
     ],
 )

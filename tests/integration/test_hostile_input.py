@@ -1,0 +1,199 @@
+"""Hostile and broken input: bound parameters everywhere, clear errors, nothing lost."""
+
+from __future__ import annotations
+
+import pickle
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from celery import Celery
+from kombu.exceptions import EncodeError
+from sqlalchemy import text, update
+from sqlalchemy.engine import make_url
+
+import celery_causal
+from celery_causal.errors import InvalidIdError, InvalidLeaderError, StoreError
+from celery_causal.memory_store import MemoryStore
+from celery_causal.sql_schema import followers
+from celery_causal.sql_store import SQLStore
+from celery_causal.store import CausalStore
+from celery_causal.task import runtime_for
+from tests.helpers import age, follower, truncate
+
+TTL = 1800.0
+HOSTILE = [
+    "x'); DROP TABLE causal_done; --",
+    "quote \" and ' and ; and -- comment",
+    "\\x00 not a real NUL, a backslash",
+    "é𝄞漢字" * 63,  # 252 characters, multi-byte
+    "%(b_scope)s %s ? :name $1",
+    "line\nbreak\ttab",
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_ids_and_scopes_round_trip_and_leave_tables_intact(
+    store: CausalStore, value: str
+) -> None:
+    store.park(follower(value, value, scope=value), TTL)
+    store.park(follower(value + "2", value, scope=value), TTL)
+    assert [i.follower_id for i in store.list_followers(value, value, 10)] == [value, value + "2"]
+    store.record_done(value, value)
+    assert store.lookup(value, [value], TTL).done == {value}
+    claimed = store.claim_followers(value, value, 1)
+    assert [(f.scope, f.follower_id, f.leader_id) for f in claimed] == [(value, value, value)]
+    store.finish([claimed[0].row_id])
+    age(store, 2000)
+    (lost,) = store.claim_lost(lookback=900, release_timeout=900, limit=10)
+    assert lost.follower_id == value + "2"
+    store.finish([lost.row_id])
+    assert store.stats(900) == []
+    assert store.expire_done(TTL, 10) == 1  # the done table is still there, and intact
+
+
+def _app(store: CausalStore, **conf: Any) -> Celery:
+    app = Celery(f"hostile-{uuid.uuid4().hex[:6]}", broker="memory://", backend="cache+memory://")
+    app.conf.update(**conf)
+    celery_causal.install(app, store=store, beat=False)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("follows", "error", "message"),
+    [
+        (7, InvalidLeaderError, "not int"),
+        ({"id": "x"}, InvalidLeaderError, "not dict"),
+        (object(), InvalidLeaderError, "not object"),
+        (["a", "b"], InvalidLeaderError, "one leader per task"),
+        ("", InvalidLeaderError, "non-empty"),
+        ("x" * 300, InvalidLeaderError, "300 characters long"),
+        ("nul\x00byte", InvalidLeaderError, "NUL"),
+    ],
+)
+def test_bad_follows_is_refused_at_send_time(follows: Any, error: type, message: str) -> None:
+    app = _app(MemoryStore())
+
+    @celery_causal.causal_task(app, shared=False)
+    def t() -> None: ...
+
+    with pytest.raises(error, match=message):
+        t.apply_async(follows=follows)
+
+
+def test_bad_task_id_and_scope_are_refused_at_send_time() -> None:
+    app = _app(MemoryStore())
+
+    @celery_causal.causal_task(app, shared=False)
+    def t() -> None: ...
+
+    @celery_causal.causal_task(app, scope="x" * 256, shared=False)
+    def wide() -> None: ...
+
+    with pytest.raises(InvalidIdError, match="task_id is 256 characters"):
+        t.apply_async(task_id="y" * 256)
+    with pytest.raises(InvalidIdError, match=r"scope of .* the limit is 255"):
+        wide.apply_async()
+
+
+def test_arguments_the_serializer_cannot_carry_are_refused_at_send_time() -> None:
+    app = _app(MemoryStore())
+
+    @celery_causal.causal_task(app, shared=False)
+    def t(x: object) -> None: ...
+
+    with pytest.raises(EncodeError):
+        t.apply_async((object(),), follows="leader")
+
+
+@pytest.fixture
+def pg(pg_url: str) -> Iterator[SQLStore]:
+    store = SQLStore(pg_url)
+    truncate(store)
+    yield store
+    truncate(store)
+    with store.engine.connect() as conn:
+        conn.execute(text("DELETE FROM causal_dead_followers"))
+    store.close()
+
+
+def test_planted_pickle_and_corrupt_rows_are_moved_aside_and_the_rest_released(
+    pg: SQLStore,
+) -> None:
+    # Given three followers of one leader; one row replaced by a pickle, one corrupted
+    app = _app(pg)
+    for name in ("pickled", "corrupt", "fine"):
+        pg.park(follower(name, "L"), TTL)
+    pickled = pickle.dumps({"args": [], "kwargs": {}, "options": {}})
+    with pg.engine.connect() as conn:
+        conn.execute(
+            update(followers)
+            .where(followers.c.follower_id == "pickled")
+            .values(
+                payload=pickled,
+                content_type="application/x-python-serialize",
+                content_encoding="binary",
+            )
+        )
+        conn.execute(
+            update(followers)
+            .where(followers.c.follower_id == "corrupt")
+            .values(payload=b"\xff{tampered")
+        )
+    # When the leader completes
+    released = runtime_for(app).complete("default", "L", 0)
+    # Then the good follower is released, the two bad ones are moved aside, none run
+    assert released == 1
+    (stats,) = pg.stats(900)
+    assert (stats.dead, stats.waiting, stats.releasing) == (2, 0, 0)
+    with pg.engine.connect() as conn:
+        reasons = dict(
+            conn.execute(text("SELECT follower_id, reason FROM causal_dead_followers")).all()
+        )
+    assert "not accepted" in reasons["pickled"] and "corrupt" in reasons["corrupt"]
+
+
+def test_statements_the_database_refuses_raise_store_error_not_unavailable(
+    pg: SQLStore,
+) -> None:
+    with pytest.raises(StoreError) as info:
+        pg.park(replace(follower("f", "L"), follower_id="a\x00b"), TTL)
+    assert type(info.value) is StoreError
+
+
+def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
+    pg_url: str, pg: SQLStore
+) -> None:
+    role = f"causal_worker_{uuid.uuid4().hex[:6]}"
+    grants = [
+        f'CREATE ROLE "{role}" LOGIN',
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON causal_followers, causal_done, "
+        f'causal_dead_followers TO "{role}"',
+        f'GRANT USAGE ON SEQUENCE causal_followers_id_seq TO "{role}"',
+    ]
+    with pg.engine.connect() as conn:
+        for statement in grants:
+            conn.execute(text(statement))
+    worker_url = make_url(pg_url).set(username=role).render_as_string(hide_password=False)
+    store = SQLStore(worker_url, create_schema=False)
+    try:
+        store.park(follower("f1", "L"), TTL)
+        store.park(follower("f2", "M"), TTL)
+        store.record_done("default", "L")
+        assert store.lookup("default", ["L"], TTL).done == {"L"}
+        (claimed,) = store.claim_followers("default", "L", 10)
+        store.finish([claimed.row_id])
+        age(pg, 2000)
+        (lost,) = store.claim_lost(900, 900, 10)
+        store.bury(lost.row_id, "test")
+        assert store.expire_done(TTL, 10) == 1
+        assert store.stats(900)[0].dead == 1
+        assert store.forget("default", "nothing") is False
+    finally:
+        store.close()
+        with pg.engine.connect() as conn:
+            conn.execute(text("DELETE FROM causal_dead_followers"))
+            conn.execute(text(f'DROP OWNED BY "{role}"'))
+            conn.execute(text(f'DROP ROLE "{role}"'))
