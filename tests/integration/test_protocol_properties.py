@@ -1,0 +1,211 @@
+"""Random interleavings of the protocol's steps, checked against a model after every step.
+
+Each rule is one atomic store operation by some worker; splitting "check" from "park" and
+"record done" from "claim" lets Hypothesis interleave them the way concurrent workers do.
+The model predicts every outcome; the invariants are the ones the product promises: no
+follower lost, none released twice, none released before its leader unless its lookback
+expired, and done records never resurrected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from celery_causal.memory_store import MemoryStore
+from celery_causal.sql_store import SQLStore
+from celery_causal.store import CausalStore, ParkOutcome
+from tests.helpers import age, follower, truncate
+
+LEADERS = [f"L{i}" for i in range(3)]
+FOLLOWERS = {f"F{i}": LEADERS[i % 3] for i in range(6)}
+LOOKBACK, TTL, TIMEOUT, STEP = 100.0, 200.0, 50.0, 30.0
+
+
+@dataclass
+class Row:
+    state: str  # "waiting" or "releasing"
+    parked_age: float = 0.0
+    claimed_age: float = 0.0
+
+
+@dataclass
+class Model:
+    rows: dict[str, Row] = field(default_factory=dict)
+    done_age: dict[str, float] = field(default_factory=dict)  # task id -> age of record
+    checked: set[str] = field(default_factory=set)  # read "leader not done", about to park
+    completing: set[str] = field(default_factory=set)  # done recorded, about to claim
+    row_releases: dict[str, int] = field(default_factory=dict)  # rows handed out to run
+    rows_created: dict[str, int] = field(default_factory=dict)
+    released_early: list[str] = field(default_factory=list)
+
+    def leader_done(self, task_id: str) -> bool:
+        return self.done_age.get(task_id, TTL + 1) < TTL
+
+    def grant(self, fid: str, kind: str) -> None:
+        """The follower may run: "direct" (leader seen done), or its row was handed out by
+        a "takeback" (its own park), a "claim" (its leader) or the "sweep" (lookback)."""
+        if kind != "direct":
+            self.row_releases[fid] = self.row_releases.get(fid, 0) + 1
+        if kind != "sweep" and not self.leader_done(FOLLOWERS[fid]):
+            self.released_early.append(fid)
+
+
+class Protocol(RuleBasedStateMachine):
+    store: CausalStore
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = Model()
+
+    @rule(fid=st.sampled_from(sorted(FOLLOWERS)))
+    def deliver(self, fid: str) -> None:
+        """A worker receives the follower (first or duplicate delivery) and checks."""
+        leader = FOLLOWERS[fid]
+        done = self.store.lookup("s", [leader], TTL).done
+        assert (leader in done) == self.model.leader_done(leader)
+        if leader in done:
+            self.model.grant(fid, "direct")
+        else:
+            self.model.checked.add(fid)
+
+    @precondition(lambda self: self.model.checked)
+    @rule(data=st.data())
+    def park(self, data: st.DataObject) -> None:
+        fid = data.draw(st.sampled_from(sorted(self.model.checked)))
+        self.model.checked.discard(fid)
+        outcome = self.store.park(follower(fid, FOLLOWERS[fid], scope="s"), TTL)
+        row = self.model.rows.get(fid)
+        if row is None:
+            row = self.model.rows[fid] = Row("waiting")
+            self.model.rows_created[fid] = self.model.rows_created.get(fid, 0) + 1
+        if self.model.leader_done(FOLLOWERS[fid]) and row.state == "waiting":
+            expected = ParkOutcome.LEADER_DONE
+            del self.model.rows[fid]
+            self.model.grant(fid, "takeback")
+        else:
+            expected = ParkOutcome.PARKED
+        assert outcome is expected
+
+    @rule(leader=st.sampled_from(LEADERS))
+    def record_done(self, leader: str) -> None:
+        self.store.record_done("s", leader)
+        self.model.done_age[leader] = 0.0
+        self.model.completing.add(leader)
+
+    @precondition(lambda self: self.model.completing)
+    @rule(data=st.data())
+    def claim(self, data: st.DataObject) -> None:
+        leader = data.draw(st.sampled_from(sorted(self.model.completing)))
+        self.model.completing.discard(leader)
+        claimed = self.store.claim_followers("s", leader, 100)
+        expected = sorted(
+            f for f, r in self.model.rows.items() if FOLLOWERS[f] == leader and r.state == "waiting"
+        )
+        assert sorted(c.follower_id for c in claimed) == expected
+        for c in claimed:
+            self.model.rows[c.follower_id] = Row("releasing", claimed_age=0.0)
+            self.model.grant(c.follower_id, "claim")
+        if data.draw(st.booleans()):  # published and deleted; else the releaser "died"
+            self.store.finish([c.row_id for c in claimed])
+            for c in claimed:
+                del self.model.rows[c.follower_id]
+
+    @rule()
+    def sweep(self) -> None:
+        lost = self.store.claim_lost(LOOKBACK, TIMEOUT, 100)
+        expected = sorted(
+            f
+            for f, r in self.model.rows.items()
+            if (r.state == "waiting" and r.parked_age > LOOKBACK)
+            or (r.state == "releasing" and r.claimed_age > TIMEOUT)
+        )
+        assert sorted(f.follower_id for f in lost) == expected
+        for f in lost:
+            row = self.model.rows[f.follower_id]
+            # A stuck row was granted when first claimed; its republish is the same release.
+            if row.state == "waiting":
+                self.model.grant(f.follower_id, "sweep")
+            self.model.rows[f.follower_id] = Row("releasing", claimed_age=0.0)
+        self.store.finish([f.row_id for f in lost])
+        for f in lost:
+            del self.model.rows[f.follower_id]
+
+    @rule()
+    def time_passes(self) -> None:
+        age(self.store, STEP)
+        for row in self.model.rows.values():
+            row.parked_age += STEP
+            row.claimed_age += STEP
+        for task_id in self.model.done_age:
+            self.model.done_age[task_id] += STEP
+
+    @rule()
+    def expire(self) -> None:
+        expired = self.store.expire_done(TTL, 100)
+        old = [t for t, a in self.model.done_age.items() if a >= TTL]
+        assert expired == len(old)
+        for task_id in old:
+            del self.model.done_age[task_id]
+
+    @invariant()
+    def nothing_lost_nothing_twice_nothing_early(self) -> None:
+        m = self.model
+        stats = {s.scope: s for s in self.store.stats(LOOKBACK, TIMEOUT)}
+        waiting = sum(1 for r in m.rows.values() if r.state == "waiting")
+        releasing = len(m.rows) - waiting
+        got = stats.get("s")
+        assert (got.waiting if got else 0, got.releasing if got else 0) == (waiting, releasing)
+        for fid, handed_out in m.row_releases.items():  # each parked row released once
+            assert handed_out <= m.rows_created.get(fid, 0), f"{fid} released twice"
+        assert not m.released_early, f"released before their leader: {m.released_early}"
+        for task_id in LEADERS:  # done records never resurrected
+            assert (task_id in self.store.lookup("s", [task_id], TTL).done) == m.leader_done(
+                task_id
+            )
+
+    def teardown(self) -> None:
+        # Every follower still parked is released once its leader is done or it is lost.
+        for leader in LEADERS:
+            self.store.record_done("s", leader)
+            self.store.finish([c.row_id for c in self.store.claim_followers("s", leader, 100)])
+        age(self.store, 10 * LOOKBACK)
+        self.store.finish([c.row_id for c in self.store.claim_lost(LOOKBACK, TIMEOUT, 100)])
+        assert self.store.stats(LOOKBACK, TIMEOUT) == []
+
+
+def test_protocol_on_the_memory_store() -> None:
+    class OnMemory(Protocol):
+        def __init__(self) -> None:
+            super().__init__()
+            self.store = MemoryStore(clock=lambda: 1_700_000_000.0)
+
+    OnMemory.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+    OnMemory.TestCase().runTest()
+
+
+@pytest.mark.timeout(600)
+def test_protocol_on_postgresql(pg_url: str) -> None:
+    shared = SQLStore(pg_url)
+
+    class OnPostgres(Protocol):
+        def __init__(self) -> None:
+            super().__init__()
+            truncate(shared)
+            self.store = shared
+
+    OnPostgres.TestCase.settings = settings(
+        max_examples=40,
+        stateful_step_count=30,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    try:
+        OnPostgres.TestCase().runTest()
+    finally:
+        truncate(shared)
+        shared.close()
