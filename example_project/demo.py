@@ -14,11 +14,11 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any
 
 from celery.contrib.testing.worker import start_worker
 
 from example_project import shop
+from example_project.stream import LEADS, STREAM, send, task_id
 
 # Short enough that the lost follower is swept within the demo (settings are read on
 # first use, so they can still change here).
@@ -33,36 +33,7 @@ RUN = uuid.uuid4().hex[:4]
 
 
 def tid(order_id: int, event: str) -> str:
-    return f"{RUN}-order{order_id}-{event}"
-
-
-# (task, order, event, leader event or None), in the order they are SENT: deliberately
-# scrambled, as several producers and retries would deliver them.
-LEADS = {
-    "payment_captured": "order_created",
-    "order_shipped": "payment_captured",
-    "refund_issued": "payment_captured",
-    "order_created": None,
-}
-TASKS = {
-    "order_created": shop.create_order,
-    "payment_captured": shop.capture_payment,
-    "order_shipped": shop.ship_order,
-    "refund_issued": shop.refund,
-}
-STREAM = [
-    (1, "order_shipped"),
-    (1, "payment_captured"),
-    (2, "refund_issued"),
-    (1, "order_created"),
-    (2, "payment_captured"),
-    (3, "order_created"),
-    (2, "order_created"),
-    (3, "payment_captured"),
-    (3, "order_shipped"),
-    (2, "order_shipped"),
-    (4, "order_shipped"),  # its payment never comes: lost, released by the sweep
-]
+    return task_id(RUN, order_id, event)
 
 
 class _Narrator(logging.Handler):
@@ -112,23 +83,11 @@ def main() -> int:
     started = time.monotonic()
     store = shop.app.conf.causal_store_url
     print(f"celery-causal demo: broker {shop.app.conf.broker_url}, store {store}\n")
-    results: list[Any] = []
     with start_worker(
         shop.app, pool="solo", perform_ping_check=False, loglevel="WARNING", shutdown_timeout=30
     ):
         print("Events arrive out of order:")
-        for order, event in STREAM:
-            leader = LEADS[event]
-            follows = tid(order, leader) if leader else None
-            print(
-                f"  > sent      {event:<17} order {order}"
-                + (f"   (follows {leader})" if leader else ""),
-                flush=True,
-            )
-            results.append(
-                TASKS[event].apply_async((order,), task_id=tid(order, event), follows=follows)
-            )
-            time.sleep(0.05)
+        results = send(RUN, pause=0.05)
         for result in results[:-1]:
             result.get(timeout=30)
         print(

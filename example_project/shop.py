@@ -6,7 +6,8 @@ the environment, so the same code runs embedded (no servers) and on PostgreSQL a
 
 - ``CELERY_BROKER_URL`` (default ``memory://``, in-process) and ``CELERY_RESULT_BACKEND``
 - ``CAUSAL_STORE_URL`` (default: the SQLite file ``celery_causal.sqlite3``)
-- ``CAUSAL_LOOKBACK`` seconds (default 900)
+- ``CAUSAL_LOOKBACK`` seconds (default 900), ``CAUSAL_SWEEP_INTERVAL`` (default 30)
+- ``BROKER_KEY_PREFIX``: a prefix for every broker key (optional)
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ app = Celery(
     backend=os.environ.get("CELERY_RESULT_BACKEND", "cache+memory://"),
 )
 lookback = float(os.environ.get("CAUSAL_LOOKBACK", 900))
+# BROKER_KEY_PREFIX namespaces every broker and result key, so several shops (or test
+# runs) can share one Redis.
+_prefix = os.environ.get("BROKER_KEY_PREFIX")
+_namespaced = {"global_keyprefix": _prefix} if _prefix else {}
 app.conf.update(
     causal_store_url=os.environ.get("CAUSAL_STORE_URL") or None,
     causal_lookback=lookback,
     causal_seen_ttl=max(2 * lookback, 60),
     causal_sweep_interval=float(os.environ.get("CAUSAL_SWEEP_INTERVAL", 30)),
-    broker_transport_options={"polling_interval": 0.05},
+    broker_transport_options={"polling_interval": 0.05, **_namespaced},
+    result_backend_transport_options=_namespaced,
     broker_connection_retry_on_startup=True,
 )
 celery_causal.install(app)
