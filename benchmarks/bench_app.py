@@ -37,3 +37,9 @@ def plain(i: int) -> None:
 @celery_causal.causal_task(app, name="bench.causal", scope="bench")
 def causal(i: int) -> None:
     _redis.incr(COUNTER)
+
+
+@celery_causal.causal_task(app, name="bench.soak_step", scope="soak")
+def soak_step(log: str, label: str) -> None:
+    """Record the order bodies ran in, across processes (the soak test)."""
+    _redis.rpush(PREFIX + log, label)

@@ -440,6 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--soak",
+        type=int,
+        nargs="?",
+        const=100_000,
+        metavar="TASKS",
+        help="run the soak test instead (default 100,000 tasks)",
+    )
     args = parser.parse_args(argv)
     # Per-follower log lines of the in-process sweep (W5) would measure the terminal.
     logging.getLogger("celery_causal").setLevel(logging.ERROR)
@@ -453,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(db_url, run, Path(os.environ.get("TMPDIR", "/tmp")))
         try:
             bench.start_worker()
+            if args.soak:
+                from benchmarks.soak import soak
+
+                report = soak(bench, args.soak)
+                print(report)
+                return 0 if report.lost == report.order_violations == report.rows_left == 0 else 1
             if "W1" in only:
                 results.append(w1(bench, 5000 // scale, repeats))
             if only & {"W2", "W3"}:

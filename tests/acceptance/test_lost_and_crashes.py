@@ -293,3 +293,31 @@ def test_unreachable_database_retries_the_task_through_celery_and_runs_nothing_u
     # When the database is back, work continues in order
     assert follower.get(timeout=60) == "follower"
     assert log.entries() == ["leader", "follower"]
+
+
+@pytest.mark.timeout(300)
+def test_worker_starting_without_its_database_logs_it_and_retries_tasks(
+    acceptance_env: dict[str, str], tmp_path: Path
+) -> None:
+    from tests.acceptance import causal_app
+
+    prefix = f"{acceptance_env['CAUSAL_TEST_PREFIX']}nodb-{uuid.uuid4().hex[:6]}:"
+    url = "postgresql+psycopg://causal:hunter2@127.0.0.1:1/nowhere"
+    env = dict(
+        acceptance_env,
+        CAUSAL_STORE_URL=url,
+        CAUSAL_TEST_PREFIX=prefix,
+        CAUSAL_STORE_RETRY_DELAY="0.5",
+    )
+    worker = WorkerProcess(env, tmp_path / "nodb.log", "nodb")
+    worker.start()
+    try:
+        handle = causal_app.create(prefix, store_url=url)
+        assert handle.ping.delay().get(timeout=60) == "pong"  # the worker runs
+        handle.step.apply_async(("nodb", "x"), follows="someone")
+        wait_for(lambda: worker.log_text().count("retrying in 0.5s") >= 2, 60, "retries")
+        text_ = worker.log_text()
+        assert "causal store not reachable at worker start" in text_
+        assert "hunter2" not in text_ and "causal:***@127.0.0.1:1" in text_
+    finally:
+        worker.stop()
