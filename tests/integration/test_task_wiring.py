@@ -105,3 +105,25 @@ def test_engines_are_not_shared_across_fork(pg_url: str) -> None:
     assert store.lookup("default", ["child"], 60).done == {"child"}
     truncate(store)
     store.close()
+
+
+def test_a_task_that_follows_itself_runs_at_once() -> None:
+    store = MemoryStore()
+    h = Harness(store)
+    h.send("selfish", "selfish")
+    h.run_until(lambda: h.ran == ["selfish"], "the task")
+    assert store.stats(900) == []
+
+
+def test_an_oversized_follower_fails_loudly_at_park_time_and_is_not_lost(pg_url: str) -> None:
+    from celery_causal.errors import PayloadError
+
+    store = SQLStore(pg_url)
+    truncate(store)
+    h = Harness(store, causal_max_payload_bytes=2048)
+    result = h.event.apply_async(("x" * 5000,), task_id=h.id("big"), follows=h.id("L"))
+    with h.worker(), pytest.raises(PayloadError, match="causal_max_payload_bytes"):
+        result.get(timeout=30)
+    assert result.state == "FAILURE"  # visible to the producer, not acked and forgotten
+    assert store.stats(900) == []
+    store.close()
