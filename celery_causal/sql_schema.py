@@ -26,25 +26,33 @@ metadata = MetaData()
 
 _Id = String(MAX_ID_LENGTH)
 
+
+def _message_columns() -> list[Column[object]]:
+    """The columns of a parked message, shared by the follower and dead-follower tables."""
+    return [
+        Column("scope", _Id, nullable=False),
+        Column("follower_id", _Id, nullable=False),
+        Column("leader_id", _Id, nullable=False),
+        Column("task_name", _Id, nullable=False),
+        Column("occurred_at", Double, nullable=False),
+        Column("parked_at", Double, nullable=False),
+        Column("content_type", String(128), nullable=False),
+        Column("content_encoding", String(64), nullable=False),
+        Column("payload", LargeBinary, nullable=False),
+        Column("hostname", _Id, nullable=False, server_default=""),
+    ]
+
+
+_RowId = BigInteger().with_variant(Integer, "sqlite")
+
 #: Parked followers. ``claimed_at IS NULL`` means waiting; set means a releaser claimed the
 #: row and is publishing it (the outbox state); the row is deleted once published.
 followers = Table(
     "causal_followers",
     metadata,
-    Column(
-        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    ),
-    Column("scope", _Id, nullable=False),
-    Column("follower_id", _Id, nullable=False),
-    Column("leader_id", _Id, nullable=False),
-    Column("task_name", _Id, nullable=False),
-    Column("occurred_at", Double, nullable=False),
-    Column("parked_at", Double, nullable=False),
+    Column("id", _RowId, primary_key=True, autoincrement=True),
+    *_message_columns(),
     Column("claimed_at", Double, nullable=True),
-    Column("content_type", String(128), nullable=False),
-    Column("content_encoding", String(64), nullable=False),
-    Column("payload", LargeBinary, nullable=False),
-    Column("hostname", _Id, nullable=False, server_default=""),
     # Parking is idempotent: a redelivered follower hits this key (ON CONFLICT DO NOTHING).
     UniqueConstraint("scope", "follower_id", name="causal_followers_scope_follower_key"),
 )
@@ -78,21 +86,10 @@ Index(
 dead_followers = Table(
     "causal_dead_followers",
     metadata,
-    Column(
-        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False
-    ),
-    Column("scope", _Id, nullable=False),
-    Column("follower_id", _Id, nullable=False),
-    Column("leader_id", _Id, nullable=False),
-    Column("task_name", _Id, nullable=False),
-    Column("occurred_at", Double, nullable=False),
-    Column("parked_at", Double, nullable=False),
+    Column("id", _RowId, primary_key=True, autoincrement=False),  # the follower row's id
+    *_message_columns(),
     Column("died_at", Double, nullable=False),
     Column("reason", String(2000), nullable=False),
-    Column("content_type", String(128), nullable=False),
-    Column("content_encoding", String(64), nullable=False),
-    Column("payload", LargeBinary, nullable=False),
-    Column("hostname", _Id, nullable=False, server_default=""),
 )
 Index("causal_dead_followers_scope_idx", dead_followers.c.scope)
 

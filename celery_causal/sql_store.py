@@ -7,8 +7,8 @@ those statements close the park/release race.
 
 from __future__ import annotations
 
-import os
-import threading
+import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -18,9 +18,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
-    create_engine,
     delete,
-    event,
     exists,
     func,
     inspect,
@@ -30,12 +28,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from .core import release_order
-from .errors import StoreError, StoreUnavailable
+from .errors import StoreError
 from .settings import mask_url
+from .sql_engine import Database
 from .sql_schema import db_clock, dead_followers, done, followers, metadata
 from .store import (
     ClaimedFollower,
@@ -158,29 +155,17 @@ _CLAIM_LOST = _claim_statement(
 )
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets prefork children read while one writes; busy_timeout makes writers queue
-    # instead of failing with "database is locked".
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-
-
 class SQLStore:
     """:class:`~celery_causal.store.CausalStore` on SQLAlchemy Core."""
 
     def __init__(self, url: str, *, create_schema: bool = True) -> None:
         self.url = url
-        self._auto_schema = create_schema
-        self._engine: Engine | None = None
-        self._pid = 0
-        self._lock = threading.Lock()
+        # With create_schema, each process creates missing tables when it first connects.
+        self._db = Database(url, on_new_engine=self._create_quietly if create_schema else None)
         self._insert: Callable[..., Any] = (
             sqlite.insert if url.startswith("sqlite") else postgresql.insert
         )
-        self.is_postgresql = url.startswith("postgresql")
+        self.is_postgresql = self._db.is_postgresql
         self._park_insert = (
             self._insert(followers)
             .values(
@@ -209,72 +194,12 @@ class SQLStore:
     def __repr__(self) -> str:
         return f"SQLStore({mask_url(self.url)!r})"
 
-    # -- connections -------------------------------------------------------------------
-
     @property
     def engine(self) -> Engine:
-        # Engines never cross a fork: Celery's prefork children inherit the parent's
-        # memory, and a pooled connection used by two processes corrupts both sessions.
-        # A child sees a different pid and builds its own engine; the inherited one is
-        # dropped without closing the parent's sockets.
-        pid = os.getpid()
-        if self._engine is None or self._pid != pid:
-            with self._lock:
-                if self._engine is None or self._pid != pid:
-                    if self._engine is not None:
-                        self._engine.dispose(close=False)
-                    self._engine = self._make_engine()
-                    self._pid = pid
-                    if self._auto_schema:
-                        self.create_schema()
-        return self._engine
-
-    def _make_engine(self) -> Engine:
-        if self.url.startswith("sqlite"):
-            engine = create_engine(
-                self.url,
-                isolation_level="AUTOCOMMIT",
-                connect_args={"timeout": 30},
-                pool_reset_on_return=None,
-            )
-            event.listen(engine, "connect", _sqlite_pragmas)
-            return engine
-        # Every statement runs in autocommit, so a returned connection has no transaction
-        # to roll back: skipping the reset saves a round of pool work on every call.
-        return create_engine(
-            self.url,
-            isolation_level="AUTOCOMMIT",
-            pool_size=5,
-            max_overflow=10,
-            pool_reset_on_return=None,
-        )
+        return self._db.engine
 
     def _run(self, operation: Callable[[Any], T]) -> T:
-        """Run ``operation(connection)``; one immediate retry after a dropped connection.
-
-        Every operation is safe to repeat (inserts are ON CONFLICT, claims move rows out
-        of ``waiting`` once), so a retry after a connection was cut mid-statement cannot
-        duplicate or lose anything. A database that cannot be reached raises
-        :class:`StoreUnavailable` (the task retries); one that refuses the statement raises
-        :class:`StoreError` (the task fails: retrying would not help).
-        """
-        for attempt in (1, 2):
-            try:
-                with self.engine.connect() as conn:
-                    return operation(conn)
-            except DBAPIError as exc:
-                if exc.connection_invalidated and attempt == 1:
-                    continue
-                reason = f"{type(exc.orig).__name__}: {' '.join(str(exc.orig).split())}"
-                message = f"causal store {mask_url(self.url)} failed: {reason}"
-                if exc.connection_invalidated or isinstance(
-                    exc, (OperationalError, InterfaceError)
-                ):
-                    raise StoreUnavailable(message) from exc
-                raise StoreError(message) from exc
-            except SATimeoutError as exc:  # no pooled connection came free in time
-                raise StoreUnavailable(f"causal store {mask_url(self.url)}: {exc}") from exc
-        raise AssertionError("unreachable")
+        return self._db.run(operation)
 
     def create_schema(self) -> list[str]:
         def create(conn: Any) -> list[str]:
@@ -288,18 +213,16 @@ class SQLStore:
                 if self.is_postgresql:
                     conn.execute(select(func.pg_advisory_unlock(_SCHEMA_LOCK_KEY)))
 
-        if self._engine is None:
-            self._auto_schema = False  # build the engine without recursing into here
-            try:
-                _ = self.engine
-            finally:
-                self._auto_schema = True
         return self._run(create)
 
+    def _create_quietly(self) -> None:
+        # Called as a new engine appears; an unreachable database is reported by the
+        # operation that follows, with the error mapping of run().
+        with contextlib.suppress(StoreError):
+            self.create_schema()
+
     def close(self) -> None:
-        if self._engine is not None and self._pid == os.getpid():
-            self._engine.dispose()
-        self._engine = None
+        self._db.close()
 
     # -- operations --------------------------------------------------------------------
     # The statements a task runs on every call are built once, with bound parameters, so a
@@ -473,15 +396,7 @@ class SQLStore:
     def list_followers(
         self, scope: str | None, leader_id: str | None, limit: int
     ) -> list[FollowerInfo]:
-        stmt = select(
-            followers.c.scope,
-            followers.c.follower_id,
-            followers.c.leader_id,
-            followers.c.task_name,
-            followers.c.occurred_at,
-            followers.c.parked_at,
-            followers.c.claimed_at,
-        )
+        stmt = select(*(followers.c[f.name] for f in dataclasses.fields(FollowerInfo)))
         if scope is not None:
             stmt = stmt.where(followers.c.scope == scope)
         if leader_id is not None:

@@ -54,7 +54,7 @@ def age(store: CausalStore, seconds: float) -> None:
 
 def truncate(store: SQLStore) -> None:
     with store.engine.connect() as conn:
-        for table in ("causal_followers", "causal_done"):
+        for table in ("causal_followers", "causal_done", "causal_dead_followers"):
             conn.execute(text(f"DELETE FROM {table}"))
 
 

@@ -28,14 +28,3 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CausalStor
     finally:
         truncate(sql)
         sql.close()
-
-
-@pytest.fixture
-def pg_store(pg_url: str) -> Iterator[SQLStore]:
-    sql = SQLStore(pg_url)
-    truncate(sql)
-    try:
-        yield sql
-    finally:
-        truncate(sql)
-        sql.close()

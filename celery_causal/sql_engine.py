@@ -1,0 +1,118 @@
+"""Connections of the SQL store: one engine per process, autocommit, errors mapped.
+
+Kept apart from the statements (``sql_store.py``): this module knows how to reach the
+database and what its failures mean, not what is asked of it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
+
+from .errors import StoreError, StoreUnavailable
+from .settings import mask_url
+
+T = TypeVar("T")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets prefork children read while one writes; busy_timeout makes writers queue
+    # instead of failing with "database is locked".
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class Database:
+    """A URL's engine, rebuilt in each process, and :meth:`run` with its error mapping."""
+
+    def __init__(self, url: str, on_new_engine: Callable[[], object] | None = None) -> None:
+        self.url = url
+        self.is_postgresql = url.startswith("postgresql")
+        self.is_sqlite = url.startswith("sqlite")
+        self._on_new_engine = on_new_engine
+        self._engine: Engine | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        # Engines never cross a fork: Celery's prefork children inherit the parent's
+        # memory, and a pooled connection used by two processes corrupts both sessions.
+        # A child sees a different pid and builds its own engine; the inherited one is
+        # dropped without closing the parent's sockets.
+        pid = os.getpid()
+        if self._engine is None or self._pid != pid:
+            with self._lock:
+                if self._engine is None or self._pid != pid:
+                    if self._engine is not None:
+                        self._engine.dispose(close=False)
+                    self._engine = self._make_engine()
+                    self._pid = pid
+                    if self._on_new_engine is not None:
+                        self._on_new_engine()
+        return self._engine
+
+    def _make_engine(self) -> Engine:
+        # Every statement runs in autocommit, so a returned connection has no transaction
+        # to roll back: skipping the reset saves a round of pool work on every call.
+        if self.is_sqlite:
+            engine = create_engine(
+                self.url,
+                isolation_level="AUTOCOMMIT",
+                connect_args={"timeout": 30},
+                pool_reset_on_return=None,
+            )
+            event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
+        return create_engine(
+            self.url,
+            isolation_level="AUTOCOMMIT",
+            pool_size=5,
+            max_overflow=10,
+            pool_reset_on_return=None,
+        )
+
+    def run(self, operation: Callable[[Any], T]) -> T:
+        """Run ``operation(connection)``; one immediate retry after a dropped connection.
+
+        Every store operation is safe to repeat (inserts are ON CONFLICT, claims move rows
+        out of ``waiting`` once), so a retry after a connection was cut mid-statement cannot
+        duplicate or lose anything. A database that cannot be reached raises
+        :class:`StoreUnavailable` (the task retries); one that refuses the statement raises
+        :class:`StoreError` (the task fails: retrying would not help).
+        """
+        for attempt in (1, 2):
+            try:
+                with self.engine.connect() as conn:
+                    return operation(conn)
+            except DBAPIError as exc:
+                if exc.connection_invalidated and attempt == 1:
+                    continue
+                reason = f"{type(exc.orig).__name__}: {' '.join(str(exc.orig).split())}"
+                message = f"causal store {mask_url(self.url)} failed: {reason}"
+                if exc.connection_invalidated or isinstance(
+                    exc, (OperationalError, InterfaceError)
+                ):
+                    raise StoreUnavailable(message) from exc
+                raise StoreError(message) from exc
+            except SATimeoutError as exc:  # no pooled connection came free in time
+                raise StoreUnavailable(f"causal store {mask_url(self.url)}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def has_engine(self) -> bool:
+        return self._engine is not None and self._pid == os.getpid()
+
+    def close(self) -> None:
+        if self.has_engine():
+            assert self._engine is not None
+            self._engine.dispose()
+        self._engine = None
