@@ -160,6 +160,7 @@ class SQLStore:
 
     def __init__(self, url: str, *, create_schema: bool = True) -> None:
         self.url = url
+        self._creating = False
         # With create_schema, each process creates missing tables when it first connects.
         self._db = Database(url, on_new_engine=self._create_quietly if create_schema else None)
         self._insert: Callable[..., Any] = (
@@ -213,13 +214,18 @@ class SQLStore:
                 if self.is_postgresql:
                     conn.execute(select(func.pg_advisory_unlock(_SCHEMA_LOCK_KEY)))
 
-        return self._run(create)
+        self._creating = True  # the engine this may build must not create it first
+        try:
+            return self._run(create)
+        finally:
+            self._creating = False
 
     def _create_quietly(self) -> None:
         # Called as a new engine appears; an unreachable database is reported by the
         # operation that follows, with the error mapping of run().
-        with contextlib.suppress(StoreError):
-            self.create_schema()
+        if not self._creating:
+            with contextlib.suppress(StoreError):
+                self.create_schema()
 
     def close(self) -> None:
         self._db.close()
