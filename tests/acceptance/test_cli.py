@@ -119,3 +119,36 @@ def test_bad_store_url_is_a_one_line_error_with_the_password_masked(
     assert "hunter2" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sweep_of_many_shows_progress_and_status_counts_dead_rows(
+    spawn: Callable[..., Spawned],
+) -> None:
+    from tests.helpers import age, follower
+
+    s = spawn(CAUSAL_BATCH_SIZE="100")
+    for i in range(250):
+        s.store.park(follower(f"many-{i}", "gone", scope="bulk"), 1800)
+    s.store.park(follower("broken", "gone", scope="bulk"), 1800)
+    with s.store.engine.connect() as conn:
+        from sqlalchemy import update
+
+        from celery_causal.sql_schema import followers
+
+        conn.execute(
+            update(followers)
+            .where(followers.c.follower_id == "broken")
+            .values(payload=b"\xff not json")
+        )
+    age(s.store, 10_000)
+    swept = causal_cli(s.env, "sweep")
+    assert swept.returncode == 0, swept.stderr
+    assert "releasing lost followers" in swept.stdout  # the progress bar's label
+    assert "released 250 lost follower(s)" in swept.stdout
+    assert "refused 1 unreadable" in swept.stdout
+    (scope,) = json.loads(causal_cli(s.env, "status", "--json").stdout)["scopes"]
+    assert (scope["scope"], scope["waiting"], scope["dead"]) == ("bulk", 0, 1)
+    assert (
+        'celery_causal_dead_followers{scope="bulk"} 1'
+        in causal_cli(s.env, "status", "--prometheus").stdout
+    )
