@@ -7,11 +7,9 @@ if it arrives first it is parked in the store and re-enqueued when the leader su
 from .errors import (
     CausalError,
     ConfigurationError,
-    EventArrivedEarly,
     InvalidIdError,
     InvalidLeaderError,
     LeaderFailed,
-    MaxDepthExceeded,
     NotInstalledError,
     PayloadError,
     StoreError,
@@ -31,11 +29,9 @@ __all__ = [
     # errors
     "CausalError",
     "ConfigurationError",
-    "EventArrivedEarly",
     "InvalidIdError",
     "InvalidLeaderError",
     "LeaderFailed",
-    "MaxDepthExceeded",
     "NotInstalledError",
     "PayloadError",
     "StoreError",

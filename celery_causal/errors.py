@@ -41,13 +41,5 @@ class StoreUnavailable(StoreError):
     """The causal store (database) cannot be reached."""
 
 
-class EventArrivedEarly(CausalError):
-    """The follower arrived before its leader succeeded; it was parked."""
-
-
-class MaxDepthExceeded(CausalError):
-    """Releasing the followers would exceed causal_max_depth release generations."""
-
-
 class LeaderFailed(CausalError):
     """The leader this task follows failed for good (causal_on_leader_failure = "fail")."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,6 @@ def publish(
     reason: str,
     depth: int,
     accept: Collection[str],
-    on_published: Callable[[ClaimedFollower], None] | None = None,
 ) -> ReleaseReport:
     """Publish ``claimed`` followers (already in release order), then delete their rows.
 
@@ -94,8 +93,6 @@ def publish(
                     follower.scope,
                     reason,
                 )
-                if on_published is not None:
-                    on_published(follower)
     finally:
         # Published rows are deleted even if a later publish failed; unpublished ones stay
         # claimed and the sweep retries them after causal_release_timeout.

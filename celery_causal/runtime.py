@@ -223,7 +223,6 @@ class CausalRuntime:
         *,
         reason: str,
         depth: int,
-        on_published: Callable[[ClaimedFollower], None] | None = None,
     ) -> ReleaseReport:
         return publish(
             self.app,
@@ -232,7 +231,6 @@ class CausalRuntime:
             reason=reason,
             depth=depth,
             accept=self.accept,
-            on_published=on_published,
         )
 
     # -- the sweep ---------------------------------------------------------------------
