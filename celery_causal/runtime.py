@@ -136,6 +136,15 @@ class CausalRuntime:
         # Order matters: the done record must be committed before the claim (see store.py).
         self.store.record_done(scope, task_id)
         self._remember(scope, (task_id,))
+        return self.release_after_done(scope, task_id, depth)
+
+    def release_after_done(self, scope: str, task_id: str, depth: int) -> int:
+        """Release the followers of ``task_id``, whose done record is stored.
+
+        Also called when a finished task is delivered again: its process may have died
+        between the done record and the claim, and the redelivery is then the only thing
+        left that releases those followers before the lookback.
+        """
         if not may_release(depth, self.settings.max_depth):
             waiting = self.store.count_followers(scope, task_id)
             if waiting:

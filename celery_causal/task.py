@@ -130,7 +130,7 @@ class CausalTask(Task):  # type: ignore[misc]
         arrival, depth = arrival_from(request)
         scope = self.scope
         try:
-            self._wait_for_leader(runtime, scope, arrival, request)
+            self._wait_for_leader(runtime, scope, arrival, depth, request)
         except StoreUnavailable as exc:
             logger.error(
                 "causal check of task %s (follows %s, scope %r) failed, retrying in %gs: %s",
@@ -166,7 +166,7 @@ class CausalTask(Task):  # type: ignore[misc]
         return retval
 
     def _wait_for_leader(
-        self, runtime: CausalRuntime, scope: str, arrival: Arrival, request: Any
+        self, runtime: CausalRuntime, scope: str, arrival: Arrival, depth: int, request: Any
     ) -> None:
         """Return if the body may run now; raise ``Ignore`` if it must not."""
         verdict, now = runtime.check(scope, arrival)
@@ -177,6 +177,10 @@ class CausalTask(Task):  # type: ignore[misc]
                 arrival.follows,
                 scope,
             )
+            # A redelivered task whose earlier run died after its done record was stored
+            # and before its followers were claimed: release what it left waiting. A store
+            # outage here retries the message, which comes back to this same step.
+            runtime.release_after_done(scope, arrival.task_id, depth)
             raise Ignore()
         if verdict.action is Action.PARK:
             # The DEFERRED state is stored before the row exists: once parked, the leader

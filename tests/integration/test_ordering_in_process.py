@@ -161,6 +161,23 @@ def test_duplicates_do_not_run_twice(causal_store: CausalStore) -> None:
     assert sorted(h.ran) == ["L", "f", "marker", "marker2"]
 
 
+def test_leader_redelivered_after_a_crash_past_its_done_record_releases_followers(
+    causal_store: CausalStore,
+) -> None:
+    # Given a parked follower and a leader whose process died right after storing its done
+    # record, before claiming its followers (the done record exists, the follower waits)
+    h = Harness(causal_store)
+    h.send("f", "L")
+    h.run_until(lambda: causal_store.count_followers("events", h.id("L")) == 1, "park")
+    causal_store.record_done("events", h.id("L"))
+    # When the leader's message comes back (acks_late redelivery) and is skipped as done
+    h.send("L")
+    h.run_until(lambda: "f" in h.ran, "the follower")
+    # Then its body does not run again, and the follower it left behind is released
+    assert h.ran == ["f"]
+    assert causal_store.count_followers("events", h.id("L")) == 0
+
+
 def test_depth_guard_leaves_deep_followers_for_the_sweep(causal_store: CausalStore) -> None:
     # Given a chain e0 <- e1 <- ... <- e5 sent backwards, with at most 3 release generations
     h = Harness(causal_store, causal_max_depth=3, causal_lookback=60, causal_seen_ttl=120)
