@@ -9,20 +9,16 @@ between claim and delete leaves the rows claimed; the sweep republishes them aft
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import PayloadError
+from .faults import CRASH_AFTER_CLAIM, crash_point
 from .payload import DEPTH, RELEASED, unpack
 from .store import CausalStore, ClaimedFollower
 
 logger = logging.getLogger("celery_causal")
-
-#: Fault injection for crash tests: when this environment variable names a release reason
-#: ("leader" or "sweep"), the process kills itself after claiming and before publishing.
-CRASH_AFTER_CLAIM = "CELERY_CAUSAL_CRASH_AFTER_CLAIM"
 
 
 @dataclass
@@ -48,9 +44,7 @@ def publish(
     report = ReleaseReport()
     if not claimed:
         return report
-    if os.environ.get(CRASH_AFTER_CLAIM) == reason:
-        logger.critical("%s=%s: killing this process after claim", CRASH_AFTER_CLAIM, reason)
-        os._exit(137)
+    crash_point(CRASH_AFTER_CLAIM, reason)
     done_ids: list[int] = []
     try:
         with app.producer_or_acquire() as producer:

@@ -16,6 +16,7 @@ from cachetools import TTLCache
 
 from .core import Arrival, Verdict, decide, may_release
 from .errors import LeaderFailed
+from .faults import CRASH_AFTER_DONE, crash_point
 from .payload import execution_options, pack
 from .release import ReleaseReport, publish
 from .settings import CausalSettings
@@ -135,6 +136,7 @@ class CausalRuntime:
         """Record ``task_id`` done, then release its followers; return how many."""
         # Order matters: the done record must be committed before the claim (see store.py).
         self.store.record_done(scope, task_id)
+        crash_point(CRASH_AFTER_DONE, "1")
         self._remember(scope, (task_id,))
         return self.release_after_done(scope, task_id, depth)
 

@@ -117,7 +117,7 @@ def test_worker_killed_between_claim_and_publish_loses_no_follower(
         s.handle.step.apply_async((log.name, f"f{i}"), follows=leader)
     wait_for(lambda: s.store.count_followers("acc", leader) == 5, 60, "five parked")
     s.handle.step.apply_async((log.name, "leader"), task_id=leader)
-    wait_for(lambda: "killing this process after claim" in s.worker.log_text(), 60, "crash")
+    wait_for(lambda: "CRASH_AFTER_CLAIM=leader: killing" in s.worker.log_text(), 60, "crash")
     assert log.entries() == ["leader"]
     assert sum(x.releasing for x in s.store.stats(600)) == 5  # claimed, never published
     # When the worker is killed and restarted without the fault, and one sweep runs
@@ -135,6 +135,25 @@ def test_worker_killed_between_claim_and_publish_loses_no_follower(
         assert Counter(ran[1:]) == Counter(f"f{i}" for i in range(5))
     finally:
         s.worker.stop()
+
+
+@pytest.mark.timeout(300)
+def test_worker_killed_between_done_record_and_claim_loses_no_follower(
+    spawn: Callable[..., Spawned],
+) -> None:
+    # Given acks_late workers whose processes die after every done record, before the claim
+    s = spawn(CAUSAL_TEST_ACKS_LATE="1", CELERY_CAUSAL_CRASH_AFTER_DONE="1")
+    log = s.log("after-done")
+    # When a chain of 4 arrives fully reversed
+    send_reversed_chains(s, log, chains=1, depth=4)
+    # Then each redelivered task is skipped as done and releases what it left waiting, so
+    # the chain runs in order, each body once, long before the lookback
+    assert log.wait_len(4, timeout=120) == [f"c0:{i}" for i in range(4)]
+    wait_for(lambda: s.worker.log_text().count("CRASH_AFTER_DONE=1: killing") == 4, 60, "4 kills")
+    wait_for(lambda: s.store.stats(900) == [], 60, "an empty follower table")
+    time.sleep(0.5)  # a wrong second run of a body would show now
+    assert log.entries() == [f"c0:{i}" for i in range(4)]
+    s.worker.stop()
 
 
 @pytest.mark.timeout(600)
