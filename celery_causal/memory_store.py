@@ -62,19 +62,25 @@ class MemoryStore:
         key = (follower.scope, follower.follower_id)
         with self._lock:
             now = self.clock()
-            row = self._rows.get(key)
-            if row is None:
-                row = self._rows[key] = _Row(self._next_id, follower, parked_at=now)
-                self._next_id += 1
-            leader_done = self._is_done(follower.scope, follower.leader_id, now, seen_ttl)
-            if not leader_done or row.claimed_at is not None:
+            if key in self._rows:
+                # An earlier delivery's row: whoever releases it (the leader whose record
+                # found it, or the sweep) publishes it; this copy does not run.
                 return ParkOutcome.PARKED
-            del self._rows[key]
-            return ParkOutcome.LEADER_DONE
+            if self._is_done(follower.scope, follower.leader_id, now, seen_ttl):
+                return ParkOutcome.LEADER_DONE
+            self._rows[key] = _Row(self._next_id, follower, parked_at=now)
+            self._next_id += 1
+            return ParkOutcome.PARKED
 
-    def record_done(self, scope: str, task_id: str) -> None:
+    def record_done(self, scope: str, task_id: str) -> bool:
         with self._lock:
             self._done[(scope, task_id)] = self.clock()
+            return any(
+                r.claimed_at is None
+                and r.follower.scope == scope
+                and r.follower.leader_id == task_id
+                for r in self._rows.values()
+            )
 
     def _claim(self, rows: list[_Row], now: float, limit: int) -> list[ClaimedFollower]:
         ordered = release_order(r.claimed() for r in rows)[:limit]

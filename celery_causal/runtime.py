@@ -135,9 +135,11 @@ class CausalRuntime:
     def complete(self, scope: str, task_id: str, depth: int) -> int:
         """Record ``task_id`` done, then release its followers; return how many."""
         # Order matters: the done record must be committed before the claim (see store.py).
-        self.store.record_done(scope, task_id)
+        waited = self.store.record_done(scope, task_id)
         crash_point(CRASH_AFTER_DONE, "1")
         self._remember(scope, (task_id,))
+        if not waited:
+            return 0  # no follower parked before the record; later ones see it and run
         return self.release_after_done(scope, task_id, depth)
 
     def release_after_done(self, scope: str, task_id: str, depth: int) -> int:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
-from .errors import StoreError, StoreUnavailable
+from .errors import CausalError, StoreError, StoreUnavailable
 from .settings import mask_url
 
 T = TypeVar("T")
@@ -29,6 +30,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A statement compiled once for the engine's dialect, run on the bare DBAPI cursor."""
+
+    sql: str
+    #: Values of binds the statement carries itself (literals), merged under the caller's.
+    defaults: Mapping[str, Any]
+    #: Parameter names in order, for positional dialects (SQLite); None for named ones.
+    positions: tuple[str, ...] | None
+
+    def bind(self, params: Mapping[str, Any]) -> Any:
+        merged = {**self.defaults, **params}
+        if self.positions is None:
+            return merged
+        return tuple(merged[name] for name in self.positions)
 
 
 class Database:
@@ -97,16 +115,60 @@ class Database:
             except DBAPIError as exc:
                 if exc.connection_invalidated and attempt == 1:
                     continue
-                reason = f"{type(exc.orig).__name__}: {' '.join(str(exc.orig).split())}"
-                message = f"causal store {mask_url(self.url)} failed: {reason}"
-                if exc.connection_invalidated or isinstance(
+                unavailable = exc.connection_invalidated or isinstance(
                     exc, (OperationalError, InterfaceError)
-                ):
-                    raise StoreUnavailable(message) from exc
-                raise StoreError(message) from exc
+                )
+                raise self._mapped(exc, exc.orig, unavailable=unavailable) from exc
             except SATimeoutError as exc:  # no pooled connection came free in time
                 raise StoreUnavailable(f"causal store {mask_url(self.url)}: {exc}") from exc
         raise AssertionError("unreachable")
+
+    def compile(self, statement: Any) -> Compiled:
+        dialect = self.engine.dialect
+        compiled = statement.compile(dialect=dialect)
+        positions = tuple(compiled.positiontup) if dialect.positional else None
+        return Compiled(str(compiled), dict(compiled.params), positions)
+
+    def fetch(self, compiled: Compiled, params: Mapping[str, Any]) -> list[Any]:
+        """Run one prebuilt statement on a pooled connection's bare DBAPI cursor.
+
+        The hot path of every causal task (the check, the park, the done record, the
+        claim): it skips SQLAlchemy's per-execution work, which costs more CPU than the
+        round trip itself. Errors, retry and invalidation follow :meth:`run`.
+        """
+        dbapi: Any = self.engine.dialect.dbapi
+        for attempt in (1, 2):
+            try:
+                raw = self.engine.raw_connection()
+            except DBAPIError as exc:
+                raise self._mapped(exc, exc.orig, unavailable=True) from exc
+            except SATimeoutError as exc:
+                raise StoreUnavailable(f"causal store {mask_url(self.url)}: {exc}") from exc
+            try:
+                cursor = raw.cursor()
+                try:
+                    cursor.execute(compiled.sql, compiled.bind(params))
+                    return list(cursor.fetchall()) if cursor.description else []
+                finally:
+                    cursor.close()
+            except dbapi.Error as exc:
+                disconnected = self.engine.dialect.is_disconnect(exc, raw.dbapi_connection, None)
+                if disconnected:
+                    raw.invalidate(exc)
+                    if attempt == 1:
+                        continue
+                unavailable = disconnected or isinstance(
+                    exc, (dbapi.OperationalError, dbapi.InterfaceError)
+                )
+                raise self._mapped(exc, exc, unavailable=unavailable) from exc
+            finally:
+                raw.close()
+        raise AssertionError("unreachable")
+
+    def _mapped(self, exc: Exception, orig: Any, *, unavailable: bool) -> CausalError:
+        reason = f"{type(orig).__name__}: {' '.join(str(orig).split())}"
+        message = f"causal store {mask_url(self.url)} failed: {reason}"
+        return StoreUnavailable(message) if unavailable else StoreError(message)
 
     def has_engine(self) -> bool:
         return self._engine is not None and self._pid == os.getpid()

@@ -93,16 +93,28 @@ dead_followers = Table(
 )
 Index("causal_dead_followers_scope_idx", dead_followers.c.scope)
 
-#: Tasks that succeeded ("seen"), shared by every worker; expire after ``causal_seen_ttl``.
+#: One row per task that succeeded ("seen"; ``done_at``) or that a follower waits for
+#: (``waited_at``, the last park). Shared by every worker; expires after ``causal_seen_ttl``.
+#: The row is where a leader and its followers meet: both write it with INSERT ... ON
+#: CONFLICT, which the database serialises per key (see ``SQLStore.park``).
 done = Table(
     "causal_done",
     metadata,
     Column("scope", _Id, nullable=False),
     Column("task_id", _Id, nullable=False),
-    Column("done_at", Double, nullable=False),
+    #: NULL: not done (yet); a follower marked the row while waiting for it.
+    Column("done_at", Double, nullable=True),
+    #: NULL: no follower ever parked for it, so its completion has nothing to release.
+    Column("waited_at", Double, nullable=True),
     PrimaryKeyConstraint("scope", "task_id", name="causal_done_pkey"),
 )
 Index("causal_done_done_at_idx", done.c.done_at)
+Index(
+    "causal_done_waiting_idx",
+    done.c.waited_at,
+    postgresql_where=done.c.done_at.is_(None),
+    sqlite_where=done.c.done_at.is_(None),
+)
 
 
 class db_clock(FunctionElement[float]):

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Double,
     Engine,
+    LargeBinary,
     and_,
     bindparam,
     case,
@@ -23,6 +24,8 @@ from sqlalchemy import (
     func,
     inspect,
     literal,
+    null,
+    or_,
     select,
     tuple_,
     update,
@@ -32,7 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from .core import release_order
 from .errors import StoreError
 from .settings import mask_url
-from .sql_engine import Database
+from .sql_engine import Compiled, Database
 from .sql_schema import db_clock, dead_followers, done, followers, metadata
 from .store import (
     ClaimedFollower,
@@ -63,19 +66,32 @@ _FOLLOWER_COLUMNS = (
 _SCHEMA_LOCK_KEY = 0x636175736C
 
 
-def _claimed(row: Any) -> ClaimedFollower:
+def _claimed(
+    row_id: int,
+    scope: str,
+    follower_id: str,
+    leader_id: str,
+    task_name: str,
+    occurred_at: float,
+    parked_at: float,
+    content_type: str,
+    content_encoding: str,
+    payload: bytes,
+    hostname: str,
+) -> ClaimedFollower:
+    # Positional, in the order of _FOLLOWER_COLUMNS: rows come from the bare cursor.
     return ClaimedFollower(
-        scope=row.scope,
-        follower_id=row.follower_id,
-        leader_id=row.leader_id,
-        task_name=row.task_name,
-        occurred_at=row.occurred_at,
-        payload=bytes(row.payload),
-        content_type=row.content_type,
-        content_encoding=row.content_encoding,
-        hostname=row.hostname,
-        row_id=row.id,
-        parked_at=row.parked_at,
+        scope=scope,
+        follower_id=follower_id,
+        leader_id=leader_id,
+        task_name=task_name,
+        occurred_at=occurred_at,
+        payload=bytes(payload),
+        content_type=content_type,
+        content_encoding=content_encoding,
+        hostname=hostname,
+        row_id=row_id,
+        parked_at=parked_at,
     )
 
 
@@ -106,6 +122,12 @@ _TAKE_BACK = (
         exists().where(_done_within("b_leader")),
     )
     .returning(followers.c.id)
+)
+
+
+_HAS_ROW = select(literal(1)).where(
+    followers.c.scope == bindparam("b_scope"),
+    followers.c.follower_id == bindparam("b_follower"),
 )
 
 
@@ -161,6 +183,8 @@ class SQLStore:
     def __init__(self, url: str, *, create_schema: bool = True) -> None:
         self.url = url
         self._creating = False
+        #: Statements compiled for this URL's dialect, by id of the prebuilt statement.
+        self._compiled: dict[int, Compiled] = {}
         # With create_schema, each process creates missing tables when it first connects.
         self._db = Database(url, on_new_engine=self._create_quietly if create_schema else None)
         self._insert: Callable[..., Any] = (
@@ -184,12 +208,88 @@ class SQLStore:
             # Parking is idempotent: a redelivered follower leaves the one row there is.
             .on_conflict_do_nothing(index_elements=["scope", "follower_id"])
         )
-        record = self._insert(done).values(
-            scope=bindparam("b_scope"), task_id=bindparam("b_task_id"), done_at=db_clock()
+        # A follower marks its leader's row as waited for, unless the leader is done (the
+        # WHERE leaves a done row untouched and returns nothing). An expired done record
+        # counts as not done, as in lookup(), and becomes a mark.
+        mark = self._insert(done).values(
+            scope=bindparam("b_scope"),
+            task_id=bindparam("b_leader"),
+            done_at=None,
+            waited_at=db_clock(),
         )
-        # A task run again after its record expired refreshes it.
+        self._mark = mark.on_conflict_do_update(
+            index_elements=["scope", "task_id"],
+            set_={"waited_at": mark.excluded.waited_at, "done_at": None},
+            where=or_(
+                done.c.done_at.is_(None),
+                done.c.done_at <= db_clock() - bindparam("b_ttl", type_=Double),
+            ),
+        ).returning(literal(1))
+        self._park_in_one = self._park_statement() if self.is_postgresql else None
+        row: Any = select(bindparam("b_scope"), bindparam("b_task_id"), db_clock(), null())
+        if self.is_postgresql:
+            # The done record alone is committed without waiting for the WAL flush
+            # (synchronous_commit off for this statement's transaction). It is visible at
+            # once, which is all the park/release protocol needs; only a crash of the
+            # PostgreSQL server can lose the last fraction of a second of them, and then a
+            # follower waits for the sweep or a redelivered task runs again. Parked rows
+            # are always flushed: their messages are acked once the row is committed.
+            local = func.set_config("synchronous_commit", "off", True).label("setting")
+            row = row.select_from(select(local).subquery("local_setting"))
+        record = self._insert(done).from_select(["scope", "task_id", "done_at", "waited_at"], row)
+        # A task run again after its record expired refreshes it. RETURNING waited_at tells
+        # whether any follower marked the row before this record: if none did, there is
+        # nothing to claim (a follower that parks later finds the record and runs).
         self._record_done = record.on_conflict_do_update(
             index_elements=["scope", "task_id"], set_={"done_at": record.excluded.done_at}
+        ).returning(done.c.waited_at)
+
+    def _park_statement(self) -> Any:
+        """PostgreSQL: mark the leader's row and insert the follower in one statement."""
+        mark = self._mark.cte("mark")
+        row = select(
+            bindparam("b_scope"),
+            bindparam("b_follower"),
+            bindparam("b_leader"),
+            bindparam("b_task"),
+            bindparam("b_occurred", type_=Double),
+            db_clock(),
+            bindparam("b_ctype"),
+            bindparam("b_cenc"),
+            bindparam("b_payload", type_=LargeBinary),
+            bindparam("b_host"),
+        ).where(exists(select(mark)))
+        parked = (
+            self._insert(followers)
+            .from_select(
+                [
+                    "scope",
+                    "follower_id",
+                    "leader_id",
+                    "task_name",
+                    "occurred_at",
+                    "parked_at",
+                    "content_type",
+                    "content_encoding",
+                    "payload",
+                    "hostname",
+                ],
+                row,
+            )
+            .on_conflict_do_nothing(index_elements=["scope", "follower_id"])
+            .returning(followers.c.id)
+            .cte("parked")
+        )
+        # The statement's snapshot predates its own insert: "had_row" is a row parked by an
+        # earlier delivery of the same follower.
+        had_row = exists().where(
+            followers.c.scope == bindparam("b_scope"),
+            followers.c.follower_id == bindparam("b_follower"),
+        )
+        return select(
+            exists(select(mark)).label("marked"),
+            had_row.label("had_row"),
+            exists(select(parked)).label("inserted"),
         )
 
     def __repr__(self) -> str:
@@ -201,6 +301,13 @@ class SQLStore:
 
     def _run(self, operation: Callable[[Any], T]) -> T:
         return self._db.run(operation)
+
+    def _fetch(self, statement: Any, params: dict[str, Any]) -> list[Any]:
+        """Run a prebuilt statement on the fast path (see ``Database.fetch``)."""
+        compiled = self._compiled.get(id(statement))
+        if compiled is None:
+            compiled = self._compiled[id(statement)] = self._db.compile(statement)
+        return self._db.fetch(compiled, params)
 
     def create_schema(self) -> list[str]:
         def create(conn: Any) -> list[str]:
@@ -240,7 +347,7 @@ class SQLStore:
             stmt = _lookup_statement(len(task_ids))
         params: dict[str, Any] = {"b_scope": scope, "b_ttl": seen_ttl}
         params.update((f"t{i}", task_id) for i, task_id in enumerate(task_ids))
-        row = self._run(lambda c: c.execute(stmt, params).one())
+        (row,) = self._fetch(stmt, params)
         found = frozenset(t for i, t in enumerate(task_ids) if row[i + 1])
         return Lookup(done=found, now=float(row[0]))
 
@@ -255,37 +362,43 @@ class SQLStore:
             "b_cenc": follower.content_encoding,
             "b_payload": follower.payload,
             "b_host": follower.hostname,
-        }
-        take_back = {
-            "b_scope": follower.scope,
-            "b_follower": follower.follower_id,
-            "b_leader": follower.leader_id,
             "b_ttl": seen_ttl,
         }
 
         # The park/complete interleaving: this follower read "leader not done", then the
-        # leader (another worker) committed its done record and claimed its followers
-        # before this row existed. The insert is committed first (autocommit); the
-        # take-back is a second statement with a fresh snapshot, so it sees any done record
-        # committed before the insert, and then takes the row back itself. If instead the
-        # leader commits after the take-back's snapshot, its claim (a later snapshot) sees
-        # the committed row. ``claimed_at IS NULL`` makes the take-back and the leader's
-        # claim exclusive: a claim in flight holds the row lock; once it commits, the
-        # DELETE re-reads the row, finds it claimed and deletes nothing.
-        def run(conn: Any) -> ParkOutcome:
+        # leader (another worker) committed its done record and looked for followers before
+        # this row existed. Both sides write the leader's row in causal_done with INSERT ...
+        # ON CONFLICT, which PostgreSQL and SQLite serialise per key and which reads the
+        # latest committed version, not a snapshot. If the mark comes first, the leader's
+        # record returns waited_at and the leader claims (a later statement, whose snapshot
+        # has this row: in PostgreSQL mark and row commit together). If the record comes
+        # first, the mark finds it done and this follower runs instead of parking.
+        if self._park_in_one is not None:
+            ((marked, had_row, _),) = self._fetch(self._park_in_one, values)
+            return ParkOutcome.PARKED if marked or had_row else ParkOutcome.LEADER_DONE
+
+        # SQLite cannot put the mark and the row in one statement; the row is committed
+        # after the mark, so a leader that saw the mark may claim before the row exists.
+        # The take-back closes that: a second statement, after the row, that sees the done
+        # record (committed before that claim) and takes the row back itself.
+        # ``claimed_at IS NULL`` makes the take-back and a claim exclusive.
+        def run_in_three(conn: Any) -> ParkOutcome:
+            if conn.execute(self._mark, values).first() is None:
+                had_row = conn.execute(_HAS_ROW, values).first() is not None
+                return ParkOutcome.PARKED if had_row else ParkOutcome.LEADER_DONE
             conn.execute(self._park_insert, values)
-            taken = conn.execute(_TAKE_BACK, take_back).first()
+            taken = conn.execute(_TAKE_BACK, values).first()
             return ParkOutcome.LEADER_DONE if taken is not None else ParkOutcome.PARKED
 
-        return self._run(run)
+        return self._run(run_in_three)
 
-    def record_done(self, scope: str, task_id: str) -> None:
+    def record_done(self, scope: str, task_id: str) -> bool:
         params = {"b_scope": scope, "b_task_id": task_id}
-        self._run(lambda c: c.execute(self._record_done, params))
+        ((waited_at,),) = self._fetch(self._record_done, params)
+        return waited_at is not None
 
     def _claim(self, stmt: Any, params: dict[str, Any]) -> list[ClaimedFollower]:
-        rows = self._run(lambda c: c.execute(stmt, params).all())
-        return release_order(_claimed(r) for r in rows)
+        return release_order(_claimed(*row) for row in self._fetch(stmt, params))
 
     def claim_followers(self, scope: str, leader_id: str, limit: int) -> list[ClaimedFollower]:
         params = {"b_scope": scope, "b_leader": leader_id, "b_limit": limit}
@@ -351,13 +464,30 @@ class SQLStore:
         return int(self._run(lambda c: c.execute(stmt).scalar_one()))
 
     def expire_done(self, seen_ttl: float, limit: int) -> int:
-        old = (
-            select(done.c.scope, done.c.task_id)
-            .where(done.c.done_at <= db_clock() - seen_ttl)
-            .order_by(done.c.done_at)
-            .limit(limit)
-        )
-        stmt = delete(done).where(tuple_(done.c.scope, done.c.task_id).in_(old))
+        # Done records older than the TTL, then marks nobody refreshed for as long: every
+        # follower that made such a mark has waited past the lookback, so it is the sweep's.
+        expired = 0
+        for column, where in (
+            (done.c.done_at, done.c.done_at <= db_clock() - seen_ttl),
+            (
+                done.c.waited_at,
+                and_(done.c.done_at.is_(None), done.c.waited_at <= db_clock() - seen_ttl),
+            ),
+        ):
+            old = (
+                select(done.c.scope, done.c.task_id)
+                .where(where)
+                .order_by(column)
+                .limit(limit - expired)
+            )
+            expired += self._rowcount(
+                delete(done).where(tuple_(done.c.scope, done.c.task_id).in_(old))
+            )
+            if expired >= limit:
+                break
+        return expired
+
+    def _rowcount(self, stmt: Any) -> int:
         return int(self._run(lambda c: c.execute(stmt).rowcount))
 
     def stats(self, lookback: float, release_timeout: float = 60.0) -> list[ScopeStats]:
@@ -419,7 +549,7 @@ class SQLStore:
             .returning(*_FOLLOWER_COLUMNS)
         )
         row = self._run(lambda c: c.execute(stmt).first())
-        return None if row is None else _claimed(row)
+        return None if row is None else _claimed(*row)
 
     def scopes_of(self, follower_id: str) -> list[str]:
         stmt = (

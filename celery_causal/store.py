@@ -7,10 +7,11 @@ so a worker with a wrong clock cannot release or hold work early.
 
 How park and release avoid stranding a follower (the seed's park/complete race): a leader
 first *commits* its done record (:meth:`record_done`), then claims its followers
-(:meth:`claim_followers`). A follower first *commits* its row (:meth:`park`), then re-checks
-the leader. Whichever commits second sees the other's commit: either the leader's claim sees
-the row, or the follower's re-check sees the done record and takes its row back. The claim
-and the take-back both move a row out of ``waiting`` in one statement, so exactly one wins.
+(:meth:`claim_followers`) if any follower waited for it. A follower's :meth:`park` commits
+its row and re-checks the leader. Whichever commits second sees the other's commit: either
+the leader's claim sees the row, or the follower's park sees the done record and does not
+leave a row waiting. A claim and a take-back both move a row out of ``waiting`` in one
+statement, so exactly one wins. ``SQLStore.park`` says how the SQL store orders this.
 """
 
 from __future__ import annotations
@@ -113,8 +114,13 @@ class CausalStore(Protocol):
         a releaser claimed it first (then ``PARKED``: the releaser publishes it).
         """
 
-    def record_done(self, scope: str, task_id: str) -> None:
-        """Commit ``task_id`` as done (idempotent). Must be committed before claiming."""
+    def record_done(self, scope: str, task_id: str) -> bool:
+        """Commit ``task_id`` as done (idempotent). Must be committed before claiming.
+
+        ``False`` means no follower of ``task_id`` parked before this record, so there is
+        nothing to claim: a follower that parks later finds the record and runs. ``True``
+        means followers may be waiting (or were, and are already released).
+        """
 
     def claim_followers(self, scope: str, leader_id: str, limit: int) -> list[ClaimedFollower]:
         """Atomically move up to ``limit`` waiting followers of ``leader_id`` to releasing.

@@ -49,7 +49,11 @@ def age(store: CausalStore, seconds: float) -> None:
                 claimed_at=followers.c.claimed_at - seconds,
             )
         )
-        conn.execute(update(done).values(done_at=done.c.done_at - seconds))
+        conn.execute(
+            update(done).values(
+                done_at=done.c.done_at - seconds, waited_at=done.c.waited_at - seconds
+            )
+        )
 
 
 def truncate(store: SQLStore) -> None:

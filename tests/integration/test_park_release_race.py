@@ -42,10 +42,10 @@ def _run_pair(store: CausalStore, fid: str, leader: str, order: list[str]) -> Co
         assert follower_checked.wait(10)
         if order == ["check", "park", "leader"]:
             assert follower_parked.wait(10)
-        store.record_done("default", leader)
-        for claimed in store.claim_followers("default", leader, 100):
-            runs[claimed.follower_id] += 1
-            store.finish([claimed.row_id])
+        if store.record_done("default", leader):  # the runtime claims only then
+            for claimed in store.claim_followers("default", leader, 100):
+                runs[claimed.follower_id] += 1
+                store.finish([claimed.row_id])
         leader_finished.set()
 
     threads = [threading.Thread(target=follower_side), threading.Thread(target=leader_side)]
@@ -85,11 +85,11 @@ def test_racing_pairs_released_through_a_barrier(store: CausalStore) -> None:
         barrier.wait()
         for kind, fid, leader in my_steps:
             if kind == "lead":
-                store.record_done("default", leader)
-                for claimed in store.claim_followers("default", leader, 100):
-                    store.finish([claimed.row_id])
-                    with lock:
-                        runs[claimed.follower_id] += 1
+                if store.record_done("default", leader):
+                    for claimed in store.claim_followers("default", leader, 100):
+                        store.finish([claimed.row_id])
+                        with lock:
+                            runs[claimed.follower_id] += 1
             elif leader in store.lookup("default", [leader], TTL).done or (
                 store.park(follower(fid, leader), TTL) is ParkOutcome.LEADER_DONE
             ):

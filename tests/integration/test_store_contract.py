@@ -118,6 +118,35 @@ def test_duplicate_park_of_a_row_being_released_does_not_run_it(store: CausalSto
     assert store.park(follower("f1", "L"), TTL) is ParkOutcome.PARKED
 
 
+def test_record_done_says_whether_a_follower_may_wait(store: CausalStore) -> None:
+    # No follower parked before the record: nothing to claim, and one parking later runs
+    assert store.record_done("default", "alone") is False
+    assert store.park(follower("late", "alone"), TTL) is ParkOutcome.LEADER_DONE
+    # A follower parked before the record: the leader must claim it
+    store.park(follower("f1", "L"), TTL)
+    assert store.record_done("default", "L") is True
+    assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
+
+
+def test_duplicate_park_after_the_leader_recorded_done_leaves_it_to_the_claim(
+    store: CausalStore,
+) -> None:
+    store.park(follower("f1", "L"), TTL)
+    assert store.record_done("default", "L") is True
+    # The same follower delivered again before the leader claimed: not run by this copy
+    assert store.park(follower("f1", "L"), TTL) is ParkOutcome.PARKED
+    assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
+
+
+def test_expired_done_record_counts_as_not_done_for_park(store: CausalStore) -> None:
+    store.record_done("default", "L")
+    age(store, 100)
+    assert store.park(follower("f1", "L"), 50) is ParkOutcome.PARKED
+    # The leader running again releases it
+    assert store.record_done("default", "L") is True
+    assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
+
+
 def test_claim_lost_waits_for_the_lookback_and_returns_occurred_order(
     store: CausalStore,
 ) -> None:
