@@ -27,6 +27,7 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
@@ -315,8 +316,9 @@ class SQLStore:
                 conn.execute(select(func.pg_advisory_lock(_SCHEMA_LOCK_KEY)))
             try:
                 before = _schema_objects(conn)
+                upgraded = _upgrade_done_table(conn, self.is_postgresql)
                 metadata.create_all(conn, checkfirst=True)
-                return sorted(_schema_objects(conn) - before)
+                return upgraded + sorted(_schema_objects(conn) - before)
             finally:
                 if self.is_postgresql:
                     conn.execute(select(func.pg_advisory_unlock(_SCHEMA_LOCK_KEY)))
@@ -572,3 +574,22 @@ def _schema_objects(conn: Any) -> set[str]:
             found.add(f"table {table.name}")
             found.update(f"index {ix['name']}" for ix in inspector.get_indexes(table.name))
     return found
+
+
+def _upgrade_done_table(conn: Any, is_postgresql: bool) -> list[str]:
+    """Bring a causal_done table of the first layout (no ``waited_at``) up to date."""
+    inspector = inspect(conn)
+    if not inspector.has_table(done.name):
+        return []
+    if "waited_at" in {c["name"] for c in inspector.get_columns(done.name)}:
+        return []
+    if is_postgresql:
+        conn.execute(
+            text("ALTER TABLE causal_done ADD COLUMN IF NOT EXISTS waited_at DOUBLE PRECISION")
+        )
+        conn.execute(text("ALTER TABLE causal_done ALTER COLUMN done_at DROP NOT NULL"))
+        return ["upgraded table causal_done (column waited_at added, done_at nullable)"]
+    # SQLite cannot relax NOT NULL in place. The table only caches done records for
+    # causal_seen_ttl; followers of a dropped record wait for the sweep, never lost.
+    done.drop(conn)
+    return ["recreated table causal_done (SQLite: done records of the earlier layout dropped)"]

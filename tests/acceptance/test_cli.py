@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
+from celery_causal.sql_store import SQLStore
+from celery_causal.store import ParkOutcome
 from tests.acceptance.conftest import ROOT, Spawned
 from tests.conftest import fresh_database
-from tests.helpers import wait_for
+from tests.helpers import follower, wait_for
 
 
 def causal_cli(
@@ -100,6 +105,40 @@ def test_migrate_creates_then_reports_up_to_date(acceptance_env: dict[str, str])
         assert "created index causal_followers_leader_idx" in first.stdout
         again = causal_cli(env, "migrate")
         assert "schema is up to date" in again.stdout
+
+
+_FIRST_LAYOUT = (
+    "CREATE TABLE causal_done (scope VARCHAR(255) NOT NULL, task_id VARCHAR(255) NOT NULL, "
+    "done_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (scope, task_id))"
+)
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_migrate_upgrades_the_first_done_table_layout(
+    acceptance_env: dict[str, str], tmp_path: Any, dialect: str
+) -> None:
+    with contextlib.ExitStack() as stack:
+        if dialect == "postgresql":
+            url = stack.enter_context(fresh_database(f"_upgrade_{uuid.uuid4().hex[:6]}"))
+        else:
+            url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+        # Given a causal_done table as the first release created it
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text(_FIRST_LAYOUT))
+        engine.dispose()
+        env = dict(acceptance_env, CAUSAL_STORE_URL=url)
+        # When migrate runs, it says what it changed, and the store works on the result
+        first = causal_cli(env, "migrate")
+        assert first.returncode == 0, first.stderr
+        assert "table causal_done" in first.stdout
+        store = SQLStore(url)
+        try:
+            assert store.park(follower("f1", "L"), 1800) is ParkOutcome.PARKED
+            assert store.record_done("default", "L") is True
+        finally:
+            store.close()
+        assert "schema is up to date" in causal_cli(env, "migrate").stdout
 
 
 @pytest.mark.parametrize(
