@@ -142,6 +142,8 @@ class Database:
                 raw = self.engine.raw_connection()
             except DBAPIError as exc:
                 raise self._mapped(exc, exc.orig, unavailable=True) from exc
+            except dbapi.Error as exc:  # the pool hands out the driver's own connect error
+                raise self._mapped(exc, exc, unavailable=True) from exc
             except SATimeoutError as exc:
                 raise StoreUnavailable(f"causal store {mask_url(self.url)}: {exc}") from exc
             try:

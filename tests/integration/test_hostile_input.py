@@ -15,7 +15,12 @@ from sqlalchemy import text, update
 from sqlalchemy.engine import make_url
 
 import celery_causal
-from celery_causal.errors import InvalidIdError, InvalidLeaderError, StoreError
+from celery_causal.errors import (
+    InvalidIdError,
+    InvalidLeaderError,
+    StoreError,
+    StoreUnavailable,
+)
 from celery_causal.memory_store import MemoryStore
 from celery_causal.sql_schema import followers
 from celery_causal.sql_store import SQLStore
@@ -161,6 +166,28 @@ def test_statements_the_database_refuses_raise_store_error_not_unavailable(
     with pytest.raises(StoreError) as info:
         pg.park(replace(follower("f", "L"), follower_id="a\x00b"), TTL)
     assert type(info.value) is StoreError
+
+
+@pytest.mark.parametrize(
+    "operation",
+    [
+        lambda s: s.lookup("default", ["a"], TTL),
+        lambda s: s.park(follower("f", "L"), TTL),
+        lambda s: s.record_done("default", "a"),
+        lambda s: s.claim_followers("default", "L", 10),
+    ],
+    ids=["lookup", "park", "record_done", "claim"],
+)
+def test_unreachable_database_raises_store_unavailable_with_the_password_masked(
+    operation: Any,
+) -> None:
+    store = SQLStore("postgresql+psycopg://causal:hunter2@127.0.0.1:1/nowhere")
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            operation(store)
+        assert "hunter2" not in str(info.value) and "***" in str(info.value)
+    finally:
+        store.close()
 
 
 def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
