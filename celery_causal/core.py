@@ -30,6 +30,8 @@ class Arrival:
     released: bool = False
     #: When the message was first published (producer's clock, epoch seconds).
     published_at: float | None = None
+    #: The broker delivered this message before (acks_late, visibility timeout, requeue).
+    redelivered: bool = False
 
     @property
     def leader(self) -> str | None:
@@ -67,6 +69,18 @@ def decide(arrival: Arrival, done: Collection[str], now: float, lookback: float)
     if arrival.published_at is not None and now - arrival.published_at >= lookback:
         return Verdict(Action.RUN, "older than lookback")
     return Verdict(Action.PARK, "leader not done")
+
+
+def needs_store(arrival: Arrival, deduplicate: str) -> bool:
+    """Must the store be asked before ``arrival`` runs?
+
+    A follower or a released message always asks (its leader, and whether it already ran).
+    A task without ``follows`` asks only to catch a duplicate: on every delivery with
+    ``deduplicate="always"``, only on a broker redelivery with ``"redelivered"``.
+    """
+    if arrival.follows is not None or arrival.released or arrival.redelivered:
+        return True
+    return deduplicate == "always"
 
 
 def may_release(depth: int, max_depth: int | None) -> bool:

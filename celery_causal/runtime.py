@@ -14,7 +14,7 @@ from typing import Any
 
 from cachetools import TTLCache
 
-from .core import Arrival, Verdict, decide, may_release
+from .core import Action, Arrival, Verdict, decide, may_release, needs_store
 from .errors import LeaderFailed
 from .faults import CRASH_AFTER_DONE, crash_point
 from .payload import execution_options, pack
@@ -94,6 +94,8 @@ class CausalRuntime:
 
     def check(self, scope: str, arrival: Arrival) -> tuple[Verdict, float]:
         """Decide run / park / skip for ``arrival``; also return the store's clock."""
+        if not needs_store(arrival, self.settings.deduplicate):
+            return Verdict(Action.RUN, "no leader"), 0.0
         wanted = [arrival.task_id] + ([arrival.leader] if arrival.leader else [])
         known = {t for t in wanted if self._cached(scope, t)}
         if arrival.task_id in known:

@@ -61,6 +61,12 @@ class CausalSettings(BaseModel):
     store_retry_delay: float = Field(default=5, ge=0)
     #: Entries of the per-process cache of leaders known to be done.
     seen_cache_size: int = Field(default=10_000, ge=0)
+    #: Which deliveries of a task *without* ``follows`` are checked against the done
+    #: records before running: "always" (every delivery, one store round trip each) or
+    #: "redelivered" (only those the broker flags as redelivered, as Celery's own
+    #: ``worker_deduplicate_successful_tasks`` does). Followers and released messages are
+    #: always checked: their leader check answers both questions in one round trip.
+    deduplicate: Literal["always", "redelivered"] = "always"
 
     _durations = field_validator(
         "lookback",

@@ -68,11 +68,13 @@ def _header(request: Any, name: str) -> Any:
 def arrival_from(request: Any) -> tuple[Arrival, int]:
     """The ordering facts a delivered message carries, and its release depth."""
     published_at = _header(request, PUBLISHED_AT)
+    delivery_info = request.delivery_info or {}
     arrival = Arrival(
         task_id=request.id,
         follows=_header(request, FOLLOWS),
         released=bool(_header(request, RELEASED)),
         published_at=float(published_at) if published_at is not None else None,
+        redelivered=bool(delivery_info.get("redelivered")),
     )
     return arrival, int(_header(request, DEPTH) or 0)
 

@@ -63,6 +63,7 @@ def create(prefix: str | None = None, store_url: str | None = None) -> Handle:
         causal_on_leader_failure=_env("CAUSAL_ON_LEADER_FAILURE", "wait"),
         causal_store_retry_delay=float(_env("CAUSAL_STORE_RETRY_DELAY", "5")),
         causal_batch_size=int(_env("CAUSAL_BATCH_SIZE", "500")),
+        causal_deduplicate=_env("CAUSAL_DEDUPLICATE", "always"),
     )
     celery_causal.install(app)
     # A user who assigns beat_schedule after install: the sweep's beat entry must survive.

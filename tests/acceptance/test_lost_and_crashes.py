@@ -138,11 +138,18 @@ def test_worker_killed_between_claim_and_publish_loses_no_follower(
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("deduplicate", ["always", "redelivered"])
 def test_worker_killed_between_done_record_and_claim_loses_no_follower(
-    spawn: Callable[..., Spawned],
+    spawn: Callable[..., Spawned], deduplicate: str
 ) -> None:
     # Given acks_late workers whose processes die after every done record, before the claim
-    s = spawn(CAUSAL_TEST_ACKS_LATE="1", CELERY_CAUSAL_CRASH_AFTER_DONE="1")
+    # (with "redelivered", the requeued message's redelivered flag is what triggers the
+    # duplicate check of the chain's first task)
+    s = spawn(
+        CAUSAL_TEST_ACKS_LATE="1",
+        CELERY_CAUSAL_CRASH_AFTER_DONE="1",
+        CAUSAL_DEDUPLICATE=deduplicate,
+    )
     log = s.log("after-done")
     # When a chain of 4 arrives fully reversed
     send_reversed_chains(s, log, chains=1, depth=4)

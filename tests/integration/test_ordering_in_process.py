@@ -178,6 +178,21 @@ def test_leader_redelivered_after_a_crash_past_its_done_record_releases_follower
     assert causal_store.count_followers("events", h.id("L")) == 0
 
 
+def test_deduplicate_redelivered_checks_followers_but_not_fresh_leaders(
+    causal_store: CausalStore,
+) -> None:
+    h = Harness(causal_store, causal_deduplicate="redelivered")
+    h.send("L")
+    h.send("f", "L")
+    h.run_until(lambda: h.ran == ["L", "f"], "leader and follower")
+    # A producer sending a finished task without follows again is not a broker
+    # redelivery: it runs again, as in plain Celery. A follower's copy is still skipped.
+    h.send("f", "L")
+    h.send("L")
+    h.run_until(lambda: h.ran.count("L") == 2, "the leader's second copy")
+    assert h.ran == ["L", "f", "L"]
+
+
 def test_depth_guard_leaves_deep_followers_for_the_sweep(causal_store: CausalStore) -> None:
     # Given a chain e0 <- e1 <- ... <- e5 sent backwards, with at most 3 release generations
     h = Harness(causal_store, causal_max_depth=3, causal_lookback=60, causal_seen_ttl=120)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from celery_causal.core import Action, Arrival, decide, may_release, release_order
+from celery_causal.core import Action, Arrival, decide, may_release, needs_store, release_order
 
 LOOKBACK = 900.0
 NOW = 10_000.0
@@ -69,6 +69,21 @@ def test_may_release(depth: int, max_depth: int | None, allowed: bool) -> None:
 class F:
     follower_id: str
     occurred_at: float
+
+
+@pytest.mark.parametrize(
+    ("arrival", "always", "redelivered"),
+    [
+        (Arrival("t"), True, False),  # a fresh task without follows: only "always" asks
+        (Arrival("t", redelivered=True), True, True),
+        (Arrival("t", follows="L"), True, True),  # its leader check answers both
+        (Arrival("t", follows="t"), True, True),
+        (Arrival("t", follows="L", released=True), True, True),
+    ],
+)
+def test_needs_store(arrival: Arrival, always: bool, redelivered: bool) -> None:
+    assert needs_store(arrival, "always") is always
+    assert needs_store(arrival, "redelivered") is redelivered
 
 
 def test_release_order_is_occurred_then_follower_id() -> None:

@@ -36,6 +36,7 @@ def test_durations_accept_timedeltas_and_none_disables_depth() -> None:
         ({"causal_store_url": "mysql://u:secret@h/db"}, "causal_store_url"),
         ({"causal_lookbak": 5}, "causal_lookbak"),
         ({"causal_on_leader_failure": "explode"}, "causal_on_leader_failure"),
+        ({"causal_deduplicate": "sometimes"}, "causal_deduplicate"),
     ],
 )
 def test_wrong_values_name_the_setting(conf: dict[str, object], names: str) -> None:
