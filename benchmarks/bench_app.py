@@ -24,6 +24,7 @@ app.conf.update(
     task_ignore_result=True,
     worker_prefetch_multiplier=16,
     causal_store_url=os.environ.get("CAUSAL_STORE_URL"),
+    causal_deduplicate=os.environ.get("CAUSAL_DEDUPLICATE", "always"),
 )
 celery_causal.install(app, beat=False)
 _redis = redis.Redis.from_url(REDIS_URL)

@@ -483,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     mem = psutil.virtual_memory().total / 2**30
     print(
         f"\ncelery-causal benchmark, {time.strftime('%Y-%m-%d')}, {cpu} cores, "
-        f"{mem:.0f} GiB{' (quick: sizes / 50, numbers meaningless)' if args.quick else ''}"
+        f"{mem:.0f} GiB, causal_deduplicate={os.environ.get('CAUSAL_DEDUPLICATE', 'always')}"
+        f"{' (quick: sizes / 50, numbers meaningless)' if args.quick else ''}"
     )
     print("| id | workload | measured | target | met |")
     print("|---|---|---|---|---|")

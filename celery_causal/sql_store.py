@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    BigInteger,
     Double,
     Engine,
     LargeBinary,
@@ -125,6 +126,11 @@ _TAKE_BACK = (
     .returning(followers.c.id)
 )
 
+
+_FINISH_ANY = delete(followers).where(
+    followers.c.id == func.any(bindparam("b_ids", type_=postgresql.ARRAY(BigInteger)))
+)
+_FINISH_IN = delete(followers).where(followers.c.id.in_(bindparam("b_ids", expanding=True)))
 
 _HAS_ROW = select(literal(1)).where(
     followers.c.scope == bindparam("b_scope"),
@@ -416,9 +422,13 @@ class SQLStore:
         return release_order(claimed)
 
     def finish(self, row_ids: Sequence[int]) -> None:
-        if row_ids:
-            stmt = delete(followers).where(followers.c.id.in_(list(row_ids)))
-            self._run(lambda c: c.execute(stmt))
+        if not row_ids:
+            return
+        if self.is_postgresql:
+            # One prebuilt statement whatever the batch size (an array parameter).
+            self._fetch(_FINISH_ANY, {"b_ids": list(row_ids)})
+        else:
+            self._run(lambda c: c.execute(_FINISH_IN, {"b_ids": list(row_ids)}))
 
     def bury(self, row_id: int, reason: str) -> None:
         columns = [c.name for c in dead_followers.c if c.name not in ("died_at", "reason")]
