@@ -92,7 +92,8 @@ class Protocol(RuleBasedStateMachine):
         else:
             expected = ParkOutcome.PARKED
             self.model.mark_age[leader] = 0.0
-            self.model.done_age.pop(leader, None)  # an expired record becomes the mark
+            if self.marks:  # an expired done record becomes the mark
+                self.model.done_age.pop(leader, None)
             if fid not in self.model.rows:
                 self.model.rows[fid] = Row("waiting")
                 self.model.rows_created[fid] = self.model.rows_created.get(fid, 0) + 1
