@@ -29,8 +29,8 @@ class ParkOutcome(enum.Enum):
     #: The row is stored; a release (the leader's, one already under way, or the sweep's)
     #: will publish it. The caller must not run the task.
     PARKED = "parked"
-    #: The leader was done by the time the row was committed; the row was taken back
-    #: and the caller must run the task now.
+    #: The leader was done by the time of the park: no row is left waiting (none was
+    #: written, or it was taken back) and the caller must run the task now.
     LEADER_DONE = "leader-done"
 
 
@@ -108,10 +108,10 @@ class CausalStore(Protocol):
         """Return which of ``task_ids`` were recorded done within ``seen_ttl``, and the clock."""
 
     def park(self, follower: Follower, seen_ttl: float) -> ParkOutcome:
-        """Commit ``follower`` as waiting (a duplicate leaves one row), then re-check its leader.
+        """Store ``follower`` as waiting unless its leader is done (``LEADER_DONE``).
 
-        If the leader is done by then, atomically take the row back (``LEADER_DONE``) unless
-        a releaser claimed it first (then ``PARKED``: the releaser publishes it).
+        A duplicate leaves one row and returns ``PARKED``: whoever releases that row (the
+        leader whose record found it, or the sweep) publishes it.
         """
 
     def record_done(self, scope: str, task_id: str) -> bool:
