@@ -311,18 +311,40 @@ def w4(b: Bench, followers: int) -> Result:
     )
 
 
+def _payload(b: Bench, task_id: str, queue: str) -> bytes:
+    """A follower's stored message as a worker builds it when it parks."""
+    from celery_causal.payload import build_message, pack
+
+    message = build_message(
+        b.mod.app, "bench.causal", [0], {}, {"task_id": task_id, "queue": queue}, "json"
+    )
+    return pack(
+        scope="bench",
+        task_name="bench.causal",
+        task_id=task_id,
+        leader="leader",
+        occurred_at=0.0,
+        message=message,
+        max_bytes=1 << 20,
+    ).payload
+
+
 def _insert_lost(b: Bench, n: int, queue: str) -> None:
-    payload = json.dumps({"args": [0], "kwargs": {}, "options": {"queue": queue}}).encode()
+    """Park ``n`` followers whose leaders never came, as workers store them."""
+    # The task id in the stored message is a placeholder the INSERT replaces, so each row
+    # is a distinct task (its id in the headers and properties).
+    template = _payload(b, "@ID@", queue)
     with b.store.engine.connect() as conn:
         conn.execute(
             text(
                 "INSERT INTO causal_followers (scope, follower_id, leader_id, task_name, "
                 "occurred_at, parked_at, content_type, content_encoding, payload, hostname) "
                 "SELECT 'bench-lost', 'lost-' || g, 'gone-' || (g % 100), 'bench.causal', g, "
-                "extract(epoch from now()) - 100000, 'application/json', 'utf-8', :p, '' "
-                "FROM generate_series(1, :n) g"
+                "extract(epoch from now()) - 100000, 'application/json', 'utf-8', "
+                "convert_to(replace(convert_from(:p, 'UTF8'), '@ID@', 'lost-' || g), 'UTF8'), "
+                "'' FROM generate_series(1, :n) g"
             ),
-            {"p": payload, "n": n},
+            {"p": template, "n": n},
         )
         conn.execute(text("ANALYZE causal_followers"))
 
@@ -372,7 +394,7 @@ def _latency(b: Bench, ops: int) -> tuple[float, float]:
     from celery_causal.store import Follower
 
     parks, releases = [], []
-    payload = json.dumps({"args": [0], "kwargs": {}, "options": {}}).encode()
+    payload = _payload(b, "w6", "bench-w6")
     run = uuid.uuid4().hex[:8]
     for j in range(ops):
         f = Follower(
@@ -416,6 +438,7 @@ def w6(b: Bench, big: int, ops: int) -> Result:
 
 
 def _insert_background(b: Bench, n: int) -> None:
+    payload = _payload(b, "background", "bench-w6")
     with b.store.engine.connect() as conn:
         conn.execute(
             text(
@@ -423,9 +446,9 @@ def _insert_background(b: Bench, n: int) -> None:
                 "occurred_at, parked_at, content_type, content_encoding, payload, hostname) "
                 "SELECT 'bench-bg', 'bg-' || md5(random()::text), 'bg-leader-' || (g % 50000), "
                 "'bench.causal', g, extract(epoch from now()), 'application/json', 'utf-8', "
-                "'\\x7b7d'::bytea, '' FROM generate_series(1, :n) g"
+                ":p, '' FROM generate_series(1, :n) g"
             ),
-            {"n": n},
+            {"n": n, "p": payload},
         )
         conn.execute(text("ANALYZE causal_followers"))
 

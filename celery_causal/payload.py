@@ -1,10 +1,11 @@
 """Turning a task's request into a storable message, and back into a publish call.
 
-The message is stored serialized by the task's own serializer (JSON by default, whose Celery
-extensions keep datetime, UUID, Decimal and bytes), so a released task receives exactly the
-arguments it would have received. Reading it back goes through kombu with an explicit list of
-accepted content types: a row whose content type is not accepted (pickle, unless the app
-accepts it) is refused, never deserialized.
+A parked follower is stored as the Celery message its release will publish (headers,
+properties, body, routing), built once at park time, serialized by the task's own serializer
+(JSON by default, whose Celery extensions keep datetime, UUID, Decimal and bytes), so a
+released task receives exactly the arguments it would have received. Reading it back goes
+through kombu with an explicit list of accepted content types: a row whose content type is
+not accepted (pickle, unless the app accepts it) is refused, never deserialized.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kombu.exceptions import ContentDisallowed, DecodeError, EncodeError
-from kombu.serialization import dumps, loads
+from kombu.serialization import dumps, loads, registry
 
 from .errors import InvalidIdError, InvalidLeaderError, PayloadError
 from .store import MAX_ID_LENGTH, Follower
@@ -56,12 +57,22 @@ def leader_id(follows: object) -> str:
 
 @dataclass(frozen=True)
 class Message:
-    """A stored follower, decoded and ready to publish again."""
+    """A stored follower, decoded: the Celery task message to publish again.
 
-    task_name: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    options: dict[str, Any]
+    ``headers``, ``properties`` and ``body`` are what ``send_task`` would publish; the
+    routing is the one the message was delivered with. Publishing it needs no router, no
+    argument repr and no message building, which is most of ``send_task``'s cost.
+    """
+
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    body: Any
+    exchange: str
+    routing_key: str
+    #: Declared before publishing through the default exchange, as ``send_task`` does.
+    queue: str | None
+    delivery_mode: Any
+    serializer: str
 
 
 def execution_options(request: Any) -> dict[str, Any]:
@@ -88,7 +99,82 @@ def execution_options(request: Any) -> dict[str, Any]:
             options["routing_key"] = routing_key
     for key in _DELIVERY_ONLY:
         options.pop(key, None)
+    # A task's own argument reprs (set to hide secrets from monitors) stay as they were.
+    for key in ("argsrepr", "kwargsrepr"):
+        value = getattr(request, key, None)
+        if value is not None:
+            options[key] = value
     return options
+
+
+def build_message(
+    app: Any,
+    task_name: str,
+    args: Any,
+    kwargs: Any,
+    options: Mapping[str, Any],
+    serializer: str,
+) -> Message:
+    """The message ``send_task(task_name, args, kwargs, **options)`` would publish.
+
+    Built once, when the follower parks, so that its release only publishes it again.
+    ``options`` are :func:`execution_options`; the routing they carry is the delivery's,
+    resolved the way ``send_task`` resolves it.
+    """
+    options = dict(options)
+    custom_headers = options.pop("headers", None) or {}
+    task_id = options.pop("task_id")
+    queue = options.pop("queue", None)
+    exchange = options.pop("exchange", None)
+    routing_key = options.pop("routing_key", None)
+    priority = options.pop("priority", None)
+    callbacks = options.pop("link", None)
+    errbacks = options.pop("link_error", None)
+    # send_task replies to the publishing thread when the task names no reply queue.
+    reply_to = options.pop("reply_to", None) or app.thread_oid
+    headers, properties, body, _ = app.amqp.create_task_message(
+        task_id,
+        task_name,
+        list(args or ()),
+        dict(kwargs or {}),
+        callbacks=_as_list(callbacks),
+        errbacks=_as_list(errbacks),
+        reply_to=reply_to,
+        create_sent_event=False,
+        **options,
+    )
+    headers.update(custom_headers)
+    if priority is not None:
+        properties["priority"] = priority
+    delivery_mode = None
+    if queue is not None:
+        declared = app.amqp.queues[queue]
+        delivery_mode = declared.exchange.delivery_mode
+        if declared.exchange.type == "direct":
+            exchange, routing_key = "", queue  # the default exchange, as send_task does
+        else:
+            exchange, routing_key = declared.exchange.name, declared.routing_key
+    return Message(
+        headers=headers,
+        properties=properties,
+        body=body,
+        exchange=exchange or "",
+        routing_key=routing_key or "",
+        queue=queue,
+        delivery_mode=delivery_mode or app.conf.task_default_delivery_mode,
+        serializer=serializer,
+    )
+
+
+def _as_list(value: Any) -> list[Any] | None:
+    """A ``link`` option as send_task passes it on: a list, or ``None``."""
+    if value is None or isinstance(value, list):
+        return value
+    return list(value) if isinstance(value, tuple) else [value]
+
+
+#: The stored fields of a :class:`Message`; its serializer is the row's content type.
+_STORED = ("headers", "properties", "body", "exchange", "routing_key", "queue", "delivery_mode")
 
 
 def pack(
@@ -98,21 +184,18 @@ def pack(
     task_id: str,
     leader: str,
     occurred_at: float,
-    args: Any,
-    kwargs: Any,
-    options: Mapping[str, Any],
-    serializer: str,
+    message: Message,
     max_bytes: int,
     hostname: str = "",
 ) -> Follower:
     """Serialize a follower's message; raise :class:`PayloadError` if it cannot be stored."""
-    body = {"args": list(args or ()), "kwargs": dict(kwargs or {}), "options": dict(options)}
+    stored = {"message": {name: getattr(message, name) for name in _STORED}}
     try:
-        content_type, content_encoding, data = dumps(body, serializer=serializer)  # type: ignore[no-untyped-call]
+        content_type, content_encoding, data = dumps(stored, serializer=message.serializer)  # type: ignore[no-untyped-call]
     except (EncodeError, TypeError, ValueError) as exc:
         raise PayloadError(
             f"cannot store follower {task_id} of {task_name}: its message does not serialize "
-            f"with {serializer!r}: {exc}"
+            f"with {message.serializer!r}: {exc}"
         ) from exc
     payload = data.encode(content_encoding or "utf-8") if isinstance(data, str) else bytes(data)
     if len(payload) > max_bytes:
@@ -133,20 +216,36 @@ def pack(
     )
 
 
-def unpack(follower: Follower, accept: Collection[str]) -> Message:
+def unpack(app: Any, follower: Follower, accept: Collection[str]) -> Message:
     """Decode a stored follower; only content types in ``accept`` are deserialized."""
     try:
-        body = loads(  # type: ignore[no-untyped-call]
+        stored = loads(  # type: ignore[no-untyped-call]
             follower.payload,
             follower.content_type,
             follower.content_encoding,
             accept=accept,
         )
+        serializer = registry.type_to_name[follower.content_type]
+        if "message" not in stored:
+            # Parked by a version that stored arguments and options, not the message.
+            return build_message(
+                app,
+                follower.task_name,
+                stored["args"],
+                stored["kwargs"],
+                {"task_id": follower.follower_id, **stored["options"]},
+                serializer,
+            )
+        fields = stored["message"]
         return Message(
-            task_name=follower.task_name,
-            args=list(body["args"]),
-            kwargs=dict(body["kwargs"]),
-            options=dict(body["options"]),
+            headers=dict(fields["headers"]),
+            properties=dict(fields["properties"]),
+            body=fields["body"],
+            exchange=str(fields["exchange"]),
+            routing_key=str(fields["routing_key"]),
+            queue=fields["queue"],
+            delivery_mode=fields["delivery_mode"],
+            serializer=serializer,
         )
     except ContentDisallowed as exc:
         raise PayloadError(

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, cast
+
+from celery.utils.iso8601 import parse_iso8601 as isoparse
 
 from .errors import PayloadError
 from .faults import CRASH_AFTER_CLAIM, crash_point
@@ -45,50 +49,134 @@ def publish(
     if not claimed:
         return report
     crash_point(CRASH_AFTER_CLAIM, reason)
-    done_ids: list[int] = []
+    # Row ids whose message the broker holds; only these rows are deleted.
+    published: list[int] = []
     try:
         with app.producer_or_acquire() as producer:
-            for follower in claimed:
-                try:
-                    message = unpack(follower, accept)
-                except PayloadError as exc:
-                    # Moved aside for an operator (causal_dead_followers), never deleted
-                    # unseen and never run; the other followers go on.
-                    logger.error(
-                        "not releasing task %s (follows %s, scope %r): %s; moved to "
-                        "causal_dead_followers",
-                        follower.follower_id,
-                        follower.leader_id,
-                        follower.scope,
-                        exc,
+            batch = _batch(producer, len(claimed))
+            sent: list[int] = []
+            declared: set[str] = set()
+            with batch:
+                for follower in claimed:
+                    row_id = _send(
+                        app, store, producer, follower, reason, depth, accept, report, declared
                     )
-                    store.bury(follower.row_id, str(exc))
-                    report.refused.append(follower.follower_id)
-                    continue
-                options = dict(message.options)
-                options["headers"] = {
-                    **(options.get("headers") or {}),
-                    RELEASED: reason,
-                    DEPTH: depth,
-                }
-                app.send_task(
-                    message.task_name,
-                    args=message.args,
-                    kwargs=message.kwargs,
-                    producer=producer,
-                    **options,
-                )
-                done_ids.append(follower.row_id)
-                report.published.append(follower.follower_id)
-                logger.info(
-                    "released task %s (follows %s, scope %r) by %s",
-                    follower.follower_id,
-                    follower.leader_id,
-                    follower.scope,
-                    reason,
-                )
+                    if row_id is None:
+                        continue
+                    if batch is _IMMEDIATE:
+                        published.append(row_id)
+                    else:
+                        sent.append(row_id)
+            # The batch flushed on a clean exit: the broker holds every message in it. A
+            # batch left by an exception discarded what it had not flushed, so none of its
+            # rows counts as published; those the broker did get are republished by the
+            # sweep later and skipped there as duplicates (done record).
+            published.extend(sent)
     finally:
-        # Published rows are deleted even if a later publish failed; unpublished ones stay
+        # Published rows are deleted even if a later publish failed; the others stay
         # claimed and the sweep retries them after causal_release_timeout.
-        store.finish(done_ids)
+        store.finish(published)
     return report
+
+
+#: The context used when the transport publishes every message at once.
+_IMMEDIATE = nullcontext()
+
+
+def _batch(producer: Any, size: int) -> AbstractContextManager[Any]:
+    """A publish batch of ``size`` messages if the transport groups publishes, else none.
+
+    kombu 5.7+ sends a Redis batch as one pipeline, one round trip instead of one per
+    message; the pipeline keeps the release order. The batch is sized so that it never
+    flushes early: it is published whole at its end, or not at all.
+    """
+    make = getattr(producer, "batch", None)
+    if make is None or not getattr(producer, "supports_batch_publish", False):
+        return _IMMEDIATE
+    # Each message is one LPUSH, plus one PEXPIRE per priority step on a queue with
+    # x-expires; a margin keeps a batch from flushing before its end.
+    return cast(AbstractContextManager[Any], make(max_size=16 * size + 16))
+
+
+def _send(
+    app: Any,
+    store: CausalStore,
+    producer: Any,
+    follower: ClaimedFollower,
+    reason: str,
+    depth: int,
+    accept: Collection[str],
+    report: ReleaseReport,
+    declared: set[str],
+) -> int | None:
+    """Publish one follower's message; its row id, or ``None`` if it was refused."""
+    try:
+        message = unpack(app, follower, accept)
+        if message.queue is not None and message.queue not in declared:
+            # send_task declares the queue on every publish; once per release is enough.
+            producer.maybe_declare(_queue(app, message.queue))
+            declared.add(message.queue)
+    except PayloadError as exc:
+        # Moved aside for an operator (causal_dead_followers), never deleted unseen and
+        # never run; the other followers go on instead of waiting behind it forever.
+        logger.error(
+            "not releasing task %s (follows %s, scope %r): %s; moved to causal_dead_followers",
+            follower.follower_id,
+            follower.leader_id,
+            follower.scope,
+            exc,
+        )
+        store.bury(follower.row_id, str(exc))
+        report.refused.append(follower.follower_id)
+        return None
+    properties = dict(message.properties)
+    expiration = _seconds_left(message.headers.get("expires"))
+    if expiration is not None:
+        properties["expiration"] = expiration  # a broker TTL counts from this publish
+    # The stored message, published again as it is: the publish signals and the router
+    # already ran when it was first sent (as for a message the broker redelivers).
+    producer.publish(
+        message.body,
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+        serializer=message.serializer,
+        compression=app.conf.task_compression,
+        headers={**message.headers, RELEASED: reason, DEPTH: depth},
+        delivery_mode=message.delivery_mode,
+        retry=app.conf.task_publish_retry,
+        retry_policy=app.conf.task_publish_retry_policy,
+        declare=[],
+        **properties,
+    )
+    report.published.append(follower.follower_id)
+    logger.info(
+        "released task %s (follows %s, scope %r) by %s",
+        follower.follower_id,
+        follower.leader_id,
+        follower.scope,
+        reason,
+    )
+    return follower.row_id
+
+
+def _queue(app: Any, name: str) -> Any:
+    """The app's queue ``name``; a follower bound for a queue the app dropped is refused."""
+    try:
+        return app.amqp.queues[name]
+    except KeyError:
+        raise PayloadError(
+            f"its queue {name!r} is not among the app's queues (task_create_missing_queues is off)"
+        ) from None
+
+
+def _seconds_left(expires: Any) -> float | None:
+    """Seconds until an ISO ``expires`` header, at least 0; ``None`` without one."""
+    if not expires:
+        return None
+    try:
+        moment = isoparse(expires) if isinstance(expires, str) else expires
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return max(0.0, float((moment - datetime.now(timezone.utc)).total_seconds()))
+    except (TypeError, ValueError, AttributeError):
+        return None

@@ -15,9 +15,9 @@ from typing import Any
 from cachetools import TTLCache
 
 from .core import Action, Arrival, Verdict, decide, may_release, needs_store
-from .errors import LeaderFailed
+from .errors import LeaderFailed, PayloadError
 from .faults import CRASH_AFTER_DONE, crash_point
-from .payload import execution_options, pack
+from .payload import build_message, execution_options, pack
 from .release import ReleaseReport, publish
 from .settings import CausalSettings
 from .sql_store import SQLStore
@@ -117,16 +117,26 @@ class CausalRuntime:
         now: float,
     ) -> ParkOutcome:
         assert arrival.leader is not None
+        try:
+            message = build_message(
+                self.app,
+                task.name,
+                request.args,
+                request.kwargs,
+                execution_options(request),
+                task.serializer or self.app.conf.task_serializer,
+            )
+        except (TypeError, ValueError) as exc:
+            raise PayloadError(
+                f"cannot park follower {arrival.task_id} of {task.name}: {exc}"
+            ) from exc
         follower = pack(
             scope=scope,
             task_name=task.name,
             task_id=arrival.task_id,
             leader=arrival.leader,
             occurred_at=arrival.published_at if arrival.published_at is not None else now,
-            args=request.args,
-            kwargs=request.kwargs,
-            options=execution_options(request),
-            serializer=task.serializer or self.app.conf.task_serializer,
+            message=message,
             max_bytes=self.settings.max_payload_bytes,
             hostname=request.hostname or "",
         )

@@ -6,12 +6,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from celery import Celery
 from sqlalchemy import text, update
 
 from celery_causal.memory_store import MemoryStore
+from celery_causal.payload import build_message, pack
 from celery_causal.sql_schema import done, followers
 from celery_causal.sql_store import SQLStore
 from celery_causal.store import CausalStore, Follower
+
+_APP = Celery("tests-helpers", set_as_current=False)
 
 
 def follower(
@@ -22,15 +26,18 @@ def follower(
     occurred_at: float = 1.0,
     task_name: str = "tests.step",
 ) -> Follower:
-    return Follower(
+    """A parked follower as a worker stores it, its message bound for the default queue."""
+    message = build_message(
+        _APP, task_name, [], {}, {"task_id": follower_id, "queue": "celery"}, "json"
+    )
+    return pack(
         scope=scope,
-        follower_id=follower_id,
-        leader_id=leader_id,
         task_name=task_name,
+        task_id=follower_id,
+        leader=leader_id,
         occurred_at=occurred_at,
-        payload=b'{"args": [], "kwargs": {}, "options": {}}',
-        content_type="application/json",
-        content_encoding="utf-8",
+        message=message,
+        max_bytes=1 << 20,
         hostname="worker@test",
     )
 

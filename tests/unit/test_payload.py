@@ -7,25 +7,31 @@ import uuid
 from dataclasses import replace
 
 import pytest
+from celery import Celery
 from celery.result import AsyncResult
 
 from celery_causal.errors import InvalidLeaderError, PayloadError
-from celery_causal.payload import leader_id, pack, unpack
+from celery_causal.payload import Message, build_message, leader_id, pack, unpack
+from celery_causal.store import Follower
 
 JSON = {"application/json"}
+APP = Celery("payload-tests", set_as_current=False)
 
 
-def _pack(args: object = (), kwargs: object = None, **kw: object) -> object:
+def _message(args: object = (), kwargs: object = None, **options: object) -> Message:
+    return build_message(
+        APP, "t", args, kwargs or {}, {"task_id": "f", "queue": "q", **options}, "json"
+    )
+
+
+def _pack(message: Message | None = None, **kw: object) -> Follower:
     base: dict[str, object] = {
         "scope": "s",
         "task_name": "t",
         "task_id": "f",
         "leader": "L",
         "occurred_at": 1.0,
-        "args": args,
-        "kwargs": kwargs or {},
-        "options": {"task_id": "f"},
-        "serializer": "json",
+        "message": message or _message(),
         "max_bytes": 1024 * 1024,
     }
     base.update(kw)
@@ -40,39 +46,94 @@ def test_json_round_trip_keeps_celery_types() -> None:
         b"\x00\xffbytes",
         datetime.date(2026, 5, 1),
     ]
-    follower = _pack(args=values, kwargs={"k": values[2]})
-    message = unpack(follower, JSON)  # type: ignore[arg-type]
-    assert message.args == values
-    assert message.kwargs == {"k": decimal.Decimal("1.10")}
-    assert message.options == {"task_id": "f"}
+    follower = _pack(_message(args=values, kwargs={"k": values[2]}))
+    message = unpack(APP, follower, JSON)
+    args, kwargs, _embed = message.body
+    assert args == values
+    assert kwargs == {"k": decimal.Decimal("1.10")}
+    assert message.headers["id"] == "f"
+    assert message.headers["task"] == "t"
+    assert (message.exchange, message.routing_key, message.queue) == ("", "q", "q")
+    assert message.serializer == "json"
+
+
+def test_the_stored_message_is_the_one_send_task_builds() -> None:
+    # Given the options of a delivered task with callbacks, limits, a priority and a reply
+    options = {
+        "root_id": "r",
+        "parent_id": "p",
+        "link": [{"task": "cb", "args": [], "kwargs": {}, "options": {}}],
+        "time_limit": 30,
+        "soft_time_limit": 20,
+        "priority": 7,
+        "reply_to": "reply-queue",
+        "headers": {"custom": "kept"},
+        "argsrepr": "(<secret>,)",
+    }
+    message = unpack(APP, _pack(_message([1], {}, **options)), JSON)
+    # Then the message carries them as Celery's own publish would
+    assert message.headers["root_id"] == "r"
+    assert message.headers["parent_id"] == "p"
+    assert message.headers["timelimit"] == [30, 20]
+    assert message.headers["custom"] == "kept"
+    assert message.headers["argsrepr"] == "(<secret>,)"
+    assert message.body[2]["callbacks"] == options["link"]
+    assert message.properties["priority"] == 7
+    assert message.properties["reply_to"] == "reply-queue"
+    assert message.delivery_mode == APP.conf.task_default_delivery_mode
+
+
+def test_a_delivery_through_a_named_exchange_keeps_its_routing() -> None:
+    message = build_message(
+        APP, "t", [], {}, {"task_id": "f", "exchange": "ex", "routing_key": "rk"}, "json"
+    )
+    assert (message.exchange, message.routing_key, message.queue) == ("ex", "rk", None)
+
+
+def test_a_row_of_the_first_layout_is_released_as_a_message() -> None:
+    # Rows parked by a version that stored arguments and options, not the message
+    old = replace(
+        _pack(),
+        payload=b'{"args": [2], "kwargs": {"x": 1}, "options": {"task_id": "f", "queue": "q"}}',
+    )
+    message = unpack(APP, old, JSON)
+    assert message.body[0] == [2]
+    assert message.body[1] == {"x": 1}
+    assert message.headers["id"] == "f"
+    assert message.routing_key == "q"
 
 
 def test_unserializable_argument_is_a_clear_error() -> None:
     with pytest.raises(PayloadError, match="does not serialize with 'json'"):
-        _pack(args=[object()])
+        _pack(_message(args=[object()]))
 
 
 def test_payload_over_the_limit_is_refused() -> None:
     with pytest.raises(PayloadError, match="causal_max_payload_bytes"):
-        _pack(args=["x" * 5000], max_bytes=2048)
+        _pack(_message(args=["x" * 5000]), max_bytes=2048)
 
 
 def test_pickle_rows_are_refused_unless_accepted() -> None:
     planted = replace(
         _pack(),
-        payload=pickle.dumps({"args": [], "kwargs": {}, "options": {}}),  # type: ignore[type-var]
+        payload=pickle.dumps({"args": [], "kwargs": {}, "options": {"task_id": "f"}}),
         content_type="application/x-python-serialize",
         content_encoding="binary",
     )
     with pytest.raises(PayloadError, match="not accepted"):
-        unpack(planted, JSON)
-    assert unpack(planted, JSON | {"application/x-python-serialize"}).args == []
+        unpack(APP, planted, JSON)
+    accepted = unpack(APP, planted, JSON | {"application/x-python-serialize"})
+    assert list(accepted.body[0]) == []
+    assert accepted.serializer == "pickle"
 
 
 def test_corrupt_rows_are_reported() -> None:
-    broken = replace(_pack(), payload=b"{not json")  # type: ignore[type-var]
+    broken = replace(_pack(), payload=b"{not json")
     with pytest.raises(PayloadError, match="corrupt"):
-        unpack(broken, JSON)
+        unpack(APP, broken, JSON)
+    missing = replace(_pack(), payload=b'{"message": {"headers": {}}}')
+    with pytest.raises(PayloadError, match="corrupt"):
+        unpack(APP, missing, JSON)
 
 
 def test_leader_id_accepts_ids_and_async_results() -> None:

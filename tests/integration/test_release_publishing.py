@@ -1,0 +1,189 @@
+"""Publishing released followers: order kept, and no row deleted unless the broker has it.
+
+A real Redis broker (kombu groups a release into one pipeline) and the in-memory broker
+(every message published at once) take the same releases; no worker consumes, so the
+queue itself shows what was published, and in which order.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from kombu import Producer
+
+import celery_causal
+from celery_causal.memory_store import MemoryStore
+from celery_causal.payload import RELEASED, build_message, pack
+from celery_causal.release import _IMMEDIATE, _batch
+from celery_causal.store import CausalStore
+from celery_causal.task import runtime_for
+from tests.helpers import age
+
+SCOPE = "publishing"
+
+
+@pytest.fixture(params=["redis", "memory"])
+def broker(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory://"
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+@pytest.fixture
+def app(broker: str, key_prefix: str) -> Iterator[Celery]:
+    app = Celery(f"publishing{uuid.uuid4().hex[:6]}", broker=broker)
+    prefix = f"{key_prefix}publishing-{uuid.uuid4().hex[:6]}:"
+    app.conf.update(
+        broker_transport_options={"global_keyprefix": prefix},
+        task_ignore_result=True,
+        causal_batch_size=50,
+    )
+    celery_causal.install(app, store=MemoryStore(), beat=False)
+    yield app
+    if broker.startswith("redis"):
+        client = redis.Redis.from_url(broker)
+        for key in client.scan_iter(f"{prefix}*"):
+            client.delete(key)
+
+
+def queued(app: Celery, queue: str) -> list[str]:
+    """Task ids in ``queue``, first published first."""
+    with app.connection_for_read() as conn:
+        ids = []
+        simple = conn.SimpleQueue(queue, no_ack=True)
+        try:
+            while True:
+                try:
+                    message = simple.get(block=False)
+                except simple.Empty:
+                    return ids
+                ids.append(message.headers["id"])
+                assert message.headers[RELEASED]
+        finally:
+            simple.close()
+
+
+def park(
+    app: Celery,
+    store: CausalStore,
+    leader: str,
+    n: int,
+    queue: str,
+    odd_one: tuple[int, str] = (-1, ""),
+) -> list[str]:
+    """Park ``n`` followers of ``leader`` bound for ``queue`` (one, optionally, elsewhere)."""
+    ids = [f"f{i:03d}-{uuid.uuid4().hex[:6]}" for i in range(n)]
+    for i, task_id in enumerate(ids):
+        to = odd_one[1] if i == odd_one[0] else queue
+        follower = pack(
+            scope=SCOPE,
+            task_name="tests.step",
+            task_id=task_id,
+            leader=leader,
+            occurred_at=1000.0 + i,
+            message=build_message(
+                app, "tests.step", [i], {}, {"task_id": task_id, "queue": to}, "json"
+            ),
+            max_bytes=1 << 20,
+        )
+        store.park(follower, 3600)
+    return ids
+
+
+def test_redis_releases_are_batched_and_the_memory_broker_is_not(app: Celery) -> None:
+    with app.producer_or_acquire() as producer:
+        batched = _batch(producer, 10) is not _IMMEDIATE
+    assert batched == app.conf.broker_url.startswith("redis")
+
+
+def test_a_release_publishes_every_follower_in_order_and_deletes_its_rows(app: Celery) -> None:
+    runtime = runtime_for(app)
+    store = runtime.store
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    leader = "leader-" + uuid.uuid4().hex[:6]
+    ids = park(app, store, leader, 120, queue)  # more than two claim batches of 50
+    assert store.record_done(SCOPE, leader)
+
+    released = runtime.release_followers(SCOPE, leader, depth=1)
+
+    assert released == len(ids)
+    assert queued(app, queue) == ids
+    assert store.count_followers(SCOPE, leader) == 0
+
+
+def test_a_broker_failure_mid_batch_deletes_no_row_the_broker_lacks(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 30 parked followers, and a broker connection that fails on the 20th publish
+    # (simulated at kombu's publish call: the one part not made real here)
+    runtime = runtime_for(app)
+    store = runtime.store
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    leader = "leader-" + uuid.uuid4().hex[:6]
+    ids = park(app, store, leader, 30, queue)
+    assert store.record_done(SCOPE, leader)
+    calls = 0
+    real_publish = Producer.publish
+
+    def failing_publish(self: Producer, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 20:
+            raise ConnectionError("broker went away")
+        return real_publish(self, *args, **kwargs)
+
+    monkeypatch.setattr(Producer, "publish", failing_publish)
+
+    # When the leader releases them
+    with pytest.raises(ConnectionError):
+        runtime.release_followers(SCOPE, leader, depth=1)
+    monkeypatch.undo()
+
+    # Then every follower is either in the queue with its row deleted, or still parked
+    # (claimed, for the sweep): none is both gone from the table and missing from the queue
+    first = queued(app, queue)
+    remaining = {f.follower_id for f in store.list_followers(SCOPE, None, 1000)}
+    assert set(first) | remaining == set(ids)
+    assert not set(first) & remaining
+    assert first == ids[: len(first)]
+    # A batch is published whole or not at all; one message at a time, up to the failure.
+    assert len(first) == (0 if app.conf.broker_url.startswith("redis") else 19)
+
+    # And the sweep republishes the rest, in order, once the claim is older than the
+    # release timeout
+    age(store, runtime.settings.release_timeout + 1)
+    report = runtime.sweep()
+    assert report.released == len(remaining)
+    assert queued(app, queue) == ids[len(first) :]
+    assert store.list_followers(SCOPE, None, 1000) == []
+
+
+def test_a_follower_bound_for_a_retired_queue_is_moved_aside_not_blocking_others(
+    app: Celery,
+) -> None:
+    # Given 30 parked followers, the 20th routed to a queue the app no longer knows
+    # (task_create_missing_queues off and the queue gone from its configuration)
+    runtime = runtime_for(app)
+    store = runtime.store
+    queue, retired = f"q-{uuid.uuid4().hex[:6]}", f"retired-{uuid.uuid4().hex[:6]}"
+    leader = "leader-" + uuid.uuid4().hex[:6]
+    ids = park(app, store, leader, 30, queue, odd_one=(19, retired))
+    assert store.record_done(SCOPE, leader)
+    app.amqp.queues.create_missing = False
+    del app.amqp.queues[retired]
+
+    # When the leader releases them
+    released = runtime.release_followers(SCOPE, leader, depth=1)
+
+    # Then the others are published in order, and that one is kept for an operator
+    assert released == 29
+    assert queued(app, queue) == ids[:19] + ids[20:]
+    assert store.list_followers(SCOPE, None, 1000) == []
+    [stats] = store.stats(runtime.settings.lookback)
+    assert stats.dead == 1
