@@ -53,20 +53,17 @@ def publish(
     published: list[int] = []
     try:
         with app.producer_or_acquire() as producer:
+            release = _Release(app, store, producer, accept, reason, depth, report)
             batch = _batch(producer, len(claimed))
             sent: list[int] = []
-            declared: set[str] = set()
             with batch:
                 for follower in claimed:
-                    row_id = _send(
-                        app, store, producer, follower, reason, depth, accept, report, declared
-                    )
-                    if row_id is None:
+                    if not release.send(follower):
                         continue
                     if batch is _IMMEDIATE:
-                        published.append(row_id)
+                        published.append(follower.row_id)
                     else:
-                        sent.append(row_id)
+                        sent.append(follower.row_id)
             # The batch flushed on a clean exit: the broker holds every message in it. A
             # batch left by an exception discarded what it had not flushed, so none of its
             # rows counts as published; those the broker did get are republished by the
@@ -98,65 +95,82 @@ def _batch(producer: Any, size: int) -> AbstractContextManager[Any]:
     return cast(AbstractContextManager[Any], make(max_size=16 * size + 16))
 
 
-def _send(
-    app: Any,
-    store: CausalStore,
-    producer: Any,
-    follower: ClaimedFollower,
-    reason: str,
-    depth: int,
-    accept: Collection[str],
-    report: ReleaseReport,
-    declared: set[str],
-) -> int | None:
-    """Publish one follower's message; its row id, or ``None`` if it was refused."""
-    try:
-        message = unpack(app, follower, accept)
-        if message.queue is not None and message.queue not in declared:
-            # send_task declares the queue on every publish; once per release is enough.
-            producer.maybe_declare(_queue(app, message.queue))
-            declared.add(message.queue)
-    except PayloadError as exc:
-        # Moved aside for an operator (causal_dead_followers), never deleted unseen and
-        # never run; the other followers go on instead of waiting behind it forever.
-        logger.error(
-            "not releasing task %s (follows %s, scope %r): %s; moved to causal_dead_followers",
+class _Release:
+    """One batch of releases on one producer: settings read once, queues declared once."""
+
+    def __init__(
+        self,
+        app: Any,
+        store: CausalStore,
+        producer: Any,
+        accept: Collection[str],
+        reason: str,
+        depth: int,
+        report: ReleaseReport,
+    ) -> None:
+        self.app, self.store, self.producer, self.accept = app, store, producer, accept
+        self.stamp = {RELEASED: reason, DEPTH: depth}
+        self.reason = reason
+        self.report = report
+        self.declared: set[str] = set()
+        conf = app.conf
+        self.options = {
+            "compression": conf.task_compression,
+            "retry": conf.task_publish_retry,
+            "retry_policy": conf.task_publish_retry_policy,
+        }
+
+    def declare(self, queue: str) -> None:
+        if queue not in self.declared:
+            # send_task declares the queue on every publish; once per batch is enough.
+            self.producer.maybe_declare(_queue(self.app, queue))
+            self.declared.add(queue)
+
+    def send(self, follower: ClaimedFollower) -> bool:
+        """Publish one follower's message; ``False`` if it was refused and moved aside."""
+        try:
+            message = unpack(self.app, follower, self.accept)
+            if message.queue is not None:
+                self.declare(message.queue)
+        except PayloadError as exc:
+            # Moved aside for an operator (causal_dead_followers), never deleted unseen and
+            # never run; the other followers go on instead of waiting behind it forever.
+            logger.error(
+                "not releasing task %s (follows %s, scope %r): %s; moved to causal_dead_followers",
+                follower.follower_id,
+                follower.leader_id,
+                follower.scope,
+                exc,
+            )
+            self.store.bury(follower.row_id, str(exc))
+            self.report.refused.append(follower.follower_id)
+            return False
+        properties = dict(message.properties)
+        expiration = _seconds_left(message.headers.get("expires"))
+        if expiration is not None:
+            properties["expiration"] = expiration  # a broker TTL counts from this publish
+        # The stored message, published again as it is: the publish signals and the router
+        # already ran when it was first sent (as for a message the broker redelivers).
+        self.producer.publish(
+            message.body,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            serializer=message.serializer,
+            headers={**message.headers, **self.stamp},
+            delivery_mode=message.delivery_mode,
+            declare=[],  # declared above, once per batch (kombu may append to this list)
+            **self.options,
+            **properties,
+        )
+        self.report.published.append(follower.follower_id)
+        logger.info(
+            "released task %s (follows %s, scope %r) by %s",
             follower.follower_id,
             follower.leader_id,
             follower.scope,
-            exc,
+            self.reason,
         )
-        store.bury(follower.row_id, str(exc))
-        report.refused.append(follower.follower_id)
-        return None
-    properties = dict(message.properties)
-    expiration = _seconds_left(message.headers.get("expires"))
-    if expiration is not None:
-        properties["expiration"] = expiration  # a broker TTL counts from this publish
-    # The stored message, published again as it is: the publish signals and the router
-    # already ran when it was first sent (as for a message the broker redelivers).
-    producer.publish(
-        message.body,
-        exchange=message.exchange,
-        routing_key=message.routing_key,
-        serializer=message.serializer,
-        compression=app.conf.task_compression,
-        headers={**message.headers, RELEASED: reason, DEPTH: depth},
-        delivery_mode=message.delivery_mode,
-        retry=app.conf.task_publish_retry,
-        retry_policy=app.conf.task_publish_retry_policy,
-        declare=[],
-        **properties,
-    )
-    report.published.append(follower.follower_id)
-    logger.info(
-        "released task %s (follows %s, scope %r) by %s",
-        follower.follower_id,
-        follower.leader_id,
-        follower.scope,
-        reason,
-    )
-    return follower.row_id
+        return True
 
 
 def _queue(app: Any, name: str) -> Any:
