@@ -10,8 +10,12 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from billiard.einfo import ExceptionInfo
 from celery import Celery, Task, bootsteps, signals
+from celery.app.task import Context
+from celery.app.trace import TraceInfo, trace_ok_t
 from celery.exceptions import Ignore, Reject, Retry
+from celery.states import IGNORED
 
 from .core import Action, Arrival
 from .errors import InvalidIdError, NotInstalledError, StoreUnavailable
@@ -26,6 +30,11 @@ SWEEP_TASK = "celery_causal.sweep"
 #: Result-backend state and Flower state of a parked task.
 DEFERRED = "DEFERRED"
 BEAT_ENTRY = "celery-causal-sweep"
+
+#: The check made before Celery's tracer, for the task the tracer is running in this
+#: thread: (task id, True or the StoreUnavailable it met). Kept out of the request, whose
+#: fields a retry copies into the new message.
+_pre_checked = threading.local()
 
 #: Store-outage retries do not give up: the task waits for the database rather than
 #: failing or running out of order.
@@ -132,7 +141,12 @@ class CausalTask(Task):  # type: ignore[misc]
         arrival, depth = arrival_from(request)
         scope = self.scope
         try:
-            self._wait_for_leader(runtime, scope, arrival, depth, request)
+            note = getattr(_pre_checked, "note", None)
+            checked = note[1] if note is not None and note[0] == request.id else None
+            if isinstance(checked, StoreUnavailable):
+                raise checked
+            if checked is not True and not self._may_run(runtime, scope, arrival, depth, request):
+                raise Ignore()
         except StoreUnavailable as exc:
             logger.error(
                 "causal check of task %s (follows %s, scope %r) failed, retrying in %gs: %s",
@@ -167,10 +181,10 @@ class CausalTask(Task):  # type: ignore[misc]
         )
         return retval
 
-    def _wait_for_leader(
+    def _may_run(
         self, runtime: CausalRuntime, scope: str, arrival: Arrival, depth: int, request: Any
-    ) -> None:
-        """Return if the body may run now; raise ``Ignore`` if it must not."""
+    ) -> bool:
+        """Whether the body may run now; ``False`` once the task is parked or skipped."""
         verdict, now = runtime.check(scope, arrival)
         if verdict.action is Action.SKIP_DUPLICATE:
             logger.info(
@@ -183,7 +197,7 @@ class CausalTask(Task):  # type: ignore[misc]
             # and before its followers were claimed: release what it left waiting. A store
             # outage here retries the message, which comes back to this same step.
             runtime.release_after_done(scope, arrival.task_id, depth)
-            raise Ignore()
+            return False
         if verdict.action is Action.PARK:
             # The DEFERRED state is stored before the row exists: once parked, the leader
             # may release the follower and its SUCCESS must not be overwritten by us.
@@ -207,7 +221,7 @@ class CausalTask(Task):  # type: ignore[misc]
                     scope=scope,
                     name=self.name,
                 )
-                raise Ignore()
+                return False
             logger.info(
                 "task %s runs: its leader %s (scope %r) succeeded while it was parking",
                 arrival.task_id,
@@ -221,6 +235,61 @@ class CausalTask(Task):  # type: ignore[misc]
                 arrival.leader,
                 scope,
             )
+        return True
+
+    # Celery's worker gives every task its tracer by assigning ``__trace__`` (in each
+    # prefork pool process; in the consumer for the other pools). Wrapped, the causal check
+    # runs before the tracer starts, so a task that must not run ends without raising
+    # Ignore through the tracer: its exception info would copy the code positions of every
+    # frame on the way, the tracer's own first (about 0.5 ms a parked task, held in
+    # reference cycles until a full collection). Where Celery runs a task without
+    # ``__trace__`` (eager ``apply``), ``__call__`` makes the same check.
+    @property
+    def __trace__(self) -> Any:
+        return self.__dict__.get("_causal_tracer")
+
+    @__trace__.setter
+    def __trace__(self, tracer: Any) -> None:
+        self.__dict__["_causal_tracer"] = (
+            None if tracer is None else functools.partial(_check_then_trace, self, tracer)
+        )
+
+
+def _check_then_trace(
+    task: CausalTask, tracer: Any, uuid: str, args: Any, kwargs: Any, request: Any = None
+) -> Any:
+    """Celery's tracer, after the causal check; a parked or duplicate task ends here."""
+    request = request if request is not None else {}
+    started = time.monotonic()
+    context = Context(request, args=args, called_directly=False, kwargs=kwargs)
+    task.request_stack.push(context)  # as the tracer does: task.request is this context
+    try:
+        arrival, depth = arrival_from(context)
+        runs = task._may_run(runtime_for(task.app), task.scope, arrival, depth, context)
+        checked: bool | StoreUnavailable | None = runs
+    except StoreUnavailable as exc:
+        runs, checked = True, exc  # __call__ retries the task, inside the tracer
+    except Exception:
+        # Any other failure is reported by the tracer: __call__ checks again and raises
+        # it there, where Celery records the task's failure. Parking is idempotent.
+        runs, checked = True, None
+    finally:
+        task.request_stack.pop()
+    if runs:
+        _pre_checked.note = None if checked is None else (uuid, checked)
+        try:
+            return tracer(uuid, args, kwargs, request)
+        finally:
+            _pre_checked.note = None
+    # The outcome the tracer gives a task that raised Ignore, from a one-frame traceback.
+    try:
+        raise Ignore()
+    except Ignore as exc:
+        info = TraceInfo(IGNORED, exc)
+        einfo = ExceptionInfo(internal=True)
+        info.handle_ignore(task, context)  # logs "ignored", as for any Ignore
+        exc.__traceback__ = None  # the frame would hold the request: no reference cycle
+    return trace_ok_t(einfo, info, time.monotonic() - started, None)
 
 
 def _after_body(problem: str, step: Callable[[], object], task_id: str, scope: str) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 import celery_causal
 
@@ -103,6 +103,13 @@ def create(prefix: str | None = None, store_url: str | None = None) -> Handle:
     def broken(log: str, label: str) -> str:
         _redis.rpush(prefix + log, label)
         raise ValueError(f"{label} is broken")
+
+    def record_start(sender: Any = None, task_id: str = "", **_: Any) -> None:
+        """Task ids whose body was about to start (Celery's task_prerun), across processes."""
+        if getattr(sender, "app", None) is app:
+            _redis.rpush(prefix + "started", task_id)
+
+    signals.task_prerun.connect(record_start, weak=False)
 
     @app.task(name="acc.ping", shared=False)
     def ping() -> str:

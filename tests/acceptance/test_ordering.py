@@ -102,6 +102,24 @@ def test_fifty_reversed_chains_of_five_run_in_order(
     assert sum(s.waiting + s.releasing for s in store.stats(900)) == 0
 
 
+def test_a_parked_follower_starts_only_once_it_is_released(
+    worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
+) -> None:
+    # Given a follower parked in a prefork pool process before its leader came
+    run = uuid.uuid4().hex[:8]
+    leader, follower = f"{run}-leader", f"{run}-follower"
+    causal_app.step.apply_async((log.name, "follower"), task_id=follower, follows=leader)
+    wait_for(lambda: store.count_followers("acc", leader) == 1, 60, "follower parked")
+    # When the leader runs and releases it
+    causal_app.step.apply_async((log.name, "leader"), task_id=leader)
+    assert log.wait_len(2) == ["leader", "follower"]
+    # Then Celery started the follower's body once, for its released delivery: the parked
+    # delivery ended before Celery's tracer (no task_prerun, no exception info)
+    started = [e.decode() for e in log.client.lrange(causal_app.prefix + "started", 0, -1)]
+    assert started.count(follower) == 1
+    assert started.count(leader) == 1
+
+
 @pytest.mark.timeout(400)
 def test_one_leader_releases_a_thousand_followers_exactly_once(
     worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore

@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 import pytest
-from celery import Celery
+from celery import Celery, signals
 
 import celery_causal
 from celery_causal.errors import NotInstalledError
@@ -34,6 +34,33 @@ def test_base_class_form_parks_and_releases_in_the_default_scope() -> None:
     h.run_until(lambda: len(seen) == 2, "both bodies")
     assert seen == ["leader", "follower"]
     assert store.stats(900) == []  # the follower was parked in scope "default", then released
+
+
+def test_parked_and_duplicate_deliveries_end_before_the_body_starts() -> None:
+    # Given a worker that records every task whose body starts (Celery's task_prerun)
+    store = MemoryStore()
+    h = Harness(store)
+    started: list[str] = []
+
+    def record(sender: Any = None, task_id: str = "", **_: Any) -> None:
+        if getattr(sender, "app", None) is h.app:
+            started.append(task_id)
+
+    signals.task_prerun.connect(record, weak=False)
+    try:
+        # When a follower parks, its leader runs and releases it, and the leader's
+        # message is delivered again
+        h.send("follower", "leader")
+        h.send("leader")
+        h.send("leader")
+        h.send("marker")
+        h.run_until(lambda: "marker" in h.ran, "marker")
+    finally:
+        signals.task_prerun.disconnect(record)
+    # Then each body ran once, and Celery started each task once: the parked delivery and
+    # the duplicate ended before the tracer
+    assert h.ran == ["leader", "follower", "marker"] or h.ran == ["leader", "marker", "follower"]
+    assert sorted(started) == sorted(h.id(label) for label in ("leader", "follower", "marker"))
 
 
 def test_parked_message_keeps_argument_types_headers_and_callbacks(pg_url: str) -> None:
