@@ -281,7 +281,14 @@ def _check_then_trace(
             return tracer(uuid, args, kwargs, request)
         finally:
             _pre_checked.note = None
-    # The outcome the tracer gives a task that raised Ignore, from a one-frame traceback.
+    return _ignored(task, context, time.monotonic() - started)
+
+
+def _ignored(task: CausalTask, context: Any, runtime: float) -> Any:
+    """The outcome the tracer gives a task that raised Ignore, from a one-frame traceback.
+
+    Raised and caught here, so the exception info copies this small frame only.
+    """
     try:
         raise Ignore()
     except Ignore as exc:
@@ -289,7 +296,7 @@ def _check_then_trace(
         einfo = ExceptionInfo(internal=True)
         info.handle_ignore(task, context)  # logs "ignored", as for any Ignore
         exc.__traceback__ = None  # the frame would hold the request: no reference cycle
-    return trace_ok_t(einfo, info, time.monotonic() - started, None)
+    return trace_ok_t(einfo, info, runtime, None)
 
 
 def _after_body(problem: str, step: Callable[[], object], task_id: str, scope: str) -> None:
