@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, cast
 
-from celery.utils.iso8601 import parse_iso8601 as isoparse
-
 from .errors import PayloadError
 from .faults import CRASH_AFTER_CLAIM, crash_point
 from .payload import DEPTH, RELEASED, unpack
@@ -188,7 +186,7 @@ def _seconds_left(expires: Any) -> float | None:
     if not expires:
         return None
     try:
-        moment = isoparse(expires) if isinstance(expires, str) else expires
+        moment = datetime.fromisoformat(expires) if isinstance(expires, str) else expires
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)
         return max(0.0, float((moment - datetime.now(timezone.utc)).total_seconds()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -52,21 +53,26 @@ def app(broker: str, key_prefix: str) -> Iterator[Celery]:
             client.delete(key)
 
 
-def queued(app: Celery, queue: str) -> list[str]:
-    """Task ids in ``queue``, first published first."""
+def messages(app: Celery, queue: str) -> list[Any]:
+    """The messages in ``queue``, first published first (taken off the queue)."""
     with app.connection_for_read() as conn:
-        ids = []
+        found = []
         simple = conn.SimpleQueue(queue, no_ack=True)
         try:
             while True:
                 try:
-                    message = simple.get(block=False)
+                    found.append(simple.get(block=False))
                 except simple.Empty:
-                    return ids
-                ids.append(message.headers["id"])
-                assert message.headers[RELEASED]
+                    return found
         finally:
             simple.close()
+
+
+def queued(app: Celery, queue: str) -> list[str]:
+    """Task ids in ``queue``, first published first."""
+    found = messages(app, queue)
+    assert all(m.headers[RELEASED] for m in found)
+    return [m.headers["id"] for m in found]
 
 
 def park(
@@ -187,3 +193,44 @@ def test_a_follower_bound_for_a_retired_queue_is_moved_aside_not_blocking_others
     assert store.list_followers(SCOPE, None, 1000) == []
     [stats] = store.stats(runtime.settings.lookback)
     assert stats.dead == 1
+
+
+def test_a_released_message_keeps_its_priority_and_its_expiry_counts_from_the_release(
+    app: Celery,
+) -> None:
+    # Given a follower sent with a priority and an expiry an hour away
+    runtime = runtime_for(app)
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    leader, task_id = "leader-" + uuid.uuid4().hex[:6], "f-" + uuid.uuid4().hex[:6]
+    expires = datetime.now(timezone.utc) + timedelta(hours=1)
+    message = build_message(
+        app,
+        "tests.step",
+        [1],
+        {},
+        {"task_id": task_id, "queue": queue, "priority": 3, "expires": expires.isoformat()},
+        "json",
+    )
+    runtime.store.park(
+        pack(
+            scope=SCOPE,
+            task_name="tests.step",
+            task_id=task_id,
+            leader=leader,
+            occurred_at=1.0,
+            message=message,
+            max_bytes=1 << 20,
+        ),
+        3600,
+    )
+    assert runtime.store.record_done(SCOPE, leader)
+    # When its leader releases it
+    assert runtime.release_followers(SCOPE, leader, depth=1) == 1
+    # Then the broker gets it with its priority, its expiry header, and a TTL of what is
+    # left of the hour (kombu carries it in milliseconds)
+    [received] = messages(app, queue)
+    assert received.headers["id"] == task_id
+    assert received.headers["expires"] == expires.isoformat()
+    assert received.properties["priority"] == 3
+    ttl_ms = int(received.properties["expiration"])
+    assert 3_500_000 < ttl_ms <= 3_600_000
