@@ -16,6 +16,7 @@ from typing import Any
 
 from kombu.exceptions import ContentDisallowed, DecodeError, EncodeError
 from kombu.serialization import dumps, loads, registry
+from kombu.utils.functional import maybe_list
 
 from .errors import InvalidIdError, InvalidLeaderError, PayloadError
 from .store import MAX_ID_LENGTH, Follower
@@ -137,8 +138,8 @@ def build_message(
         task_name,
         list(args or ()),
         dict(kwargs or {}),
-        callbacks=_as_list(callbacks),
-        errbacks=_as_list(errbacks),
+        callbacks=maybe_list(callbacks),  # type: ignore[no-untyped-call]  # as send_task does
+        errbacks=maybe_list(errbacks),  # type: ignore[no-untyped-call]
         reply_to=reply_to,
         create_sent_event=False,
         **options,
@@ -164,13 +165,6 @@ def build_message(
         delivery_mode=delivery_mode or app.conf.task_default_delivery_mode,
         serializer=serializer,
     )
-
-
-def _as_list(value: Any) -> list[Any] | None:
-    """A ``link`` option as send_task passes it on: a list, or ``None``."""
-    if value is None or isinstance(value, list):
-        return value
-    return list(value) if isinstance(value, tuple) else [value]
 
 
 #: The stored fields of a :class:`Message`; its serializer is the row's content type.

@@ -47,30 +47,25 @@ def publish(
     if not claimed:
         return report
     crash_point(CRASH_AFTER_CLAIM, reason)
-    # Row ids whose message the broker holds; only these rows are deleted.
-    published: list[int] = []
+    sent: list[int] = []  # row ids handed to the producer, in order
+    immediate, flushed = True, False
     try:
         with app.producer_or_acquire() as producer:
             release = _Release(app, store, producer, accept, reason, depth, report)
             batch = _batch(producer, len(claimed))
-            sent: list[int] = []
+            immediate = batch is _IMMEDIATE
             with batch:
                 for follower in claimed:
-                    if not release.send(follower):
-                        continue
-                    if batch is _IMMEDIATE:
-                        published.append(follower.row_id)
-                    else:
+                    if release.send(follower):
                         sent.append(follower.row_id)
-            # The batch flushed on a clean exit: the broker holds every message in it. A
-            # batch left by an exception discarded what it had not flushed, so none of its
-            # rows counts as published; those the broker did get are republished by the
-            # sweep later and skipped there as duplicates (done record).
-            published.extend(sent)
+            flushed = True
     finally:
-        # Published rows are deleted even if a later publish failed; the others stay
-        # claimed and the sweep retries them after causal_release_timeout.
-        store.finish(published)
+        # Only rows whose message the broker holds are deleted; the others stay claimed and
+        # the sweep retries them after causal_release_timeout. Published one at a time, a
+        # message is there once sent. A batch is there once it flushed on a clean exit; one
+        # left by an exception discarded what it had not flushed, so none of its rows
+        # counts (any the broker did get are republished later and skipped as duplicates).
+        store.finish(sent if immediate or flushed else [])
     return report
 
 
