@@ -14,7 +14,8 @@ logger = logging.getLogger("celery_causal")
 
 #: Set to a release reason ("leader", "sweep"): die after claiming, before publishing.
 CRASH_AFTER_CLAIM = "CELERY_CAUSAL_CRASH_AFTER_CLAIM"
-#: Set to "1": die after storing a finished task's done record, before claiming followers.
+#: Set to "1": die after storing a finished task's done record (on PostgreSQL together with
+#: the claim of its first followers), before publishing any of them.
 CRASH_AFTER_DONE = "CELERY_CAUSAL_CRASH_AFTER_DONE"
 
 

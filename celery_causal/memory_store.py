@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from .core import release_order
 from .store import (
     ClaimedFollower,
+    DoneRecord,
     Follower,
     FollowerInfo,
     Lookup,
@@ -39,7 +40,7 @@ class MemoryStore:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._rows: dict[tuple[str, str], _Row] = {}
         self._done: dict[tuple[str, str], float] = {}
         self._next_id = 1
@@ -81,6 +82,13 @@ class MemoryStore:
                 and r.follower.leader_id == task_id
                 for r in self._rows.values()
             )
+
+    def record_done_and_claim(self, scope: str, task_id: str, limit: int) -> DoneRecord:
+        with self._lock:  # re-entrant: record and claim are one atomic step here
+            if not self.record_done(scope, task_id):
+                return DoneRecord(waited=False, claimed=[], complete=True)
+            claimed = self.claim_followers(scope, task_id, limit) if limit else []
+            return DoneRecord(True, claimed, complete=limit > 0 and len(claimed) < limit)
 
     def _claim(self, rows: list[_Row], now: float, limit: int) -> list[ClaimedFollower]:
         ordered = release_order(r.claimed() for r in rows)[:limit]

@@ -146,13 +146,23 @@ class CausalRuntime:
 
     def complete(self, scope: str, task_id: str, depth: int) -> int:
         """Record ``task_id`` done, then release its followers; return how many."""
-        # Order matters: the done record must be committed before the claim (see store.py).
-        waited = self.store.record_done(scope, task_id)
+        # Order matters: the done record is committed no later than the claim (store.py).
+        # The first batch of followers is claimed with the record (one round trip on
+        # PostgreSQL); a killed process leaves that batch claimed, and the sweep publishes
+        # it once causal_release_timeout has passed.
+        limit = self.settings.batch_size if may_release(depth, self.settings.max_depth) else 0
+        record = self.store.record_done_and_claim(scope, task_id, limit)
         crash_point(CRASH_AFTER_DONE, "1")
         self._remember(scope, (task_id,))
-        if not waited:
+        if not record.waited:
             return 0  # no follower parked before the record; later ones see it and run
-        return self.release_after_done(scope, task_id, depth)
+        released = 0
+        if record.claimed:
+            report = self._publish(record.claimed, reason="leader", depth=depth + 1)
+            released = len(report.published)
+        if record.complete:
+            return released
+        return released + self.release_after_done(scope, task_id, depth)
 
     def release_after_done(self, scope: str, task_id: str, depth: int) -> int:
         """Release the followers of ``task_id``, whose done record is stored.

@@ -41,6 +41,7 @@ from .sql_engine import Compiled, Database
 from .sql_schema import db_clock, dead_followers, done, followers, metadata
 from .store import (
     ClaimedFollower,
+    DoneRecord,
     Follower,
     FollowerInfo,
     Lookup,
@@ -63,6 +64,9 @@ _FOLLOWER_COLUMNS = (
     followers.c.payload,
     followers.c.hostname,
 )
+
+#: The smallest step by which a mark moves waited_at forward (see SQLStore._mark).
+_TICK = 1e-6
 
 # Any constant: serialises concurrent CREATE TABLE from many processes starting at once.
 _SCHEMA_LOCK_KEY = 0x636175736C
@@ -224,9 +228,15 @@ class SQLStore:
             done_at=None,
             waited_at=db_clock(),
         )
+        waited_at: Any = mark.excluded.waited_at
+        if self.is_postgresql:
+            # Every mark moves waited_at forward, even two taken in the same microsecond:
+            # the done record compares the value it read in its snapshot with the latest
+            # one to learn whether a park committed while it waited (_record_and_claim).
+            waited_at = func.greatest(waited_at, done.c.waited_at + _TICK)
         self._mark = mark.on_conflict_do_update(
             index_elements=["scope", "task_id"],
-            set_={"waited_at": mark.excluded.waited_at, "done_at": None},
+            set_={"waited_at": waited_at, "done_at": None},
             where=or_(
                 done.c.done_at.is_(None),
                 done.c.done_at <= db_clock() - bindparam("b_ttl", type_=Double),
@@ -250,6 +260,7 @@ class SQLStore:
         self._record_done = record.on_conflict_do_update(
             index_elements=["scope", "task_id"], set_={"done_at": record.excluded.done_at}
         ).returning(done.c.waited_at)
+        self._record_and_claim = self._record_and_claim_statement() if self.is_postgresql else None
 
     def _park_statement(self) -> Any:
         """PostgreSQL: mark the leader's row and insert the follower in one statement."""
@@ -298,6 +309,45 @@ class SQLStore:
             had_row.label("had_row"),
             exists(select(parked)).label("inserted"),
         )
+
+    def _record_and_claim_statement(self) -> Any:
+        """PostgreSQL: the done record and the claim of the first followers in one statement.
+
+        The claim reads the statement's snapshot, taken before the record waited for the
+        leader's row lock: a follower whose park committed during that wait marked the row
+        (so ``waited_at`` returned by the record is newer than the one in the snapshot) but
+        its row is not in the snapshot. The caller then claims again in a statement of its
+        own, as it does whenever a batch came back full.
+        """
+        record = self._record_done.cte("record")
+        snapshot = select(done.c.waited_at).where(
+            done.c.scope == bindparam("b_scope"), done.c.task_id == bindparam("b_task_id")
+        )
+        ids = (
+            select(followers.c.id)
+            .where(
+                followers.c.scope == bindparam("b_scope"),
+                followers.c.leader_id == bindparam("b_task_id"),
+                followers.c.claimed_at.is_(None),
+                # Nothing to look for when no follower ever marked the row (most tasks).
+                exists().where(record.c.waited_at.is_not(None)),
+            )
+            .order_by(followers.c.occurred_at, followers.c.follower_id)
+            .limit(bindparam("b_limit"))
+            .with_for_update(skip_locked=True, of=followers)
+        )
+        claimed = (
+            update(followers)
+            .where(followers.c.id.in_(ids.scalar_subquery()))
+            .values(claimed_at=db_clock())
+            .returning(*_FOLLOWER_COLUMNS)
+            .cte("claimed")
+        )
+        return select(
+            record.c.waited_at,
+            snapshot.scalar_subquery().label("seen_waited_at"),
+            *claimed.c,
+        ).select_from(record.outerjoin(claimed, literal(True)))
 
     def __repr__(self) -> str:
         return f"SQLStore({mask_url(self.url)!r})"
@@ -404,6 +454,25 @@ class SQLStore:
         params = {"b_scope": scope, "b_task_id": task_id}
         ((waited_at,),) = self._fetch(self._record_done, params)
         return waited_at is not None
+
+    def record_done_and_claim(self, scope: str, task_id: str, limit: int) -> DoneRecord:
+        if self._record_and_claim is None:
+            # SQLite: the record, then (if a follower marked the row) the claim, each
+            # committed on its own; the claim's snapshot follows the record's commit.
+            if not self.record_done(scope, task_id):
+                return DoneRecord(waited=False, claimed=[], complete=True)
+            claimed = self.claim_followers(scope, task_id, limit) if limit else []
+            return DoneRecord(True, claimed, complete=limit > 0 and len(claimed) < limit)
+        params = {"b_scope": scope, "b_task_id": task_id, "b_limit": limit}
+        rows = self._fetch(self._record_and_claim, params)
+        waited_at, seen_waited_at = rows[0][0], rows[0][1]
+        if waited_at is None:
+            return DoneRecord(waited=False, claimed=[], complete=True)
+        claimed = release_order(_claimed(*row[2:]) for row in rows if row[2] is not None)
+        # Complete only if no park committed after the snapshot the claim read, and the
+        # batch was not cut short by the limit.
+        complete = waited_at == seen_waited_at and limit > 0 and len(claimed) < limit
+        return DoneRecord(True, claimed, complete)
 
     def _claim(self, stmt: Any, params: dict[str, Any]) -> list[ClaimedFollower]:
         return release_order(_claimed(*row) for row in self._fetch(stmt, params))

@@ -6,8 +6,8 @@ docstring says what is atomic. Timestamps are epoch seconds taken from the store
 so a worker with a wrong clock cannot release or hold work early.
 
 How park and release avoid stranding a follower (the seed's park/complete race): a leader
-first *commits* its done record (:meth:`record_done`), then claims its followers
-(:meth:`claim_followers`) if any follower waited for it. A follower's :meth:`park` commits
+*commits* its done record no later than it claims its followers (:meth:`record_done_and_claim`,
+then :meth:`claim_followers` while more may wait). A follower's :meth:`park` commits
 its row and re-checks the leader. Whichever commits second sees the other's commit: either
 the leader's claim sees the row, or the follower's park sees the done record and does not
 leave a row waiting. A claim and a take-back both move a row out of ``waiting`` in one
@@ -58,6 +58,18 @@ class ClaimedFollower(Follower):
 
     row_id: int = 0
     parked_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class DoneRecord:
+    """What :meth:`CausalStore.record_done_and_claim` did."""
+
+    #: A follower marked the leader before its record: there may be followers to release.
+    waited: bool
+    #: Followers claimed with the record, in release order (at most the limit asked for).
+    claimed: list[ClaimedFollower]
+    #: ``claimed`` holds every follower that was waiting: no further claim is needed.
+    complete: bool
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,15 @@ class CausalStore(Protocol):
         ``False`` means no follower of ``task_id`` parked before this record, so there is
         nothing to claim: a follower that parks later finds the record and runs. ``True``
         means followers may be waiting (or were, and are already released).
+        """
+
+    def record_done_and_claim(self, scope: str, task_id: str, limit: int) -> DoneRecord:
+        """:meth:`record_done`, then claim up to ``limit`` of the followers it found waiting.
+
+        The record is committed no later than the claim (PostgreSQL commits both in one
+        statement). ``complete`` is ``False`` when more followers may be waiting: the
+        batch was full, ``limit`` was 0, or a follower parked while the record was being
+        made; the caller then goes on with :meth:`claim_followers`.
         """
 
     def claim_followers(self, scope: str, leader_id: str, limit: int) -> list[ClaimedFollower]:

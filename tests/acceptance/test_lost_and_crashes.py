@@ -139,27 +139,70 @@ def test_worker_killed_between_claim_and_publish_loses_no_follower(
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("deduplicate", ["always", "redelivered"])
-def test_worker_killed_between_done_record_and_claim_loses_no_follower(
+def test_worker_killed_after_its_done_record_loses_no_follower(
     spawn: Callable[..., Spawned], deduplicate: str
 ) -> None:
-    # Given acks_late workers whose processes die after every done record, before the claim
-    # (with "redelivered", the requeued message's redelivered flag is what triggers the
+    # Given acks_late workers whose processes die after every done record, which on
+    # PostgreSQL also claimed the task's first followers, before publishing them (with
+    # "redelivered", the requeued message's redelivered flag is what triggers the
     # duplicate check of the chain's first task)
     s = spawn(
         CAUSAL_TEST_ACKS_LATE="1",
         CELERY_CAUSAL_CRASH_AFTER_DONE="1",
         CAUSAL_DEDUPLICATE=deduplicate,
+        CAUSAL_RELEASE_TIMEOUT="2",
     )
     log = s.log("after-done")
-    # When a chain of 4 arrives fully reversed
+    # When a chain of 4 arrives fully reversed, and sweeps run as beat would run them
     send_reversed_chains(s, log, chains=1, depth=4)
-    # Then each redelivered task is skipped as done and releases what it left waiting, so
-    # the chain runs in order, each body once, long before the lookback
-    assert log.wait_len(4, timeout=120) == [f"c0:{i}" for i in range(4)]
+
+    def chain_ran() -> bool:
+        if oldest_claim_age(s) > 2:
+            sweep(s)  # republishes the followers a killed leader left claimed
+        return len(log.entries()) == 4
+
+    wait_for(chain_ran, 120, "the whole chain")
+    # Then each redelivered task is skipped as done, each follower comes back within the
+    # release timeout rather than the lookback, and the chain runs in order, each body once
+    assert log.entries() == [f"c0:{i}" for i in range(4)]
     wait_for(lambda: s.worker.log_text().count("CRASH_AFTER_DONE=1: killing") == 4, 60, "4 kills")
     wait_for(lambda: s.store.stats(900) == [], 60, "an empty follower table")
     time.sleep(0.5)  # a wrong second run of a body would show now
     assert log.entries() == [f"c0:{i}" for i in range(4)]
+    s.worker.stop()
+
+
+@pytest.mark.timeout(300)
+def test_leader_killed_after_its_record_releases_the_rest_on_redelivery(
+    spawn: Callable[..., Spawned],
+) -> None:
+    # Given an acks_late worker whose processes die after every done record, claiming two
+    # followers with it (causal_batch_size=2), and one leader with five parked followers
+    s = spawn(
+        CAUSAL_TEST_ACKS_LATE="1",
+        CELERY_CAUSAL_CRASH_AFTER_DONE="1",
+        CAUSAL_BATCH_SIZE="2",
+        CAUSAL_RELEASE_TIMEOUT="2",
+    )
+    log, leader = s.log("rest"), f"rest-leader-{uuid.uuid4()}"
+    for i in range(5):
+        s.handle.step.apply_async((log.name, f"f{i}"), follows=leader, task_id=f"{leader}-f{i}")
+    wait_for(lambda: s.store.count_followers("acc", leader) == 5, 60, "five parked")
+    # When the leader runs, records itself done with the first two claimed, and dies
+    s.handle.step.apply_async((log.name, "leader"), task_id=leader)
+    # Then its redelivered message, skipped as done, releases the three it had not claimed
+    ran = log.wait_len(4, timeout=120)
+    assert ran[0] == "leader" and sorted(ran[1:]) == ["f2", "f3", "f4"]
+    assert released_by_sweep(s.worker) == []
+    # and the sweep republishes the two the dead process left claimed, once they are old
+    wait_for(lambda: oldest_claim_age(s) > 2, 60, "release timeout")
+    assert sweep(s)["released"] == 2
+    ran = log.wait_len(6, timeout=120)
+    assert sorted(ran[4:]) == ["f0", "f1"]
+    assert sorted(released_by_sweep(s.worker)) == [f"{leader}-f0", f"{leader}-f1"]
+    wait_for(lambda: s.store.stats(900) == [], 60, "an empty follower table")
+    time.sleep(0.5)  # a wrong second run of a body would show now
+    assert Counter(log.entries()) == Counter(["leader", "f0", "f1", "f2", "f3", "f4"])
     s.worker.stop()
 
 

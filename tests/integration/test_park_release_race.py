@@ -10,14 +10,27 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter
 
+import psycopg
 import pytest
+from sqlalchemy import text
 
-from celery_causal.store import CausalStore, ParkOutcome
-from tests.helpers import follower
+from celery_causal.sql_store import SQLStore
+from celery_causal.store import CausalStore, ClaimedFollower, DoneRecord, ParkOutcome
+from tests.helpers import follower, truncate
 
 TTL = 1800.0
+
+
+def leader_claims(store: CausalStore, leader: str, limit: int = 100) -> list[ClaimedFollower]:
+    """What the runtime claims when ``leader`` succeeds: with its done record, then more."""
+    record = store.record_done_and_claim("default", leader, limit)
+    claimed = list(record.claimed)
+    if record.waited and not record.complete:
+        claimed += store.claim_followers("default", leader, limit)
+    return claimed
 
 
 def _run_pair(store: CausalStore, fid: str, leader: str, order: list[str]) -> Counter[str]:
@@ -42,10 +55,9 @@ def _run_pair(store: CausalStore, fid: str, leader: str, order: list[str]) -> Co
         assert follower_checked.wait(10)
         if order == ["check", "park", "leader"]:
             assert follower_parked.wait(10)
-        if store.record_done("default", leader):  # the runtime claims only then
-            for claimed in store.claim_followers("default", leader, 100):
-                runs[claimed.follower_id] += 1
-                store.finish([claimed.row_id])
+        for claimed in leader_claims(store, leader):
+            runs[claimed.follower_id] += 1
+            store.finish([claimed.row_id])
         leader_finished.set()
 
     threads = [threading.Thread(target=follower_side), threading.Thread(target=leader_side)]
@@ -85,11 +97,10 @@ def test_racing_pairs_released_through_a_barrier(store: CausalStore) -> None:
         barrier.wait()
         for kind, fid, leader in my_steps:
             if kind == "lead":
-                if store.record_done("default", leader):
-                    for claimed in store.claim_followers("default", leader, 100):
-                        store.finish([claimed.row_id])
-                        with lock:
-                            runs[claimed.follower_id] += 1
+                for claimed in leader_claims(store, leader):
+                    store.finish([claimed.row_id])
+                    with lock:
+                        runs[claimed.follower_id] += 1
             elif leader in store.lookup("default", [leader], TTL).done or (
                 store.park(follower(fid, leader), TTL) is ParkOutcome.LEADER_DONE
             ):
@@ -104,3 +115,81 @@ def test_racing_pairs_released_through_a_barrier(store: CausalStore) -> None:
     # Then every follower ran exactly once and none waits for the sweep
     assert runs == {f: 1 for f, _ in pairs}
     assert sum(s.waiting + s.releasing for s in store.stats(lookback=900)) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_park_committed_while_the_done_record_waits_is_not_missed(pg_url: str) -> None:
+    # PostgreSQL claims with the done record, in the snapshot the statement took before it
+    # waited for the leader's row: a park that commits during that wait is not in it.
+    store = SQLStore(pg_url)
+    truncate(store)
+    assert store._park_in_one is not None
+    compiled = store._db.compile(store._park_in_one)
+    parked_row = follower("f1", "L")
+    values = {
+        "b_scope": "default",
+        "b_follower": "f1",
+        "b_leader": "L",
+        "b_task": parked_row.task_name,
+        "b_occurred": parked_row.occurred_at,
+        "b_ctype": parked_row.content_type,
+        "b_cenc": parked_row.content_encoding,
+        "b_payload": parked_row.payload,
+        "b_host": "",
+        "b_ttl": TTL,
+    }
+    park_conn = psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"))
+    try:
+        # Given a follower whose park holds the leader's row, its transaction still open
+        park_conn.execute(compiled.sql, compiled.bind(values))
+        park_pid = park_conn.info.backend_pid
+        # When the leader records done and claims meanwhile (it waits for that row)
+        outcome: list[DoneRecord] = []
+        leader = threading.Thread(
+            target=lambda: outcome.append(store.record_done_and_claim("default", "L", 100))
+        )
+        leader.start()
+        waiting_on_park = (
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> %s "
+            "AND %s = ANY(pg_blocking_pids(pid))"
+        )
+        with psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql")) as probe:
+            for _ in range(500):
+                row = probe.execute(waiting_on_park, (park_pid, park_pid)).fetchone()
+                if row is not None and row[0]:
+                    break
+                time.sleep(0.01)
+            else:
+                pytest.fail("the done record never waited for the park's lock")
+        # and the park commits while the record waits
+        park_conn.commit()
+        leader.join(20)
+    finally:
+        park_conn.close()
+    # Then the record either claimed the follower or says it must claim again
+    (record,) = outcome
+    assert record.waited
+    later = [] if record.complete else store.claim_followers("default", "L", 100)
+    assert [f.follower_id for f in record.claimed + later] == ["f1"]
+    assert not record.complete  # the snapshot predates the park: the claim is repeated
+    truncate(store)
+    store.close()
+
+
+def test_every_mark_moves_the_leaders_row_forward_even_when_the_clock_does_not(
+    pg_url: str,
+) -> None:
+    # The done record learns that a park committed during its lock wait by comparing
+    # waited_at in its snapshot with the latest; a mark must never leave it unchanged.
+    store = SQLStore(pg_url)
+    truncate(store)
+    store.park(follower("f1", "L"), TTL)
+    ahead = store.clock() + 3600.0  # as if the next park read an equal or earlier clock
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE causal_done SET waited_at = :w"), {"w": ahead})
+    store.park(follower("f2", "L"), TTL)
+    with store.engine.connect() as conn:
+        (waited_at,) = conn.execute(text("SELECT waited_at FROM causal_done")).one()
+    assert waited_at > ahead
+    truncate(store)
+    store.close()

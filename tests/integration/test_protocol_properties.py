@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from celery_causal.memory_store import MemoryStore
 from celery_causal.sql_store import SQLStore
-from celery_causal.store import CausalStore, ParkOutcome
+from celery_causal.store import CausalStore, ClaimedFollower, ParkOutcome
 from tests.helpers import age, follower, truncate
 
 LEADERS = [f"L{i}" for i in range(3)]
@@ -99,16 +99,20 @@ class Protocol(RuleBasedStateMachine):
                 self.model.rows_created[fid] = self.model.rows_created.get(fid, 0) + 1
         assert outcome is expected
 
-    @rule(leader=st.sampled_from(LEADERS))
-    def record_done(self, leader: str) -> None:
-        waited = self.store.record_done("s", leader)
+    @rule(leader=st.sampled_from(LEADERS), limit=st.integers(0, 3), data=st.data())
+    def record_done(self, leader: str, limit: int, data: st.DataObject) -> None:
+        """The leader succeeds: its done record, and the first followers claimed with it."""
+        record = self.store.record_done_and_claim("s", leader, limit)
+        waiting = self._waiting_for(leader)
         # "Nothing waited" must be true: the runtime then skips the claim.
-        assert waited or not any(
-            FOLLOWERS[f] == leader and r.state == "waiting" for f, r in self.model.rows.items()
-        )
+        assert record.waited or not waiting
+        assert [c.follower_id for c in record.claimed] == waiting[:limit]
+        # "Complete" must be true: the runtime then claims no more.
+        assert not record.complete or len(record.claimed) == len(waiting)
         self.model.done_age[leader] = 0.0
         self.model.mark_age.pop(leader, None)  # the row is a done record now
-        if waited:
+        self._take(record.claimed, data)
+        if record.waited and not record.complete:
             self.model.completing.add(leader)
 
     @precondition(lambda self: self.model.completing)
@@ -117,14 +121,20 @@ class Protocol(RuleBasedStateMachine):
         leader = data.draw(st.sampled_from(sorted(self.model.completing)))
         self.model.completing.discard(leader)
         claimed = self.store.claim_followers("s", leader, 100)
-        expected = sorted(
+        assert [c.follower_id for c in claimed] == self._waiting_for(leader)
+        self._take(claimed, data)
+
+    def _waiting_for(self, leader: str) -> list[str]:
+        # In release order: every follower here occurred at the same time, ties by id.
+        return sorted(
             f for f, r in self.model.rows.items() if FOLLOWERS[f] == leader and r.state == "waiting"
         )
-        assert sorted(c.follower_id for c in claimed) == expected
+
+    def _take(self, claimed: list[ClaimedFollower], data: st.DataObject) -> None:
         for c in claimed:
             self.model.rows[c.follower_id] = Row("releasing", claimed_age=0.0)
             self.model.grant(c.follower_id, "claim")
-        if data.draw(st.booleans()):  # published and deleted; else the releaser "died"
+        if claimed and data.draw(st.booleans()):  # published and deleted, or the releaser died
             self.store.finish([c.row_id for c in claimed])
             for c in claimed:
                 del self.model.rows[c.follower_id]

@@ -128,6 +128,36 @@ def test_record_done_says_whether_a_follower_may_wait(store: CausalStore) -> Non
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
 
 
+def test_record_done_and_claim_takes_the_first_batch_with_the_record(
+    store: CausalStore,
+) -> None:
+    # A task nobody waited for: recorded, nothing claimed, nothing more to look for
+    alone = store.record_done_and_claim("default", "alone", 10)
+    assert (alone.waited, alone.claimed, alone.complete) == (False, [], True)
+    assert "alone" in store.lookup("default", ["alone"], TTL).done
+    # Five followers, claimed three at a time: the first batch comes with the record
+    for i, occurred in enumerate([5.0, 1.0, 4.0, 2.0, 3.0]):
+        store.park(follower(f"f{i}", "L", occurred_at=occurred), TTL)
+    first = store.record_done_and_claim("default", "L", 3)
+    assert first.waited and not first.complete  # a full batch: more may wait
+    assert [f.follower_id for f in first.claimed] == ["f1", "f3", "f4"]
+    assert "L" in store.lookup("default", ["L"], TTL).done
+    rest = store.claim_followers("default", "L", 3)
+    assert [f.follower_id for f in rest] == ["f2", "f0"]
+    # Recorded again (a redelivered leader): nothing left to claim, and that is complete
+    again = store.record_done_and_claim("default", "L", 3)
+    assert (again.claimed, again.complete) == ([], True)
+
+
+def test_record_done_and_claim_with_no_limit_claims_nothing(store: CausalStore) -> None:
+    # The runtime asks for none when the release depth is exceeded: the rows stay waiting
+    store.park(follower("f1", "L"), TTL)
+    record = store.record_done_and_claim("default", "L", 0)
+    assert (record.waited, record.claimed, record.complete) == (True, [], False)
+    assert store.count_followers("default", "L") == 1
+    assert store.park(follower("late", "L"), TTL) is ParkOutcome.LEADER_DONE
+
+
 def test_duplicate_park_after_the_leader_recorded_done_leaves_it_to_the_claim(
     store: CausalStore,
 ) -> None:
