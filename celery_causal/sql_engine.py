@@ -41,6 +41,9 @@ class Compiled:
     defaults: Mapping[str, Any]
     #: Parameter names in order, for positional dialects (SQLite); None for named ones.
     positions: tuple[str, ...] | None
+    #: Whether it returns rows (a SELECT, or DML with RETURNING), known without asking
+    #: the cursor: psycopg builds its column descriptions anew each time it is asked.
+    returns_rows: bool = True
 
     def bind(self, params: Mapping[str, Any]) -> Any:
         merged = {**self.defaults, **params}
@@ -127,7 +130,9 @@ class Database:
         dialect = self.engine.dialect
         compiled = statement.compile(dialect=dialect)
         positions = tuple(compiled.positiontup) if dialect.positional else None
-        return Compiled(str(compiled), dict(compiled.params), positions)
+        dml = compiled.isinsert or compiled.isupdate or compiled.isdelete
+        returns_rows = not dml or bool(compiled.effective_returning)
+        return Compiled(str(compiled), dict(compiled.params), positions, returns_rows)
 
     def fetch(self, compiled: Compiled, params: Mapping[str, Any]) -> list[Any]:
         """Run one prebuilt statement on a pooled connection's bare DBAPI cursor.
@@ -150,7 +155,7 @@ class Database:
                 cursor = raw.cursor()
                 try:
                     cursor.execute(compiled.sql, compiled.bind(params))
-                    return list(cursor.fetchall()) if cursor.description else []
+                    return list(cursor.fetchall()) if compiled.returns_rows else []
                 finally:
                     cursor.close()
             except dbapi.Error as exc:
