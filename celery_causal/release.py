@@ -74,14 +74,16 @@ _IMMEDIATE = nullcontext()
 
 
 def _batch(producer: Any, size: int) -> AbstractContextManager[Any]:
-    """A publish batch of ``size`` messages if the transport groups publishes, else none.
+    """A publish batch of ``size`` (2 or more) messages if the transport groups publishes.
 
     kombu 5.7+ sends a Redis batch as one pipeline, one round trip instead of one per
     message; the pipeline keeps the release order. The batch is sized so that it never
     flushes early: it is published whole at its end, or not at all.
     """
     make = getattr(producer, "batch", None)
-    if make is None or not getattr(producer, "supports_batch_publish", False):
+    if size < 2 or make is None or not getattr(producer, "supports_batch_publish", False):
+        # One message is one round trip either way; a batch would also build a Redis
+        # client of its own (measured: about 35 us more per single release).
         return _IMMEDIATE
     # Each message is one LPUSH, plus one PEXPIRE per priority step on a queue with
     # x-expires; a margin keeps a batch from flushing before its end.

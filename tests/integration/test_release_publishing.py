@@ -105,7 +105,9 @@ def park(
 def test_redis_releases_are_batched_and_the_memory_broker_is_not(app: Celery) -> None:
     with app.producer_or_acquire() as producer:
         batched = _batch(producer, 10) is not _IMMEDIATE
+        single = _batch(producer, 1)
     assert batched == app.conf.broker_url.startswith("redis")
+    assert single is _IMMEDIATE  # one message: a plain publish, no pipeline to build
 
 
 def test_a_release_publishes_every_follower_in_order_and_deletes_its_rows(app: Celery) -> None:
