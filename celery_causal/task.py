@@ -174,7 +174,7 @@ class CausalTask(Task):  # type: ignore[misc]
             )
             raise
         _after_body(
-            "its done record could not be stored; its followers will be released by the sweep",
+            "its followers could not all be released; the sweep releases the rest",
             lambda: runtime.complete(scope, arrival.task_id, depth),
             arrival.task_id,
             scope,
@@ -196,7 +196,19 @@ class CausalTask(Task):  # type: ignore[misc]
             # A redelivered task whose earlier run died after its done record was stored
             # and before its followers were claimed: release what it left waiting. A store
             # outage here retries the message, which comes back to this same step.
-            runtime.release_after_done(scope, arrival.task_id, depth)
+            try:
+                runtime.release_after_done(scope, arrival.task_id, depth)
+            except StoreUnavailable:
+                raise
+            except Exception:
+                # Any other failure (the broker refused a publish) must not turn the task's
+                # earlier success into a failure: what is left is the sweep's.
+                logger.exception(
+                    "duplicate of task %s (scope %r): its followers could not all be "
+                    "released; the sweep releases the rest",
+                    arrival.task_id,
+                    scope,
+                )
             return False
         if verdict.action is Action.PARK:
             # The DEFERRED state is stored before the row exists: once parked, the leader
@@ -304,7 +316,10 @@ def _after_body(problem: str, step: Callable[[], object], task_id: str, scope: s
 
     The body already ran, so the task is not retried through Celery (that would run it
     again); the steps are idempotent, so repeating them here is safe. If the store stays
-    away, the sweep releases the followers after the lookback: late, never lost.
+    away, the sweep releases the followers after the lookback: late, never lost. Any other
+    failure (the broker refusing a publish after kombu's own retries) is logged and leaves
+    the body's outcome standing: claimed followers are republished by the sweep after
+    ``causal_release_timeout``, waiting ones after the lookback.
     """
     delay = 0.5
     for attempt in range(_AFTER_BODY_ATTEMPTS):
@@ -317,6 +332,9 @@ def _after_body(problem: str, step: Callable[[], object], task_id: str, scope: s
                 return
             time.sleep(delay)
             delay *= 2
+        except Exception:
+            logger.exception("task %s (scope %r): %s", task_id, scope, problem)
+            return
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from kombu import Producer
 
 import celery_causal
 from celery_causal.memory_store import MemoryStore
@@ -255,3 +256,74 @@ def test_log_lines_name_task_leader_and_scope(
     assert h.id("c") in line("lost follower", logging.WARNING)
     assert h.id("b") in line("depth exceeded", logging.WARNING)  # c's leader, past the depth
     assert h.id("a") in line("duplicate skip", logging.INFO)
+
+
+def test_a_broker_failure_while_releasing_leaves_the_leaders_success_standing(
+    causal_store: CausalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a parked follower, and a broker that refuses every release publish (simulated
+    # at kombu's publish call, the one part not made real here)
+    h = Harness(causal_store)
+    h.send("f", "L")
+    h.run_until(lambda: causal_store.count_followers("events", h.id("L")) == 1, "park")
+    real_publish = Producer.publish
+
+    def refusing_releases(self: Producer, body: Any, *args: Any, **kwargs: Any) -> Any:
+        if "causal_released" in (kwargs.get("headers") or {}):
+            raise ConnectionError("broker went away")
+        return real_publish(self, body, *args, **kwargs)
+
+    monkeypatch.setattr(Producer, "publish", refusing_releases)
+    # When the leader succeeds and its release fails
+    leader = h.send("L")
+    with h.worker():
+        # Then the leader's success stands: its body ran once and its value is its result
+        assert leader.get(timeout=30) == "L"
+    assert h.ran == ["L"]
+    # and the follower is still in the table, claimed, for the sweep
+    (row,) = causal_store.list_followers("events", h.id("L"), 10)
+    assert row.claimed_at is not None
+    # which republishes it once the broker is back and the claim is older than the timeout
+    monkeypatch.undo()
+    age(causal_store, runtime_for(h.app).settings.release_timeout + 1)
+    assert runtime_for(h.app).sweep().released == 1
+    h.run_until(lambda: "f" in h.ran, "the follower")
+    assert h.ran == ["L", "f"]
+
+
+def test_a_duplicate_whose_release_fails_is_still_skipped(
+    causal_store: CausalStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given two parked followers released one per batch, and a broker refusing releases
+    h = Harness(causal_store, causal_batch_size=1)
+    h.send("f1", "L", occurred=time.time() - 2)
+    h.send("f2", "L")
+    h.run_until(lambda: causal_store.count_followers("events", h.id("L")) == 2, "park")
+    real_publish = Producer.publish
+
+    def refusing_releases(self: Producer, body: Any, *args: Any, **kwargs: Any) -> Any:
+        if "causal_released" in (kwargs.get("headers") or {}):
+            raise ConnectionError("broker went away")
+        return real_publish(self, body, *args, **kwargs)
+
+    monkeypatch.setattr(Producer, "publish", refusing_releases)
+    leader = h.send("L")
+    with h.worker():
+        assert leader.get(timeout=30) == "L"  # f1 claimed and refused; f2 still waiting
+        # When the leader is delivered again, and releasing what it left fails too
+        h.send("L")
+        h.send("marker")
+        wait_for(lambda: "marker" in h.ran, 30, "marker")
+    # Then the duplicate was skipped, and its result is still the first run's success
+    assert h.ran == ["L", "marker"]
+    assert leader.state == "SUCCESS" and leader.get(timeout=5) == "L"
+    # Both failed releases were reported, the first run's and the duplicate's
+    failed = [r for r in caplog.records if "could not all be released" in r.getMessage()]
+    assert [r.getMessage().startswith("duplicate of task") for r in failed] == [False, True]
+    assert causal_store.count_followers("events", h.id("L")) == 0  # both claimed
+    # and the sweep republishes both once the broker is back
+    monkeypatch.undo()
+    age(causal_store, runtime_for(h.app).settings.release_timeout + 1)
+    assert runtime_for(h.app).sweep().released == 2
+    h.run_until(lambda: "f2" in h.ran and "f1" in h.ran, "the followers")
+    assert h.ran == ["L", "marker", "f1", "f2"]
