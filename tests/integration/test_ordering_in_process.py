@@ -258,22 +258,27 @@ def test_log_lines_name_task_leader_and_scope(
     assert h.id("a") in line("duplicate skip", logging.INFO)
 
 
-def test_a_broker_failure_while_releasing_leaves_the_leaders_success_standing(
-    causal_store: CausalStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Given a parked follower, and a broker that refuses every release publish (simulated
-    # at kombu's publish call, the one part not made real here)
-    h = Harness(causal_store)
-    h.send("f", "L")
-    h.run_until(lambda: causal_store.count_followers("events", h.id("L")) == 1, "park")
+def refuse_releases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the broker refuse every release publish (simulated at kombu's publish call,
+    the one part not made real here); other publishes, such as results, go through."""
     real_publish = Producer.publish
 
-    def refusing_releases(self: Producer, body: Any, *args: Any, **kwargs: Any) -> Any:
+    def refusing(self: Producer, body: Any, *args: Any, **kwargs: Any) -> Any:
         if "causal_released" in (kwargs.get("headers") or {}):
             raise ConnectionError("broker went away")
         return real_publish(self, body, *args, **kwargs)
 
-    monkeypatch.setattr(Producer, "publish", refusing_releases)
+    monkeypatch.setattr(Producer, "publish", refusing)
+
+
+def test_a_broker_failure_while_releasing_leaves_the_leaders_success_standing(
+    causal_store: CausalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a parked follower, and a broker that refuses every release publish
+    h = Harness(causal_store)
+    h.send("f", "L")
+    h.run_until(lambda: causal_store.count_followers("events", h.id("L")) == 1, "park")
+    refuse_releases(monkeypatch)
     # When the leader succeeds and its release fails
     leader = h.send("L")
     with h.worker():
@@ -299,14 +304,7 @@ def test_a_duplicate_whose_release_fails_is_still_skipped(
     h.send("f1", "L", occurred=time.time() - 2)
     h.send("f2", "L")
     h.run_until(lambda: causal_store.count_followers("events", h.id("L")) == 2, "park")
-    real_publish = Producer.publish
-
-    def refusing_releases(self: Producer, body: Any, *args: Any, **kwargs: Any) -> Any:
-        if "causal_released" in (kwargs.get("headers") or {}):
-            raise ConnectionError("broker went away")
-        return real_publish(self, body, *args, **kwargs)
-
-    monkeypatch.setattr(Producer, "publish", refusing_releases)
+    refuse_releases(monkeypatch)
     leader = h.send("L")
     with h.worker():
         assert leader.get(timeout=30) == "L"  # f1 claimed and refused; f2 still waiting
