@@ -116,10 +116,15 @@ class MemoryStore:
             rows = [
                 r
                 for r in self._rows.values()
-                if (r.claimed_at is None and r.parked_at < now - lookback)
+                if (r.claimed_at is None and self._lost(r, now, lookback))
                 or (r.claimed_at is not None and r.claimed_at < now - release_timeout)
             ]
             return self._claim(rows, now, limit)
+
+    def _lost(self, row: _Row, now: float, lookback: float) -> bool:
+        # Not lost while its leader is itself parked: that leader came, and waits in turn.
+        leader_parked = (row.follower.scope, row.follower.leader_id) in self._rows
+        return row.parked_at < now - lookback and not leader_parked
 
     def _by_row_ids(self, row_ids: Sequence[int]) -> list[tuple[str, str]]:
         wanted = set(row_ids)
@@ -127,8 +132,17 @@ class MemoryStore:
 
     def finish(self, row_ids: Sequence[int]) -> None:
         with self._lock:
-            for key in self._by_row_ids(row_ids):
+            released = set(self._by_row_ids(row_ids))
+            for key in released:
                 del self._rows[key]
+            # Their followers start their lookback again: their leader has come.
+            now = self.clock()
+            for row in self._rows.values():
+                if (
+                    row.claimed_at is None
+                    and (row.follower.scope, row.follower.leader_id) in released
+                ):
+                    row.parked_at = now
 
     def bury(self, row_id: int, reason: str) -> None:
         with self._lock:
@@ -179,7 +193,7 @@ class MemoryStore:
                         waiting=len(waiting),
                         releasing=len(rows) - len(waiting),
                         oldest_parked_at=min((r.parked_at for r in waiting), default=None),
-                        overdue=sum(1 for r in waiting if r.parked_at < now - lookback),
+                        overdue=sum(1 for r in waiting if self._lost(r, now, lookback)),
                         stuck=sum(
                             1
                             for r in rows

@@ -131,8 +131,46 @@ _TAKE_BACK = (
 )
 
 
-_FINISH_ANY = delete(followers).where(
-    followers.c.id == func.any(bindparam("b_ids", type_=postgresql.ARRAY(BigInteger)))
+#: The row of a follower's leader, when the leader is itself a parked follower.
+_leader_row = followers.alias("leader_row")
+_LEADER_PARKED = exists().where(
+    _leader_row.c.scope == followers.c.scope,
+    _leader_row.c.follower_id == followers.c.leader_id,
+)
+
+
+def _restart_lookback(released: Any) -> Any:
+    """Followers of released rows start their lookback again: their leader has come.
+
+    Without it, a follower whose leader was parked (a chain whose first task never came)
+    could be swept as lost while that leader, just released, is still on its way.
+    """
+    return (
+        update(followers)
+        .where(
+            followers.c.claimed_at.is_(None),
+            tuple_(followers.c.scope, followers.c.leader_id).in_(released),
+        )
+        .values(parked_at=db_clock())
+    )
+
+
+_RELEASED_IDS = bindparam("b_ids", type_=postgresql.ARRAY(BigInteger))
+# PostgreSQL: one statement deletes the released rows and restarts their followers'
+# lookback, so no sweep ever sees a follower without its leader's row and without the
+# restarted clock.
+_FINISH_ANY = _restart_lookback(
+    select(
+        delete(followers)
+        .where(followers.c.id == func.any(_RELEASED_IDS))
+        .returning(followers.c.scope, followers.c.follower_id)
+        .cte("released")
+    )
+)
+_RESTART_IN = _restart_lookback(
+    select(_leader_row.c.scope, _leader_row.c.follower_id).where(
+        _leader_row.c.id.in_(bindparam("b_ids", expanding=True))
+    )
 )
 _FINISH_IN = delete(followers).where(followers.c.id.in_(bindparam("b_ids", expanding=True)))
 
@@ -178,11 +216,13 @@ _CLAIM_STUCK = _claim_statement(
     (followers.c.claimed_at,),
 )
 # ... and lost followers: waiting longer than the lookback, oldest parked first (each
-# batch is then sorted by occurred time).
+# batch is then sorted by occurred time). A follower whose leader is itself parked is not
+# lost: its leader came and waits in turn, and releases it once it has run.
 _CLAIM_LOST = _claim_statement(
     and_(
         followers.c.claimed_at.is_(None),
         followers.c.parked_at < db_clock() - bindparam("b_lookback", type_=Double),
+        ~_LEADER_PARKED,
     ),
     (followers.c.parked_at,),
 )
@@ -493,11 +533,19 @@ class SQLStore:
     def finish(self, row_ids: Sequence[int]) -> None:
         if not row_ids:
             return
+        ids = {"b_ids": list(row_ids)}
         if self.is_postgresql:
             # One prebuilt statement whatever the batch size (an array parameter).
-            self._fetch(_FINISH_ANY, {"b_ids": list(row_ids)})
-        else:
-            self._run(lambda c: c.execute(_FINISH_IN, {"b_ids": list(row_ids)}))
+            self._fetch(_FINISH_ANY, ids)
+            return
+
+        # SQLite: the restart first, then the delete. A crash in between leaves the rows
+        # claimed (the sweep republishes them) and their followers waiting a little longer.
+        def run(conn: Any) -> None:
+            conn.execute(_RESTART_IN, ids)
+            conn.execute(_FINISH_IN, ids)
+
+        self._run(run)
 
     def bury(self, row_id: int, reason: str) -> None:
         columns = [c.name for c in dead_followers.c if c.name not in ("died_at", "reason")]
@@ -581,7 +629,17 @@ class SQLStore:
                 func.sum(case((waiting, 0), else_=1)),
                 func.min(case((waiting, followers.c.parked_at), else_=None)),
                 func.sum(
-                    case((and_(waiting, followers.c.parked_at < db_clock() - lookback), 1), else_=0)
+                    case(
+                        (
+                            and_(
+                                waiting,
+                                followers.c.parked_at < db_clock() - lookback,
+                                ~_LEADER_PARKED,
+                            ),
+                            1,
+                        ),
+                        else_=0,
+                    )
                 ),
                 func.sum(case((stuck, 1), else_=0)),
             )

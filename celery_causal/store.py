@@ -89,7 +89,8 @@ class ScopeStats:
     releasing: int
     #: Park time of the oldest waiting follower (store clock).
     oldest_parked_at: float | None
-    #: Waiting longer than the lookback: the next sweep releases them.
+    #: Lost: waiting longer than the lookback, for a leader that is not parked itself.
+    #: The next sweep releases them.
     overdue: int
     #: Releasing longer than the release timeout: their releaser died; the sweep retries.
     stuck: int = 0
@@ -152,12 +153,16 @@ class CausalStore(Protocol):
     def claim_lost(
         self, lookback: float, release_timeout: float, limit: int
     ) -> list[ClaimedFollower]:
-        """Atomically claim rows parked longer than ``lookback``, and releasing rows whose
-        claim is older than ``release_timeout`` (their releaser died). Disjoint across
-        concurrent sweeps; returned in release order."""
+        """Atomically claim rows parked longer than ``lookback`` whose leader is not parked
+        itself, and releasing rows whose claim is older than ``release_timeout`` (their
+        releaser died). Disjoint across concurrent sweeps; returned in release order."""
 
     def finish(self, row_ids: Sequence[int]) -> None:
-        """Delete released rows (after their messages were published)."""
+        """Delete released rows (after their messages were published).
+
+        Their own waiting followers start their lookback again, no later than the rows
+        disappear: their leader has come, and is on its way to run.
+        """
 
     def bury(self, row_id: int, reason: str) -> None:
         """Move a claimed row whose message cannot be read to the dead followers (idempotent)."""

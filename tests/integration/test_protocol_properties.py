@@ -22,7 +22,9 @@ from celery_causal.store import CausalStore, ClaimedFollower, ParkOutcome
 from tests.helpers import age, follower, truncate
 
 LEADERS = [f"L{i}" for i in range(3)]
-FOLLOWERS = {f"F{i}": LEADERS[i % 3] for i in range(6)}
+# F0 and F1 lead followers of their own (G0, G1): a chain whose first task may never come.
+FOLLOWERS = {f"F{i}": LEADERS[i % 3] for i in range(6)} | {"G0": "F0", "G1": "F1"}
+MIDDLE = ["F0", "F1"]
 LOOKBACK, TTL, TIMEOUT, STEP = 100.0, 200.0, 50.0, 30.0
 
 
@@ -44,6 +46,7 @@ class Model:
     row_releases: dict[str, int] = field(default_factory=dict)  # rows handed out to run
     rows_created: dict[str, int] = field(default_factory=dict)
     released_early: list[str] = field(default_factory=list)
+    ran: set[str] = field(default_factory=set)  # followers handed out to run, at least once
 
     def leader_done(self, task_id: str) -> bool:
         return self.done_age.get(task_id, TTL + 1) < TTL
@@ -51,6 +54,7 @@ class Model:
     def grant(self, fid: str, kind: str) -> None:
         """The follower may run: "direct" (leader seen done), or its row was handed out by
         a "takeback" (its own park), a "claim" (its leader) or the "sweep" (lookback)."""
+        self.ran.add(fid)
         if kind != "direct":
             self.row_releases[fid] = self.row_releases.get(fid, 0) + 1
         if kind != "sweep" and not self.leader_done(FOLLOWERS[fid]):
@@ -102,6 +106,9 @@ class Protocol(RuleBasedStateMachine):
     @rule(leader=st.sampled_from(LEADERS), limit=st.integers(0, 3), data=st.data())
     def record_done(self, leader: str, limit: int, data: st.DataObject) -> None:
         """The leader succeeds: its done record, and the first followers claimed with it."""
+        self._record(leader, limit, data)
+
+    def _record(self, leader: str, limit: int, data: st.DataObject) -> None:
         record = self.store.record_done_and_claim("s", leader, limit)
         waiting = self._waiting_for(leader)
         # "Nothing waited" must be true: the runtime then skips the claim.
@@ -114,6 +121,13 @@ class Protocol(RuleBasedStateMachine):
         self._take(record.claimed, data)
         if record.waited and not record.complete:
             self.model.completing.add(leader)
+
+    @precondition(lambda self: any(f in self.model.ran for f in MIDDLE))
+    @rule(limit=st.integers(0, 3), data=st.data())
+    def middle_done(self, limit: int, data: st.DataObject) -> None:
+        """A follower that ran succeeds: it records itself done, as any leader does."""
+        fid = data.draw(st.sampled_from([f for f in MIDDLE if f in self.model.ran]))
+        self._record(fid, limit, data)
 
     @precondition(lambda self: self.model.completing)
     @rule(data=st.data())
@@ -136,16 +150,29 @@ class Protocol(RuleBasedStateMachine):
             self.model.grant(c.follower_id, "claim")
         if claimed and data.draw(st.booleans()):  # published and deleted, or the releaser died
             self.store.finish([c.row_id for c in claimed])
-            for c in claimed:
-                del self.model.rows[c.follower_id]
+            self._finished([c.follower_id for c in claimed])
+
+    def _finished(self, fids: list[str]) -> None:
+        for fid in fids:
+            del self.model.rows[fid]
+        # Their own waiting followers start their lookback again: their leader has come.
+        for f, row in self.model.rows.items():
+            if row.state == "waiting" and FOLLOWERS[f] in fids:
+                row.parked_age = 0.0
 
     @rule()
     def sweep(self) -> None:
         lost = self.store.claim_lost(LOOKBACK, TIMEOUT, 100)
+        # Not lost while its leader is itself parked: the sweep never runs a chain's later
+        # task beside an earlier one that came.
         expected = sorted(
             f
             for f, r in self.model.rows.items()
-            if (r.state == "waiting" and r.parked_age > LOOKBACK)
+            if (
+                r.state == "waiting"
+                and r.parked_age > LOOKBACK
+                and FOLLOWERS[f] not in self.model.rows
+            )
             or (r.state == "releasing" and r.claimed_age > TIMEOUT)
         )
         assert sorted(f.follower_id for f in lost) == expected
@@ -156,18 +183,18 @@ class Protocol(RuleBasedStateMachine):
                 self.model.grant(f.follower_id, "sweep")
             self.model.rows[f.follower_id] = Row("releasing", claimed_age=0.0)
         self.store.finish([f.row_id for f in lost])
-        for f in lost:
-            del self.model.rows[f.follower_id]
+        self._finished([f.follower_id for f in lost])
 
-    @rule()
-    def time_passes(self) -> None:
-        age(self.store, STEP)
+    @rule(steps=st.integers(1, 4))
+    def time_passes(self, steps: int) -> None:
+        elapsed = steps * STEP
+        age(self.store, elapsed)
         for row in self.model.rows.values():
-            row.parked_age += STEP
-            row.claimed_age += STEP
+            row.parked_age += elapsed
+            row.claimed_age += elapsed
         for ages in (self.model.done_age, self.model.mark_age):
             for task_id in ages:
-                ages[task_id] += STEP
+                ages[task_id] += elapsed
 
     @rule()
     def expire(self) -> None:
@@ -191,14 +218,14 @@ class Protocol(RuleBasedStateMachine):
         for fid, handed_out in m.row_releases.items():  # each parked row released once
             assert handed_out <= m.rows_created.get(fid, 0), f"{fid} released twice"
         assert not m.released_early, f"released before their leader: {m.released_early}"
-        for task_id in LEADERS:  # done records never resurrected
+        for task_id in LEADERS + MIDDLE:  # done records never resurrected
             assert (task_id in self.store.lookup("s", [task_id], TTL).done) == m.leader_done(
                 task_id
             )
 
     def teardown(self) -> None:
         # Every follower still parked is released once its leader is done or it is lost.
-        for leader in LEADERS:
+        for leader in LEADERS + MIDDLE:
             self.store.record_done("s", leader)
             self.store.finish([c.row_id for c in self.store.claim_followers("s", leader, 100)])
         age(self.store, 10 * LOOKBACK)

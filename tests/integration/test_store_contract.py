@@ -180,14 +180,49 @@ def test_expired_done_record_counts_as_not_done_for_park(store: CausalStore) -> 
 def test_claim_lost_waits_for_the_lookback_and_returns_occurred_order(
     store: CausalStore,
 ) -> None:
-    store.park(follower("three_b", "two", occurred_at=3.0), TTL)
-    store.park(follower("three_a", "two", occurred_at=2.0), TTL)
-    store.park(follower("two", "one", occurred_at=1.0), TTL)
+    store.park(follower("b", "gone", occurred_at=3.0), TTL)
+    store.park(follower("a", "gone", occurred_at=2.0), TTL)
+    store.park(follower("c", "also-gone", occurred_at=1.0), TTL)
     assert store.claim_lost(lookback=60, release_timeout=60, limit=100) == []
     age(store, 61)
     lost = store.claim_lost(lookback=60, release_timeout=60, limit=100)
-    assert [f.follower_id for f in lost] == ["two", "three_a", "three_b"]
+    assert [f.follower_id for f in lost] == ["c", "a", "b"]
     assert store.claim_lost(lookback=60, release_timeout=600, limit=100) == []
+
+
+def test_a_lost_chain_comes_back_in_causal_order(store: CausalStore) -> None:
+    # Given the seed's one <- two <- (three_a, three_b), sent backwards, and "one" never comes
+    store.park(follower("three_b", "two", occurred_at=3.0), TTL)
+    store.park(follower("three_a", "two", occurred_at=2.0), TTL)
+    store.park(follower("two", "one", occurred_at=1.0), TTL)
+    age(store, 61)
+    # When the lookback has passed, only "two" is lost: the others' leader came (it is
+    # parked), so they wait for it instead of running beside it
+    (stats,) = store.stats(lookback=60)
+    assert (stats.waiting, stats.overdue) == (3, 1)
+    lost = store.claim_lost(lookback=60, release_timeout=600, limit=100)
+    assert [f.follower_id for f in lost] == ["two"]
+    # and once "two" is released, its followers' lookback starts again: no sweep takes
+    # them ahead of it while it is on its way
+    store.finish([f.row_id for f in lost])
+    assert store.claim_lost(lookback=60, release_timeout=600, limit=100) == []
+    assert store.stats(lookback=60)[0].overdue == 0
+    # Then "two" runs and releases them, in occurred order
+    record = store.record_done_and_claim("default", "two", 100)
+    assert [f.follower_id for f in record.claimed] == ["three_a", "three_b"]
+
+
+def test_followers_of_a_released_leader_that_never_runs_are_lost_a_lookback_later(
+    store: CausalStore,
+) -> None:
+    store.park(follower("f2", "f1"), TTL)
+    store.park(follower("f1", "gone"), TTL)
+    age(store, 61)
+    store.finish([f.row_id for f in store.claim_lost(60, 600, 100)])  # f1, which then dies
+    age(store, 59)
+    assert store.claim_lost(lookback=60, release_timeout=600, limit=100) == []
+    age(store, 2)
+    assert [f.follower_id for f in store.claim_lost(60, 600, 100)] == ["f2"]
 
 
 def test_claim_lost_republishes_rows_whose_releaser_died(store: CausalStore) -> None:
