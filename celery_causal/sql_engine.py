@@ -32,6 +32,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _postgresql_session(dbapi_connection: Any, _record: Any) -> None:
+    # Every statement of the store touches a handful of rows through an index. PostgreSQL's
+    # JIT compiles a statement whose estimated cost is high (skewed statistics make some
+    # estimates so), which costs far more than running it: measured 150 ms added to a
+    # 2 ms release of 500 rows. The setting applies to this connection only.
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SET jit = off")
+
+
 @dataclass(frozen=True)
 class Compiled:
     """A statement compiled once for the engine's dialect, run on the bare DBAPI cursor."""
@@ -94,13 +103,16 @@ class Database:
             )
             event.listen(engine, "connect", _sqlite_pragmas)
             return engine
-        return create_engine(
+        engine = create_engine(
             self.url,
             isolation_level="AUTOCOMMIT",
             pool_size=5,
             max_overflow=10,
             pool_reset_on_return=None,
         )
+        if self.is_postgresql:
+            event.listen(engine, "connect", _postgresql_session)
+        return engine
 
     def run(self, operation: Callable[[Any], T]) -> T:
         """Run ``operation(connection)``; one immediate retry after a dropped connection.

@@ -133,44 +133,68 @@ _TAKE_BACK = (
 
 #: The row of a follower's leader, when the leader is itself a parked follower.
 _leader_row = followers.alias("leader_row")
-_LEADER_PARKED = exists().where(
-    _leader_row.c.scope == followers.c.scope,
-    _leader_row.c.follower_id == followers.c.leader_id,
+# OFFSET 0 keeps PostgreSQL from turning the test into an anti-join over the whole table
+# (its row estimate for it is poor): it stays one unique-index probe per candidate row.
+_LEADER_PARKED = exists(
+    select(literal(1))
+    .where(
+        _leader_row.c.scope == followers.c.scope,
+        _leader_row.c.follower_id == followers.c.leader_id,
+    )
+    .offset(0)
 )
 
 
-def _restart_lookback(released: Any) -> Any:
+def _restart_lookback(ids: Any) -> Any:
     """Followers of released rows start their lookback again: their leader has come.
 
     Without it, a follower whose leader was parked (a chain whose first task never came)
     could be swept as lost while that leader, just released, is still on its way.
     """
-    return (
-        update(followers)
-        .where(
-            followers.c.claimed_at.is_(None),
-            tuple_(followers.c.scope, followers.c.leader_id).in_(released),
-        )
-        .values(parked_at=db_clock())
+    return update(followers).where(followers.c.id.in_(ids)).values(parked_at=db_clock())
+
+
+def _waiting_behind(released: Any) -> Any:
+    """Ids of the waiting followers of ``released`` rows (their scope and follower id)."""
+    return select(_leader_row.c.id).where(
+        _leader_row.c.scope == released.c.scope,
+        _leader_row.c.leader_id == released.c.follower_id,
+        _leader_row.c.claimed_at.is_(None),
     )
 
 
-_RELEASED_IDS = bindparam("b_ids", type_=postgresql.ARRAY(BigInteger))
 # PostgreSQL: one statement deletes the released rows and restarts their followers'
 # lookback, so no sweep ever sees a follower without its leader's row and without the
-# restarted clock.
+# restarted clock. It is one index range scan per released row, whatever the planner
+# guesses about how many followers a released row has.
+_released = (
+    delete(followers)
+    .where(followers.c.id == func.any(bindparam("b_ids", type_=postgresql.ARRAY(BigInteger))))
+    .returning(followers.c.scope, followers.c.follower_id)
+    .cte("released")
+)
+# OFFSET 0 keeps the planner from flattening the LATERAL into a hash join over the table.
+_behind = _waiting_behind(_released).offset(0).lateral("behind")
 _FINISH_ANY = _restart_lookback(
-    select(
-        delete(followers)
-        .where(followers.c.id == func.any(_RELEASED_IDS))
-        .returning(followers.c.scope, followers.c.follower_id)
-        .cte("released")
-    )
+    select(_behind.c.id).select_from(_released.join(_behind, literal(True)))
+)
+_released_rows = (
+    select(followers.c.scope, followers.c.follower_id)
+    .where(followers.c.id.in_(bindparam("b_ids", expanding=True)))
+    .subquery("released")
 )
 _RESTART_IN = _restart_lookback(
-    select(_leader_row.c.scope, _leader_row.c.follower_id).where(
-        _leader_row.c.id.in_(bindparam("b_ids", expanding=True))
+    select(_leader_row.c.id)
+    .select_from(
+        _leader_row.join(
+            _released_rows,
+            and_(
+                _leader_row.c.scope == _released_rows.c.scope,
+                _leader_row.c.leader_id == _released_rows.c.follower_id,
+            ),
+        )
     )
+    .where(_leader_row.c.claimed_at.is_(None))
 )
 _FINISH_IN = delete(followers).where(followers.c.id.in_(bindparam("b_ids", expanding=True)))
 
