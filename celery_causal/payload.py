@@ -11,7 +11,7 @@ not accepted (pickle, unless the app accepts it) is refused, never deserialized.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kombu.exceptions import ContentDisallowed, DecodeError, EncodeError
@@ -67,6 +67,8 @@ class Message:
 
     headers: dict[str, Any]
     properties: dict[str, Any]
+    #: The task's arguments, callbacks and chain; already encoded when ``content_type`` is
+    #: set (then published as these exact bytes, not serialized again).
     body: Any
     exchange: str
     routing_key: str
@@ -74,6 +76,23 @@ class Message:
     queue: str | None
     delivery_mode: Any
     serializer: str
+    content_type: str | None = None
+    content_encoding: str | None = None
+
+    def encoded(self) -> Message:
+        """This message with its body serialized, as it will be stored (JSON bodies only)."""
+        if self.content_type is not None or self.serializer != "json":
+            return self
+        content_type, content_encoding, data = dumps(self.body, serializer=self.serializer)  # type: ignore[no-untyped-call]
+        return replace(
+            self, body=data, content_type=content_type, content_encoding=content_encoding
+        )
+
+    def decoded_body(self) -> Any:
+        """The body as the task will receive it."""
+        if self.content_type is None:
+            return self.body
+        return loads(self.body, self.content_type, self.content_encoding)  # type: ignore[no-untyped-call]
 
 
 def execution_options(request: Any) -> dict[str, Any]:
@@ -168,7 +187,7 @@ def build_message(
 
 
 #: The stored fields of a :class:`Message`; its serializer is the row's content type.
-_STORED = ("headers", "properties", "body", "exchange", "routing_key", "queue", "delivery_mode")
+_STORED = ("headers", "properties", "exchange", "routing_key", "queue", "delivery_mode")
 
 
 def pack(
@@ -182,9 +201,22 @@ def pack(
     max_bytes: int,
     hostname: str = "",
 ) -> Follower:
-    """Serialize a follower's message; raise :class:`PayloadError` if it cannot be stored."""
-    stored = {"message": {name: getattr(message, name) for name in _STORED}}
+    """Serialize a follower's message; raise :class:`PayloadError` if it cannot be stored.
+
+    A JSON body is stored already encoded (``encoded_body``): its release publishes those
+    bytes instead of decoding the body and encoding it again, which was about a tenth of
+    a release's time. Other serializers store the body as a value (``body``).
+    """
     try:
+        message = message.encoded()
+        fields = {name: getattr(message, name) for name in _STORED}
+        if message.content_type is None:
+            fields["body"] = message.body
+        else:
+            fields["encoded_body"] = message.body
+            fields["body_content_type"] = message.content_type
+            fields["body_content_encoding"] = message.content_encoding
+        stored = {"message": fields}
         content_type, content_encoding, data = dumps(stored, serializer=message.serializer)  # type: ignore[no-untyped-call]
     except (EncodeError, TypeError, ValueError) as exc:
         raise PayloadError(
@@ -231,15 +263,18 @@ def unpack(app: Any, follower: Follower, accept: Collection[str]) -> Message:
                 serializer,
             )
         fields = stored["message"]
+        encoded = "encoded_body" in fields  # else a row parked before bodies were encoded
         return Message(
             headers=dict(fields["headers"]),
             properties=dict(fields["properties"]),
-            body=fields["body"],
+            body=fields["encoded_body"] if encoded else fields["body"],
             exchange=str(fields["exchange"]),
             routing_key=str(fields["routing_key"]),
             queue=fields["queue"],
             delivery_mode=fields["delivery_mode"],
             serializer=serializer,
+            content_type=str(fields["body_content_type"]) if encoded else None,
+            content_encoding=str(fields["body_content_encoding"]) if encoded else None,
         )
     except ContentDisallowed as exc:
         raise PayloadError(

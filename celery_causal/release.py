@@ -151,6 +151,9 @@ class _Release:
             exchange=message.exchange,
             routing_key=message.routing_key,
             serializer=message.serializer,
+            # Set for a stored encoded body: kombu then publishes it as it is.
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
             headers={**message.headers, **self.stamp},
             delivery_mode=message.delivery_mode,
             declare=[],  # declared above, once per batch (kombu may append to this list)

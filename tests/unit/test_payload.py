@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 from celery import Celery
 from celery.result import AsyncResult
+from kombu.serialization import dumps
 
 from celery_causal.errors import InvalidLeaderError, PayloadError
 from celery_causal.payload import Message, build_message, leader_id, pack, unpack
@@ -48,7 +49,7 @@ def test_json_round_trip_keeps_celery_types() -> None:
     ]
     follower = _pack(_message(args=values, kwargs={"k": values[2]}))
     message = unpack(APP, follower, JSON)
-    args, kwargs, _embed = message.body
+    args, kwargs, _embed = message.decoded_body()
     assert args == values
     assert kwargs == {"k": decimal.Decimal("1.10")}
     assert message.headers["id"] == "f"
@@ -77,7 +78,7 @@ def test_the_stored_message_is_the_one_send_task_builds() -> None:
     assert message.headers["timelimit"] == [30, 20]
     assert message.headers["custom"] == "kept"
     assert message.headers["argsrepr"] == "(<secret>,)"
-    assert message.body[2]["callbacks"] == options["link"]
+    assert message.decoded_body()[2]["callbacks"] == options["link"]
     assert message.properties["priority"] == 7
     assert message.properties["reply_to"] == "reply-queue"
     assert message.delivery_mode == APP.conf.task_default_delivery_mode
@@ -88,6 +89,38 @@ def test_a_delivery_through_a_named_exchange_keeps_its_routing() -> None:
         APP, "t", [], {}, {"task_id": "f", "exchange": "ex", "routing_key": "rk"}, "json"
     )
     assert (message.exchange, message.routing_key, message.queue) == ("ex", "rk", None)
+
+
+def test_a_json_body_is_stored_encoded_and_published_as_those_bytes() -> None:
+    message = _message([1, "two"], {"k": decimal.Decimal("3.5")})
+    stored = unpack(APP, _pack(message), JSON)
+    # The body is the exact text kombu's JSON serializer makes of it, not re-encoded later
+    content_type, content_encoding, data = dumps(message.body, serializer="json")
+    assert (stored.body, stored.content_type, stored.content_encoding) == (
+        data,
+        content_type,
+        content_encoding,
+    )
+    assert stored.decoded_body() == list(message.body)  # a JSON array comes back as a list
+
+
+def test_a_row_of_the_second_layout_is_released_as_its_message() -> None:
+    # Rows parked before bodies were stored encoded: the body is a value, encoded at release
+    message = _message([2], {"x": 1})
+    fields = {
+        "headers": message.headers,
+        "properties": message.properties,
+        "body": message.body,
+        "exchange": message.exchange,
+        "routing_key": message.routing_key,
+        "queue": message.queue,
+        "delivery_mode": message.delivery_mode,
+    }
+    _, _, data = dumps({"message": fields}, serializer="json")
+    stored = unpack(APP, replace(_pack(), payload=data.encode()), JSON)
+    assert stored.content_type is None  # kombu serializes it when it is published
+    assert stored.body == list(message.body) and stored.decoded_body()[0] == [2]
+    assert stored.headers["id"] == "f"
 
 
 def test_a_row_of_the_first_layout_is_released_as_a_message() -> None:
