@@ -123,8 +123,8 @@ def test_a_park_committed_while_the_done_record_waits_is_not_missed(pg_url: str)
     # waited for the leader's row: a park that commits during that wait is not in it.
     store = SQLStore(pg_url)
     truncate(store)
-    assert store._park_in_one is not None
-    compiled = store._db.compile(store._park_in_one)
+    assert store._sql.park_in_one is not None
+    compiled = store._db.compile(store._sql.park_in_one)
     parked_row = follower("f1", "L")
     values = {
         "b_scope": "default",

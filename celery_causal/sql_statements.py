@@ -1,0 +1,350 @@
+"""The store's prebuilt statements: SQLAlchemy Core with bound parameters, built once.
+
+What each statement closes (which race, which crash window) is said where it is built;
+``sql_store.py`` runs them and ``store.py`` states the protocol they implement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Double,
+    LargeBinary,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .sql_schema import db_clock, done, followers
+
+FOLLOWER_COLUMNS = (
+    followers.c.id,
+    followers.c.scope,
+    followers.c.follower_id,
+    followers.c.leader_id,
+    followers.c.task_name,
+    followers.c.occurred_at,
+    followers.c.parked_at,
+    followers.c.content_type,
+    followers.c.content_encoding,
+    followers.c.payload,
+    followers.c.hostname,
+)
+
+#: The smallest step by which a mark moves waited_at forward (see DialectStatements.mark).
+TICK = 1e-6
+
+
+def _done_within(task_param: str) -> Any:
+    return and_(
+        done.c.scope == bindparam("b_scope"),
+        done.c.task_id == bindparam(task_param),
+        done.c.done_at > db_clock() - bindparam("b_ttl", type_=Double),
+    )
+
+
+def lookup_statement(count: int) -> Any:
+    # One row whatever the answer: the clock plus one EXISTS per asked id.
+    return select(
+        db_clock().label("now"),
+        *(exists().where(_done_within(f"t{i}")).label(f"d{i}") for i in range(count)),
+    )
+
+
+LOOKUPS = {count: lookup_statement(count) for count in (1, 2)}
+
+TAKE_BACK = (
+    delete(followers)
+    .where(
+        followers.c.scope == bindparam("b_scope"),
+        followers.c.follower_id == bindparam("b_follower"),
+        followers.c.claimed_at.is_(None),
+        exists().where(_done_within("b_leader")),
+    )
+    .returning(followers.c.id)
+)
+
+
+#: The row of a follower's leader, when the leader is itself a parked follower.
+_leader_row = followers.alias("leader_row")
+# OFFSET 0 keeps PostgreSQL from turning the test into an anti-join over the whole table
+# (its row estimate for it is poor): it stays one unique-index probe per candidate row.
+LEADER_PARKED = exists(
+    select(literal(1))
+    .where(
+        _leader_row.c.scope == followers.c.scope,
+        _leader_row.c.follower_id == followers.c.leader_id,
+    )
+    .offset(0)
+)
+
+
+def _restart_lookback(ids: Any) -> Any:
+    """Followers of released rows start their lookback again: their leader has come.
+
+    Without it, a follower whose leader was parked (a chain whose first task never came)
+    could be swept as lost while that leader, just released, is still on its way.
+    """
+    return update(followers).where(followers.c.id.in_(ids)).values(parked_at=db_clock())
+
+
+def _waiting_behind(released: Any) -> Any:
+    """Ids of the waiting followers of ``released`` rows (their scope and follower id)."""
+    return select(_leader_row.c.id).where(
+        _leader_row.c.scope == released.c.scope,
+        _leader_row.c.leader_id == released.c.follower_id,
+        _leader_row.c.claimed_at.is_(None),
+    )
+
+
+# PostgreSQL: one statement deletes the released rows and restarts their followers'
+# lookback, so no sweep ever sees a follower without its leader's row and without the
+# restarted clock. It is one index range scan per released row, whatever the planner
+# guesses about how many followers a released row has.
+_released = (
+    delete(followers)
+    .where(followers.c.id == func.any(bindparam("b_ids", type_=postgresql.ARRAY(BigInteger))))
+    .returning(followers.c.scope, followers.c.follower_id)
+    .cte("released")
+)
+# OFFSET 0 keeps the planner from flattening the LATERAL into a hash join over the table.
+_behind = _waiting_behind(_released).offset(0).lateral("behind")
+FINISH_ANY = _restart_lookback(
+    select(_behind.c.id).select_from(_released.join(_behind, literal(True)))
+)
+_released_rows = (
+    select(followers.c.scope, followers.c.follower_id)
+    .where(followers.c.id.in_(bindparam("b_ids", expanding=True)))
+    .subquery("released")
+)
+RESTART_IN = _restart_lookback(
+    select(_leader_row.c.id)
+    .select_from(
+        _leader_row.join(
+            _released_rows,
+            and_(
+                _leader_row.c.scope == _released_rows.c.scope,
+                _leader_row.c.leader_id == _released_rows.c.follower_id,
+            ),
+        )
+    )
+    .where(_leader_row.c.claimed_at.is_(None))
+)
+FINISH_IN = delete(followers).where(followers.c.id.in_(bindparam("b_ids", expanding=True)))
+
+HAS_ROW = select(literal(1)).where(
+    followers.c.scope == bindparam("b_scope"),
+    followers.c.follower_id == bindparam("b_follower"),
+)
+
+
+def _claim_statement(where: Any, order_by: Any) -> Any:
+    # SKIP LOCKED: concurrent claimers (two sweeps, a sweep and a leader) take disjoint
+    # rows instead of waiting on each other; the claim is one UPDATE, so a row is never
+    # selected by one statement and taken by another.
+    ids = (
+        select(followers.c.id)
+        .where(where)
+        .order_by(*order_by)
+        .limit(bindparam("b_limit"))
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        update(followers)
+        .where(followers.c.id.in_(ids.scalar_subquery()))
+        .values(claimed_at=db_clock())
+        .returning(*FOLLOWER_COLUMNS)
+    )
+
+
+CLAIM_FOLLOWERS = _claim_statement(
+    and_(
+        followers.c.scope == bindparam("b_scope"),
+        followers.c.leader_id == bindparam("b_leader"),
+        followers.c.claimed_at.is_(None),
+    ),
+    (followers.c.occurred_at, followers.c.follower_id),
+)
+# Rows whose releaser died mid-release (claimed long ago) ...
+CLAIM_STUCK = _claim_statement(
+    and_(
+        followers.c.claimed_at.is_not(None),
+        followers.c.claimed_at < db_clock() - bindparam("b_timeout", type_=Double),
+    ),
+    (followers.c.claimed_at,),
+)
+# ... and lost followers: waiting longer than the lookback, oldest parked first (each
+# batch is then sorted by occurred time). A follower whose leader is itself parked is not
+# lost: its leader came and waits in turn, and releases it once it has run.
+CLAIM_LOST = _claim_statement(
+    and_(
+        followers.c.claimed_at.is_(None),
+        followers.c.parked_at < db_clock() - bindparam("b_lookback", type_=Double),
+        ~LEADER_PARKED,
+    ),
+    (followers.c.parked_at,),
+)
+
+
+class DialectStatements:
+    """The statements whose form depends on the dialect (its INSERT ... ON CONFLICT)."""
+
+    def __init__(self, is_postgresql: bool) -> None:
+        insert: Callable[..., Any] = postgresql.insert if is_postgresql else sqlite.insert
+        self.park_insert = (
+            insert(followers)
+            .values(
+                scope=bindparam("b_scope"),
+                follower_id=bindparam("b_follower"),
+                leader_id=bindparam("b_leader"),
+                task_name=bindparam("b_task"),
+                occurred_at=bindparam("b_occurred"),
+                parked_at=db_clock(),
+                content_type=bindparam("b_ctype"),
+                content_encoding=bindparam("b_cenc"),
+                payload=bindparam("b_payload"),
+                hostname=bindparam("b_host"),
+            )
+            # Parking is idempotent: a redelivered follower leaves the one row there is.
+            .on_conflict_do_nothing(index_elements=["scope", "follower_id"])
+        )
+        # A follower marks its leader's row as waited for, unless the leader is done (the
+        # WHERE leaves a done row untouched and returns nothing). An expired done record
+        # counts as not done, as in lookup(), and becomes a mark.
+        mark = insert(done).values(
+            scope=bindparam("b_scope"),
+            task_id=bindparam("b_leader"),
+            done_at=None,
+            waited_at=db_clock(),
+        )
+        waited_at: Any = mark.excluded.waited_at
+        if is_postgresql:
+            # Every mark moves waited_at forward, even two taken in the same microsecond:
+            # the done record compares the value it read in its snapshot with the latest
+            # one to learn whether a park committed while it waited (record_and_claim).
+            waited_at = func.greatest(waited_at, done.c.waited_at + TICK)
+        self.mark = mark.on_conflict_do_update(
+            index_elements=["scope", "task_id"],
+            set_={"waited_at": waited_at, "done_at": None},
+            where=or_(
+                done.c.done_at.is_(None),
+                done.c.done_at <= db_clock() - bindparam("b_ttl", type_=Double),
+            ),
+        ).returning(literal(1))
+        self.park_in_one = self._park_statement(insert) if is_postgresql else None
+        row: Any = select(bindparam("b_scope"), bindparam("b_task_id"), db_clock(), null())
+        if is_postgresql:
+            # The done record alone is committed without waiting for the WAL flush
+            # (synchronous_commit off for this statement's transaction). It is visible at
+            # once, which is all the park/release protocol needs; only a crash of the
+            # PostgreSQL server can lose the last fraction of a second of them, and then a
+            # follower waits for the sweep or a redelivered task runs again. Parked rows
+            # are always flushed: their messages are acked once the row is committed.
+            local = func.set_config("synchronous_commit", "off", True).label("setting")
+            row = row.select_from(select(local).subquery("local_setting"))
+        record = insert(done).from_select(["scope", "task_id", "done_at", "waited_at"], row)
+        # A task run again after its record expired refreshes it. RETURNING waited_at tells
+        # whether any follower marked the row before this record: if none did, there is
+        # nothing to claim (a follower that parks later finds the record and runs).
+        self.record_done = record.on_conflict_do_update(
+            index_elements=["scope", "task_id"], set_={"done_at": record.excluded.done_at}
+        ).returning(done.c.waited_at)
+        self.record_and_claim = self._record_and_claim_statement() if is_postgresql else None
+
+    def _park_statement(self, insert: Callable[..., Any]) -> Any:
+        """PostgreSQL: mark the leader's row and insert the follower in one statement."""
+        mark = self.mark.cte("mark")
+        row = select(
+            bindparam("b_scope"),
+            bindparam("b_follower"),
+            bindparam("b_leader"),
+            bindparam("b_task"),
+            bindparam("b_occurred", type_=Double),
+            db_clock(),
+            bindparam("b_ctype"),
+            bindparam("b_cenc"),
+            bindparam("b_payload", type_=LargeBinary),
+            bindparam("b_host"),
+        ).where(exists(select(mark)))
+        parked = (
+            insert(followers)
+            .from_select(
+                [
+                    "scope",
+                    "follower_id",
+                    "leader_id",
+                    "task_name",
+                    "occurred_at",
+                    "parked_at",
+                    "content_type",
+                    "content_encoding",
+                    "payload",
+                    "hostname",
+                ],
+                row,
+            )
+            .on_conflict_do_nothing(index_elements=["scope", "follower_id"])
+            .returning(followers.c.id)
+            .cte("parked")
+        )
+        # The statement's snapshot predates its own insert: "had_row" is a row parked by an
+        # earlier delivery of the same follower.
+        had_row = exists().where(
+            followers.c.scope == bindparam("b_scope"),
+            followers.c.follower_id == bindparam("b_follower"),
+        )
+        return select(
+            exists(select(mark)).label("marked"),
+            had_row.label("had_row"),
+            exists(select(parked)).label("inserted"),
+        )
+
+    def _record_and_claim_statement(self) -> Any:
+        """PostgreSQL: the done record and the claim of the first followers in one statement.
+
+        The claim reads the statement's snapshot, taken before the record waited for the
+        leader's row lock: a follower whose park committed during that wait marked the row
+        (so ``waited_at`` returned by the record is newer than the one in the snapshot) but
+        its row is not in the snapshot. The caller then claims again in a statement of its
+        own, as it does whenever a batch came back full.
+        """
+        record = self.record_done.cte("record")
+        snapshot = select(done.c.waited_at).where(
+            done.c.scope == bindparam("b_scope"), done.c.task_id == bindparam("b_task_id")
+        )
+        ids = (
+            select(followers.c.id)
+            .where(
+                followers.c.scope == bindparam("b_scope"),
+                followers.c.leader_id == bindparam("b_task_id"),
+                followers.c.claimed_at.is_(None),
+                # Nothing to look for when no follower ever marked the row (most tasks).
+                exists().where(record.c.waited_at.is_not(None)),
+            )
+            .order_by(followers.c.occurred_at, followers.c.follower_id)
+            .limit(bindparam("b_limit"))
+            .with_for_update(skip_locked=True, of=followers)
+        )
+        claimed = (
+            update(followers)
+            .where(followers.c.id.in_(ids.scalar_subquery()))
+            .values(claimed_at=db_clock())
+            .returning(*FOLLOWER_COLUMNS)
+            .cte("claimed")
+        )
+        return select(
+            record.c.waited_at,
+            snapshot.scalar_subquery().label("seen_waited_at"),
+            *claimed.c,
+        ).select_from(record.outerjoin(claimed, literal(True)))
