@@ -1,7 +1,7 @@
 """Connections of the SQL store: one engine per process, autocommit, errors mapped.
 
-Kept apart from the statements (``sql_statements.py``, run by ``sql_store.py``): this module knows how to reach the
-database and what its failures mean, not what is asked of it.
+Kept apart from the statements (``sql_statements.py``, run by ``sql_store.py``): this
+module knows how to reach the database and what its failures mean, not what is asked of it.
 """
 
 from __future__ import annotations
