@@ -17,6 +17,7 @@ from .store import (
     Lookup,
     ParkOutcome,
     ScopeStats,
+    record_then_claim,
 )
 
 
@@ -85,10 +86,7 @@ class MemoryStore:
 
     def record_done_and_claim(self, scope: str, task_id: str, limit: int) -> DoneRecord:
         with self._lock:  # re-entrant: record and claim are one atomic step here
-            if not self.record_done(scope, task_id):
-                return DoneRecord(waited=False, claimed=[], complete=True)
-            claimed = self.claim_followers(scope, task_id, limit) if limit else []
-            return DoneRecord(True, claimed, complete=limit > 0 and len(claimed) < limit)
+            return record_then_claim(self, scope, task_id, limit)
 
     def _claim(self, rows: list[_Row], now: float, limit: int) -> list[ClaimedFollower]:
         ordered = release_order(r.claimed() for r in rows)[:limit]

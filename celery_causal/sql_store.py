@@ -55,6 +55,7 @@ from .store import (
     Lookup,
     ParkOutcome,
     ScopeStats,
+    record_then_claim,
 )
 
 T = TypeVar("T")
@@ -218,10 +219,7 @@ class SQLStore:
         if self._sql.record_and_claim is None:
             # SQLite: the record, then (if a follower marked the row) the claim, each
             # committed on its own; the claim's snapshot follows the record's commit.
-            if not self.record_done(scope, task_id):
-                return DoneRecord(waited=False, claimed=[], complete=True)
-            claimed = self.claim_followers(scope, task_id, limit) if limit else []
-            return DoneRecord(True, claimed, complete=limit > 0 and len(claimed) < limit)
+            return record_then_claim(self, scope, task_id, limit)
         params = {"b_scope": scope, "b_task_id": task_id, "b_limit": limit}
         rows = self._fetch(self._sql.record_and_claim, params)
         waited_at, seen_waited_at = rows[0][0], rows[0][1]

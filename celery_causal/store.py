@@ -198,3 +198,15 @@ class CausalStore(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+def record_then_claim(store: CausalStore, scope: str, task_id: str, limit: int) -> DoneRecord:
+    """:meth:`CausalStore.record_done_and_claim` as two steps: the record, then the claim.
+
+    For a store whose claim, made after the record committed, sees every park that marked
+    the leader before it (the memory store; SQLite, where each step commits on its own).
+    """
+    if not store.record_done(scope, task_id):
+        return DoneRecord(waited=False, claimed=[], complete=True)
+    claimed = store.claim_followers(scope, task_id, limit) if limit else []
+    return DoneRecord(True, claimed, complete=limit > 0 and len(claimed) < limit)

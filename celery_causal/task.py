@@ -40,6 +40,8 @@ _pre_checked = threading.local()
 #: failing or running out of order.
 _STORE_MAX_RETRIES = 10**9
 
+_RELEASE_FAILED = "its followers could not all be released; the sweep releases the rest"
+
 #: Attempts (0.5 s, 1 s, 2 s, ... apart) at recording a finished task while the store is away.
 _AFTER_BODY_ATTEMPTS = 5
 
@@ -174,7 +176,7 @@ class CausalTask(Task):  # type: ignore[misc]
             )
             raise
         _after_body(
-            "its followers could not all be released; the sweep releases the rest",
+            _RELEASE_FAILED,
             lambda: runtime.complete(scope, arrival.task_id, depth),
             arrival.task_id,
             scope,
@@ -204,10 +206,7 @@ class CausalTask(Task):  # type: ignore[misc]
                 # Any other failure (the broker refused a publish) must not turn the task's
                 # earlier success into a failure: what is left is the sweep's.
                 logger.exception(
-                    "duplicate of task %s (scope %r): its followers could not all be "
-                    "released; the sweep releases the rest",
-                    arrival.task_id,
-                    scope,
+                    "duplicate of task %s (scope %r): %s", arrival.task_id, scope, _RELEASE_FAILED
                 )
             return False
         if verdict.action is Action.PARK:
