@@ -108,20 +108,10 @@ def _waiting_behind(released: Any) -> Any:
     )
 
 
-# PostgreSQL: one statement deletes the released rows and restarts their followers'
-# lookback, so no sweep ever sees a follower without its leader's row and without the
-# restarted clock. It is one index range scan per released row, whatever the planner
-# guesses about how many followers a released row has.
-_released = (
-    delete(followers)
-    .where(followers.c.id == func.any(bindparam("b_ids", type_=postgresql.ARRAY(BigInteger))))
-    .returning(followers.c.scope, followers.c.follower_id)
-    .cte("released")
-)
-# OFFSET 0 keeps the planner from flattening the LATERAL into a hash join over the table.
-_behind = _waiting_behind(_released).offset(0).lateral("behind")
-FINISH_ANY = _restart_lookback(
-    select(_behind.c.id).select_from(_released.join(_behind, literal(True)))
+# PostgreSQL restarts the lookback when it claims (restarting() below), so the rows it
+# deletes once published hold no lock on anyone's waiting followers.
+FINISH_ANY = delete(followers).where(
+    followers.c.id == func.any(bindparam("b_ids", type_=postgresql.ARRAY(BigInteger)))
 )
 _released_rows = (
     select(followers.c.scope, followers.c.follower_id)
@@ -142,6 +132,32 @@ RESTART_IN = _restart_lookback(
     .where(_leader_row.c.claimed_at.is_(None))
 )
 FINISH_IN = delete(followers).where(followers.c.id.in_(bindparam("b_ids", expanding=True)))
+
+
+def restarting(claim: Any) -> Any:
+    """PostgreSQL: ``claim`` (an UPDATE ... RETURNING the follower columns), which also
+    restarts the lookback of the claimed rows' waiting followers, in the same statement.
+
+    Restarting when the row is claimed, not when it is deleted after its publish, closes a
+    race: a released follower can run on another worker before its releaser deletes its
+    row, and that follower's own claim skips rows another transaction holds locked. A
+    restart made by the delete held its waiting followers' rows locked just then, so the
+    claim missed them and they waited for the sweep. At claim time the claimed rows are
+    not yet published: nobody else has a reason to claim their followers. Until the
+    delete, the claimed row itself keeps its followers from being swept (LEADER_PARKED).
+    """
+    claimed = claim.cte("claimed")
+    return select(*claimed.c).add_cte(_restart_behind(claimed))
+
+
+def _restart_behind(claimed: Any) -> Any:
+    """A CTE restarting the lookback of the waiting followers of ``claimed`` rows."""
+    # OFFSET 0 keeps the planner from flattening the LATERAL into a hash join over the table.
+    behind = _waiting_behind(claimed).offset(0).lateral("behind")
+    return _restart_lookback(
+        select(behind.c.id).select_from(claimed.join(behind, literal(True)))
+    ).cte("restarted")
+
 
 HAS_ROW = select(literal(1)).where(
     followers.c.scope == bindparam("b_scope"),
@@ -243,6 +259,13 @@ class DialectStatements:
             ),
         ).returning(literal(1))
         self.park_in_one = self._park_statement(insert) if is_postgresql else None
+        # PostgreSQL restarts the lookback of claimed rows' followers as it claims; SQLite
+        # does it when the rows are deleted (it has no row locks for a claim to skip).
+        wrap: Callable[[Any], Any] = restarting if is_postgresql else (lambda claim: claim)
+        self.claim_followers = wrap(CLAIM_FOLLOWERS)
+        self.claim_stuck = wrap(CLAIM_STUCK)
+        self.claim_lost = wrap(CLAIM_LOST)
+        self.restarting = wrap
         row: Any = select(bindparam("b_scope"), bindparam("b_task_id"), db_clock(), null())
         if is_postgresql:
             # The done record alone is committed without waiting for the WAL flush
@@ -343,8 +366,14 @@ class DialectStatements:
             .returning(*FOLLOWER_COLUMNS)
             .cte("claimed")
         )
-        return select(
-            record.c.waited_at,
-            snapshot.scalar_subquery().label("seen_waited_at"),
-            *claimed.c,
-        ).select_from(record.outerjoin(claimed, literal(True)))
+        # As in restarting(): the claimed rows' own waiting followers start their lookback
+        # again now, not when the claimed rows are deleted.
+        return (
+            select(
+                record.c.waited_at,
+                snapshot.scalar_subquery().label("seen_waited_at"),
+                *claimed.c,
+            )
+            .select_from(record.outerjoin(claimed, literal(True)))
+            .add_cte(_restart_behind(claimed))
+        )

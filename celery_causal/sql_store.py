@@ -33,9 +33,6 @@ from .settings import mask_url
 from .sql_engine import Compiled, Database
 from .sql_schema import db_clock, dead_followers, done, followers, metadata
 from .sql_statements import (
-    CLAIM_FOLLOWERS,
-    CLAIM_LOST,
-    CLAIM_STUCK,
     FINISH_ANY,
     FINISH_IN,
     FOLLOWER_COLUMNS,
@@ -236,15 +233,16 @@ class SQLStore:
 
     def claim_followers(self, scope: str, leader_id: str, limit: int) -> list[ClaimedFollower]:
         params = {"b_scope": scope, "b_leader": leader_id, "b_limit": limit}
-        return self._claim(CLAIM_FOLLOWERS, params)
+        return self._claim(self._sql.claim_followers, params)
 
     def claim_lost(
         self, lookback: float, release_timeout: float, limit: int
     ) -> list[ClaimedFollower]:
-        claimed = self._claim(CLAIM_STUCK, {"b_timeout": release_timeout, "b_limit": limit})
+        params = {"b_timeout": release_timeout, "b_limit": limit}
+        claimed = self._claim(self._sql.claim_stuck, params)
         if len(claimed) < limit:
             params = {"b_lookback": lookback, "b_limit": limit - len(claimed)}
-            claimed += self._claim(CLAIM_LOST, params)
+            claimed += self._claim(self._sql.claim_lost, params)
         return release_order(claimed)
 
     def finish(self, row_ids: Sequence[int]) -> None:
@@ -252,7 +250,8 @@ class SQLStore:
             return
         ids = {"b_ids": list(row_ids)}
         if self.is_postgresql:
-            # One prebuilt statement whatever the batch size (an array parameter).
+            # One prebuilt statement whatever the batch size (an array parameter). The rows'
+            # followers had their lookback restarted when the rows were claimed.
             self._fetch(FINISH_ANY, ids)
             return
 
@@ -404,7 +403,7 @@ class SQLStore:
             .values(claimed_at=db_clock())
             .returning(*FOLLOWER_COLUMNS)
         )
-        row = self._run(lambda c: c.execute(stmt).first())
+        row = self._run(lambda c: c.execute(self._sql.restarting(stmt)).first())
         return None if row is None else _claimed(*row)
 
     def scopes_of(self, follower_id: str) -> list[str]:

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
+from celery_causal.sql_statements import FINISH_ANY
 from celery_causal.sql_store import SQLStore
 from celery_causal.store import CausalStore, ClaimedFollower, DoneRecord, ParkOutcome
 from tests.helpers import follower, truncate
@@ -191,5 +192,35 @@ def test_every_mark_moves_the_leaders_row_forward_even_when_the_clock_does_not(
     with store.engine.connect() as conn:
         (waited_at,) = conn.execute(text("SELECT waited_at FROM causal_done")).one()
     assert waited_at > ahead
+    truncate(store)
+    store.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_release_in_flight_never_hides_a_waiting_row_from_the_next_leader(
+    pg_url: str,
+) -> None:
+    # A chain L <- f1 <- f2, both followers parked. L's worker releases f1: it publishes
+    # f1, then deletes f1's row. f1 can run on another worker before that delete commits;
+    # its claim skips rows another transaction holds locked, so the release must not hold
+    # f2's row locked, or f1's claim misses f2 and f2 waits for the sweep.
+    store = SQLStore(pg_url)
+    truncate(store)
+    store.park(follower("f1", "L", occurred_at=1.0), TTL)
+    store.park(follower("f2", "f1", occurred_at=2.0), TTL)
+    (first,) = leader_claims(store, "L")
+    assert first.follower_id == "f1"
+    finish = store._db.compile(FINISH_ANY)
+    release_conn = psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"))
+    try:
+        # Given L's release of f1 deleting its row, the transaction not yet committed
+        release_conn.execute(finish.sql, finish.bind({"b_ids": [first.row_id]}))
+        # When f1, already published and run elsewhere, records done and claims
+        claimed = leader_claims(store, "f1")
+        release_conn.commit()
+    finally:
+        release_conn.close()
+    # Then f1's claim found f2: nothing waits for the sweep
+    assert [f.follower_id for f in claimed] == ["f2"]
     truncate(store)
     store.close()

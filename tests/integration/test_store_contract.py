@@ -227,6 +227,25 @@ def test_followers_of_a_released_leader_that_never_runs_are_lost_a_lookback_late
     assert [f.follower_id for f in store.claim_lost(60, 600, 100)] == ["f2"]
 
 
+@pytest.mark.parametrize("limit", [0, 1], ids=["claimed-after-the-record", "with-the-record"])
+def test_a_leader_releasing_a_parked_chain_restarts_the_lookback_behind_it(
+    store: CausalStore, limit: int
+) -> None:
+    # Given L <- f1 <- f2 parked long ago, L's arrival near the end of the lookback
+    store.park(follower("f2", "f1"), TTL)
+    store.park(follower("f1", "L"), TTL)
+    age(store, 59)
+    # When L runs and releases f1 (with its done record, or by a claim after it)
+    record = store.record_done_and_claim("default", "L", limit)
+    claimed = record.claimed or store.claim_followers("default", "L", 100)
+    assert [f.follower_id for f in claimed] == ["f1"]
+    store.finish([f.row_id for f in claimed])
+    # Then f2 waits a whole lookback more for f1, which is on its way
+    age(store, 2)
+    assert store.claim_lost(lookback=60, release_timeout=600, limit=100) == []
+    assert store.stats(lookback=60)[0].overdue == 0
+
+
 def test_claim_lost_republishes_rows_whose_releaser_died(store: CausalStore) -> None:
     store.park(follower("f1", "L"), TTL)
     store.record_done("default", "L")
