@@ -41,12 +41,15 @@ class Model:
     done_age: dict[str, float] = field(default_factory=dict)  # task id -> age of record
     # SQL stores: leader id -> age of the last park that marked its row "waited for"
     mark_age: dict[str, float] = field(default_factory=dict)
+    # SQL stores: leaders whose row a park marked, as long as that row exists
+    marked: set[str] = field(default_factory=set)
     checked: set[str] = field(default_factory=set)  # read "leader not done", about to park
     completing: set[str] = field(default_factory=set)  # done recorded, about to claim
     row_releases: dict[str, int] = field(default_factory=dict)  # rows handed out to run
     rows_created: dict[str, int] = field(default_factory=dict)
     released_early: list[str] = field(default_factory=list)
     ran: set[str] = field(default_factory=set)  # followers handed out to run, at least once
+    recorded: set[str] = field(default_factory=set)  # tasks that recorded done at least once
 
     def leader_done(self, task_id: str) -> bool:
         return self.done_age.get(task_id, TTL + 1) < TTL
@@ -57,7 +60,11 @@ class Model:
         self.ran.add(fid)
         if kind != "direct":
             self.row_releases[fid] = self.row_releases.get(fid, 0) + 1
-        if kind != "sweep" and not self.leader_done(FOLLOWERS[fid]):
+        leader = FOLLOWERS[fid]
+        # A claim is made by the leader after its record, however long ago (the record
+        # may have expired since); the others rely on reading the record now.
+        early = leader not in self.recorded if kind == "claim" else not self.leader_done(leader)
+        if kind != "sweep" and early:
             self.released_early.append(fid)
 
 
@@ -96,6 +103,7 @@ class Protocol(RuleBasedStateMachine):
         else:
             expected = ParkOutcome.PARKED
             self.model.mark_age[leader] = 0.0
+            self.model.marked.add(leader)
             if self.marks:  # an expired done record becomes the mark
                 self.model.done_age.pop(leader, None)
             if fid not in self.model.rows:
@@ -111,12 +119,18 @@ class Protocol(RuleBasedStateMachine):
     def _record(self, leader: str, limit: int, data: st.DataObject) -> None:
         record = self.store.record_done_and_claim("s", leader, limit)
         waiting = self._waiting_for(leader)
+        if self.marks and leader not in self.model.marked:
+            # Its mark expired: every follower that made it has waited a whole seen_ttl
+            # (at least the lookback), so it is the sweep's; the leader claims nothing.
+            assert (record.waited, record.claimed) == (False, [])
+            waiting = []
         # "Nothing waited" must be true: the runtime then skips the claim.
         assert record.waited or not waiting
         assert [c.follower_id for c in record.claimed] == waiting[:limit]
         # "Complete" must be true: the runtime then claims no more.
         assert not record.complete or len(record.claimed) == len(waiting)
         self.model.done_age[leader] = 0.0
+        self.model.recorded.add(leader)
         self.model.mark_age.pop(leader, None)  # the row is a done record now
         self._take(record.claimed, data)
         if record.waited and not record.complete:
@@ -204,8 +218,10 @@ class Protocol(RuleBasedStateMachine):
         assert expired == len(old) + (len(old_marks) if self.marks else 0)
         for task_id in old:
             del self.model.done_age[task_id]
+            self.model.marked.discard(task_id)
         for task_id in old_marks:
             del self.model.mark_age[task_id]
+            self.model.marked.discard(task_id)
 
     @invariant()
     def nothing_lost_nothing_twice_nothing_early(self) -> None:
