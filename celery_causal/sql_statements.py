@@ -101,10 +101,14 @@ def _restart_lookback(ids: Any) -> Any:
 
 def _waiting_behind(released: Any) -> Any:
     """Ids of the waiting followers of ``released`` rows (their scope and follower id)."""
-    return select(_leader_row.c.id).where(
-        _leader_row.c.scope == released.c.scope,
-        _leader_row.c.leader_id == released.c.follower_id,
-        _leader_row.c.claimed_at.is_(None),
+    return (
+        select(_leader_row.c.id)
+        .where(
+            _leader_row.c.scope == released.c.scope,
+            _leader_row.c.leader_id == released.c.follower_id,
+            _leader_row.c.claimed_at.is_(None),
+        )
+        .order_by(_leader_row.c.occurred_at, _leader_row.c.follower_id)
     )
 
 
@@ -152,7 +156,10 @@ def restarting(claim: Any) -> Any:
 
 def _restart_behind(claimed: Any) -> Any:
     """A CTE restarting the lookback of the waiting followers of ``claimed`` rows."""
-    # OFFSET 0 keeps the planner from flattening the LATERAL into a hash join over the table.
+    # OFFSET 0 keeps the planner from flattening the LATERAL into a hash join over the table,
+    # and the leader index's order (_waiting_behind) makes that index its cheapest path even
+    # in a plan cached while the table was nearly empty: without it, such a plan scanned
+    # every waiting row through the parked_at index (PostgreSQL CPU in W3 +50 %).
     behind = _waiting_behind(claimed).offset(0).lateral("behind")
     return _restart_lookback(
         select(behind.c.id).select_from(claimed.join(behind, literal(True)))
