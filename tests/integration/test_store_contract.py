@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from celery_causal.sql_store import SQLStore
 from celery_causal.store import CausalStore, ParkOutcome
-from tests.helpers import age, follower
+from tests.helpers import age, follower, truncate
 
 TTL = 1800.0
 
@@ -351,4 +351,29 @@ def test_postgresql_connections_of_the_store_run_without_jit(pg_url: str) -> Non
         with store.engine.connect() as conn:
             assert conn.execute(text("SHOW jit")).scalar() == "off"
     finally:
+        store.close()
+
+
+def test_postgresql_plans_each_statement_of_the_store_once_per_connection(pg_url: str) -> None:
+    # Left to choose, PostgreSQL planned the claim anew on every run once the table had the
+    # statistics of a million rows, at three times the cost of running it
+    store = SQLStore(pg_url)
+    truncate(store)
+    try:
+        for i in range(12):  # psycopg prepares a statement on its fifth run
+            store.park(follower(f"f{i}", f"L{i}"), TTL)
+            record = store.record_done_and_claim("default", f"L{i}", 10)
+            store.finish([f.row_id for f in record.claimed])
+        raw = store.engine.raw_connection()  # the pooled connection those calls used
+        try:
+            cursor = raw.cursor()
+            cursor.execute(
+                "SELECT sum(generic_plans), sum(custom_plans) FROM pg_prepared_statements"
+            )
+            generic, custom = cursor.fetchone()
+        finally:
+            raw.close()
+        assert generic > 0 and custom == 0
+    finally:
+        truncate(store)
         store.close()
