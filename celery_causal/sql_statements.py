@@ -122,19 +122,7 @@ _released_rows = (
     .where(followers.c.id.in_(bindparam("b_ids", expanding=True)))
     .subquery("released")
 )
-RESTART_IN = _restart_lookback(
-    select(_leader_row.c.id)
-    .select_from(
-        _leader_row.join(
-            _released_rows,
-            and_(
-                _leader_row.c.scope == _released_rows.c.scope,
-                _leader_row.c.leader_id == _released_rows.c.follower_id,
-            ),
-        )
-    )
-    .where(_leader_row.c.claimed_at.is_(None))
-)
+RESTART_IN = _restart_lookback(_waiting_behind(_released_rows))
 FINISH_IN = delete(followers).where(followers.c.id.in_(bindparam("b_ids", expanding=True)))
 
 
