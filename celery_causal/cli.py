@@ -157,7 +157,7 @@ def status(ctx: click.Context, as_json: bool, prometheus: bool) -> None:
     """Per scope: waiting followers, oldest, overdue for the sweep, stuck releasing."""
     runtime = _runtime(ctx)
     settings = runtime.settings
-    stats = runtime.store.stats(settings.lookback, settings.release_timeout)
+    stats = runtime.store.stats(settings.release_timeout)
     rows = _scope_rows(stats, runtime.store.clock())
     if prometheus:
         click.echo(prometheus_text(rows), nl=False)
@@ -250,10 +250,7 @@ def sweep(ctx: click.Context) -> None:
     """Release lost followers now (what the beat job does)."""
     runtime = _runtime(ctx)
     settings = runtime.settings
-    due = sum(
-        s.overdue + s.stuck
-        for s in runtime.store.stats(settings.lookback, settings.release_timeout)
-    )
+    due = sum(s.overdue + s.stuck for s in runtime.store.stats(settings.release_timeout))
     if due > settings.batch_size:
         with click.progressbar(length=due, label="releasing lost followers") as bar:
             report = runtime.sweep(progress=bar.update)

@@ -8,7 +8,7 @@ decide whether a causal task runs now, parks, or is skipped as a duplicate.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -17,6 +17,13 @@ class Action(enum.Enum):
     RUN = "run"
     PARK = "park"
     SKIP_DUPLICATE = "skip-duplicate"
+    #: The leader failed for good under ``causal_on_leader_failure="fail"``: the task ends
+    #: FAILURE with ``LeaderFailed`` through Celery's own failure path, without running.
+    FAIL = "fail"
+
+
+#: Who released a message (header ``causal_released``) when an operator did.
+OPERATOR = "operator"
 
 
 @dataclass(frozen=True)
@@ -26,17 +33,19 @@ class Arrival:
     task_id: str
     #: Task id of the leader this task follows, or ``None``.
     follows: str | None = None
-    #: ``True`` once a leader (or the sweep) released this message: it must not wait again.
-    released: bool = False
-    #: When the message was first published (producer's clock, epoch seconds).
+    #: Who released this message ("leader", "sweep", "cycle", "operator"), once a leader,
+    #: the sweep or an operator did: it must not wait again. Empty when never released.
+    released: str = ""
+    #: When the message was first published (producer's clock, epoch seconds). Orders
+    #: releases only: a follower's wait is counted from its park, on the store's clock.
     published_at: float | None = None
     #: The broker delivered this message before (acks_late, visibility timeout, requeue).
     redelivered: bool = False
 
     @property
     def leader(self) -> str | None:
-        """The leader to wait for: none when released, or when a task follows itself."""
-        if self.released or self.follows is None or self.follows == self.task_id:
+        """The leader this task follows; none when it follows itself."""
+        if self.follows is None or self.follows == self.task_id:
             return None
         return self.follows
 
@@ -47,27 +56,36 @@ class Verdict:
     reason: str
 
 
-def decide(arrival: Arrival, done: Collection[str], now: float, lookback: float) -> Verdict:
+def decide(
+    arrival: Arrival,
+    done: Collection[str],
+    failed: Collection[str] = (),
+    on_leader_failure: str = "wait",
+) -> Verdict:
     """Decide what to do with ``arrival``.
 
-    ``done`` holds the ids (among the task and its leader) recorded as done within the seen
-    TTL; ``now`` is the store's clock. Mirrors the seed's ``preceding_event_confirmed``:
-    a follower younger than ``lookback`` whose leader is not done waits; an older one runs
-    at once because its leader is not coming.
+    ``done`` and ``failed`` hold the ids (among the task and its leader) whose success or
+    failure is recorded within the seen TTL. A follower whose leader has neither waits,
+    however old its message is: the time it may wait counts from its park (its row's
+    deadline), never from its publish, so a broker backlog, a countdown or a store outage
+    cannot make it overtake its leader. Only a release (by its leader, the sweep or an
+    operator) lets it run without its leader's success.
     """
     if arrival.task_id in done:
         return Verdict(Action.SKIP_DUPLICATE, "already done")
     leader = arrival.leader
     if leader is None:
-        if arrival.released:
-            return Verdict(Action.RUN, "released")
-        if arrival.follows is not None:
-            return Verdict(Action.RUN, "follows itself")
-        return Verdict(Action.RUN, "no leader")
+        return Verdict(Action.RUN, "no leader" if arrival.follows is None else "follows itself")
     if leader in done:
         return Verdict(Action.RUN, "leader done")
-    if arrival.published_at is not None and now - arrival.published_at >= lookback:
-        return Verdict(Action.RUN, "older than lookback")
+    if leader in failed:
+        if on_leader_failure == "fail" and arrival.released != OPERATOR:
+            return Verdict(Action.FAIL, "leader failed")
+        # "release" runs it; under "wait" no failure is recorded by this app, so the record
+        # is another deployment's: nothing will release this follower, and it runs.
+        return Verdict(Action.RUN, "leader failed")
+    if arrival.released:
+        return Verdict(Action.RUN, "released")
     return Verdict(Action.PARK, "leader not done")
 
 
@@ -102,3 +120,32 @@ T = TypeVar("T", bound=_Ordered)
 def release_order(followers: Iterable[T]) -> list[T]:
     """Followers in the order their events occurred, ties broken by follower id."""
     return sorted(followers, key=lambda f: (f.occurred_at, f.follower_id))
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+def rings(links: Mapping[K, K]) -> list[list[K]]:
+    """The cycles of a graph where each node has at most one successor (its leader).
+
+    ``links`` maps a parked follower to its leader. A follower whose chain of leaders comes
+    back to itself can never be released by a leader: each waits for one that waits too.
+    Each ring is returned once, in walking order; nodes that merely lead into a ring (they
+    follow one of its members) are not part of it.
+    """
+    found: list[list[K]] = []
+    state: dict[K, int] = {}  # 1: on the current walk, 2: finished
+    for start in links:
+        if start in state:
+            continue
+        path: list[K] = []
+        node: K | None = start
+        while node is not None and node not in state:
+            state[node] = 1
+            path.append(node)
+            node = links.get(node)
+        if node is not None and state[node] == 1:
+            found.append(path[path.index(node) :])
+        for visited in path:
+            state[visited] = 2
+    return found

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .core import release_order
+from .core import release_order, rings
 from .store import (
     ClaimedFollower,
     DoneRecord,
@@ -26,6 +26,7 @@ class _Row:
     row_id: int
     follower: Follower
     parked_at: float
+    deadline: float
     claimed_at: float | None = None
 
     def claimed(self) -> ClaimedFollower:
@@ -43,7 +44,8 @@ class MemoryStore:
         self.clock = clock
         self._lock = threading.RLock()
         self._rows: dict[tuple[str, str], _Row] = {}
-        self._done: dict[tuple[str, str], float] = {}
+        #: (scope, task id) -> (when its outcome was recorded, whether it failed)
+        self._done: dict[tuple[str, str], tuple[float, bool]] = {}
         self._next_id = 1
         self._dead: dict[int, tuple[Follower, str]] = {}
 
@@ -53,14 +55,21 @@ class MemoryStore:
     def lookup(self, scope: str, task_ids: Sequence[str], seen_ttl: float) -> Lookup:
         with self._lock:
             now = self.clock()
-            done = frozenset(t for t in task_ids if self._is_done(scope, t, now, seen_ttl))
-            return Lookup(done=done, now=now)
+            outcomes = {t: self._outcome(scope, t, now, seen_ttl) for t in task_ids}
+            return Lookup(
+                done=frozenset(t for t, o in outcomes.items() if o is False),
+                now=now,
+                failed=frozenset(t for t, o in outcomes.items() if o is True),
+            )
 
-    def _is_done(self, scope: str, task_id: str, now: float, seen_ttl: float) -> bool:
-        at = self._done.get((scope, task_id))
-        return at is not None and at > now - seen_ttl
+    def _outcome(self, scope: str, task_id: str, now: float, seen_ttl: float) -> bool | None:
+        """``None``: no outcome within the TTL; ``False``: done; ``True``: failed."""
+        record = self._done.get((scope, task_id))
+        if record is None or record[0] <= now - seen_ttl:
+            return None
+        return record[1]
 
-    def park(self, follower: Follower, seen_ttl: float) -> ParkOutcome:
+    def park(self, follower: Follower, lookback: float, seen_ttl: float) -> ParkOutcome:
         key = (follower.scope, follower.follower_id)
         with self._lock:
             now = self.clock()
@@ -68,15 +77,16 @@ class MemoryStore:
                 # An earlier delivery's row: whoever releases it (the leader whose record
                 # found it, or the sweep) publishes it; this copy does not run.
                 return ParkOutcome.PARKED
-            if self._is_done(follower.scope, follower.leader_id, now, seen_ttl):
-                return ParkOutcome.LEADER_DONE
-            self._rows[key] = _Row(self._next_id, follower, parked_at=now)
+            outcome = self._outcome(follower.scope, follower.leader_id, now, seen_ttl)
+            if outcome is not None:
+                return ParkOutcome.LEADER_FAILED if outcome else ParkOutcome.LEADER_DONE
+            self._rows[key] = _Row(self._next_id, follower, parked_at=now, deadline=now + lookback)
             self._next_id += 1
             return ParkOutcome.PARKED
 
-    def record_done(self, scope: str, task_id: str) -> bool:
+    def record_done(self, scope: str, task_id: str, *, failed: bool = False) -> bool:
         with self._lock:
-            self._done[(scope, task_id)] = self.clock()
+            self._done[(scope, task_id)] = (self.clock(), failed)
             return any(
                 r.claimed_at is None
                 and r.follower.scope == scope
@@ -84,9 +94,11 @@ class MemoryStore:
                 for r in self._rows.values()
             )
 
-    def record_done_and_claim(self, scope: str, task_id: str, limit: int) -> DoneRecord:
+    def record_done_and_claim(
+        self, scope: str, task_id: str, limit: int, *, failed: bool = False
+    ) -> DoneRecord:
         with self._lock:  # re-entrant: record and claim are one atomic step here
-            return record_then_claim(self, scope, task_id, limit)
+            return record_then_claim(self, scope, task_id, limit, failed=failed)
 
     def _claim(self, rows: list[_Row], now: float, limit: int) -> list[ClaimedFollower]:
         ordered = release_order(r.claimed() for r in rows)[:limit]
@@ -106,23 +118,65 @@ class MemoryStore:
             ]
             return self._claim(rows, self.clock(), limit)
 
-    def claim_lost(
-        self, lookback: float, release_timeout: float, limit: int
-    ) -> list[ClaimedFollower]:
+    def claim_lost(self, release_timeout: float, limit: int) -> list[ClaimedFollower]:
         with self._lock:
             now = self.clock()
             rows = [
                 r
                 for r in self._rows.values()
-                if (r.claimed_at is None and self._lost(r, now, lookback))
+                if (r.claimed_at is None and self._lost(r, now))
                 or (r.claimed_at is not None and r.claimed_at < now - release_timeout)
             ]
             return self._claim(rows, now, limit)
 
-    def _lost(self, row: _Row, now: float, lookback: float) -> bool:
+    def _leader_parked(self, row: _Row) -> bool:
+        return (row.follower.scope, row.follower.leader_id) in self._rows
+
+    def _due(self, row: _Row, now: float) -> bool:
+        return row.claimed_at is None and row.deadline < now
+
+    def _lost(self, row: _Row, now: float) -> bool:
         # Not lost while its leader is itself parked: that leader came, and waits in turn.
-        leader_parked = (row.follower.scope, row.follower.leader_id) in self._rows
-        return row.parked_at < now - lookback and not leader_parked
+        return self._due(row, now) and not self._leader_parked(row)
+
+    def claim_cycles(self, limit: int) -> list[ClaimedFollower]:
+        with self._lock:
+            now = self.clock()
+            starts = sorted(
+                (r for r in self._rows.values() if self._due(r, now) and self._leader_parked(r)),
+                key=lambda r: r.deadline,
+            )[:limit]
+            links: dict[tuple[str, str], tuple[str, str]] = {}
+            for row in starts:
+                key = (row.follower.scope, row.follower.follower_id)
+                while key in self._rows and key not in links:
+                    follower = self._rows[key].follower
+                    links[key] = (follower.scope, follower.leader_id)
+                    key = links[key]
+            claimed: list[ClaimedFollower] = []
+            for ring in rings(links):
+                first = min(
+                    (self._rows[key] for key in ring),
+                    key=lambda r: (r.follower.occurred_at, r.follower.follower_id),
+                )
+                if self._due(first, now):
+                    claimed += self._claim([first], now, 1)
+            return release_order(claimed)
+
+    def make_due(self, scope: str, leader_id: str) -> int:
+        with self._lock:
+            now = self.clock()
+            rows = [
+                r
+                for r in self._rows.values()
+                if r.claimed_at is None
+                and r.follower.scope == scope
+                and r.follower.leader_id == leader_id
+                and r.deadline > now
+            ]
+            for row in rows:
+                row.deadline = now
+            return len(rows)
 
     def _by_row_ids(self, row_ids: Sequence[int]) -> list[tuple[str, str]]:
         wanted = set(row_ids)
@@ -140,6 +194,7 @@ class MemoryStore:
                     row.claimed_at is None
                     and (row.follower.scope, row.follower.leader_id) in released
                 ):
+                    row.deadline = now + (row.deadline - row.parked_at)
                     row.parked_at = now
 
     def bury(self, row_id: int, reason: str) -> None:
@@ -167,14 +222,15 @@ class MemoryStore:
             )
 
     def expire_done(self, seen_ttl: float, limit: int) -> int:
+        # No marks here: park and record are one locked step, so nothing needs them.
         with self._lock:
             cutoff = self.clock() - seen_ttl
-            old = [k for k, at in self._done.items() if at <= cutoff][:limit]
+            old = [k for k, (at, _) in self._done.items() if at <= cutoff][:limit]
             for key in old:
                 del self._done[key]
             return len(old)
 
-    def stats(self, lookback: float, release_timeout: float = 60.0) -> list[ScopeStats]:
+    def stats(self, release_timeout: float = 60.0) -> list[ScopeStats]:
         with self._lock:
             now = self.clock()
             scopes = sorted(
@@ -191,7 +247,7 @@ class MemoryStore:
                         waiting=len(waiting),
                         releasing=len(rows) - len(waiting),
                         oldest_parked_at=min((r.parked_at for r in waiting), default=None),
-                        overdue=sum(1 for r in waiting if self._lost(r, now, lookback)),
+                        overdue=sum(1 for r in waiting if self._lost(r, now)),
                         stuck=sum(
                             1
                             for r in rows

@@ -15,7 +15,7 @@ from typing import Any
 from cachetools import TTLCache
 
 from .core import Action, Arrival, Verdict, decide, may_release, needs_store
-from .errors import LeaderFailed, PayloadError
+from .errors import PayloadError
 from .faults import CRASH_AFTER_DONE, crash_point
 from .payload import build_message, execution_options, pack
 from .release import ReleaseReport, publish
@@ -31,6 +31,8 @@ class SweepReport:
     released: int = 0
     refused: int = 0
     expired_done: int = 0
+    #: Rings of followers that each waited for another of the ring; one of each released.
+    cycles: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -99,12 +101,14 @@ class CausalRuntime:
         wanted = [arrival.task_id] + ([arrival.leader] if arrival.leader else [])
         known = {t for t in wanted if self._cached(scope, t)}
         if arrival.task_id in known:
-            return decide(arrival, known, 0.0, self.settings.lookback), 0.0
+            return decide(arrival, known), 0.0
         lookup = self.store.lookup(
             scope, [t for t in wanted if t not in known], self.settings.seen_ttl
         )
         self._remember(scope, lookup.done)
-        verdict = decide(arrival, known | lookup.done, lookup.now, self.settings.lookback)
+        verdict = decide(
+            arrival, known | lookup.done, lookup.failed, self.settings.on_leader_failure
+        )
         return verdict, lookup.now
 
     def park(
@@ -140,22 +144,29 @@ class CausalRuntime:
             max_bytes=self.settings.max_payload_bytes,
             hostname=request.hostname or "",
         )
-        return self.store.park(follower, self.settings.seen_ttl)
+        return self.store.park(follower, self.settings.lookback, self.settings.seen_ttl)
 
     # -- after the body ----------------------------------------------------------------
 
-    def complete(self, scope: str, task_id: str, depth: int) -> int:
-        """Record ``task_id`` done, then release its followers; return how many."""
-        # Order matters: the done record is committed no later than the claim (store.py).
+    def complete(self, scope: str, task_id: str, depth: int, *, failed: bool = False) -> int:
+        """Record ``task_id``'s outcome, then release its followers; return how many.
+
+        A failed task (``failed``) has its failure recorded, so that every follower, parked
+        now or arriving later, meets it: its followers are released and, on arrival, fail
+        with ``LeaderFailed`` ("fail") or run ("release") through Celery's own tracer.
+        """
+        # Order matters: the record is committed no later than the claim (store.py).
         # The first batch of followers is claimed with the record (one round trip on
         # PostgreSQL); a killed process leaves that batch claimed, and the sweep publishes
-        # it once causal_release_timeout has passed.
+        # it once causal_release_timeout has passed. A republished follower of a failed
+        # leader meets the failure record on arrival, so it still fails.
         limit = self.settings.batch_size if may_release(depth, self.settings.max_depth) else 0
-        record = self.store.record_done_and_claim(scope, task_id, limit)
+        record = self.store.record_done_and_claim(scope, task_id, limit, failed=failed)
         crash_point(CRASH_AFTER_DONE, "1")
-        self._remember(scope, (task_id,))
+        if not failed:
+            self._remember(scope, (task_id,))
         if not record.waited:
-            return 0  # no follower parked before the record; later ones see it and run
+            return 0  # no follower parked before the record; later ones see it
         released = 0
         if record.claimed:
             report = self._publish(record.claimed, reason="leader", depth=depth + 1)
@@ -165,18 +176,20 @@ class CausalRuntime:
         return released + self.release_after_done(scope, task_id, depth)
 
     def release_after_done(self, scope: str, task_id: str, depth: int) -> int:
-        """Release the followers of ``task_id``, whose done record is stored.
+        """Release the followers of ``task_id``, whose outcome is recorded.
 
         Also called when a finished task is delivered again: its process may have died
         between the done record and the claim, and the redelivery is then the only thing
-        left that releases those followers before the lookback.
+        left that releases those followers before the sweep.
         """
         if not may_release(depth, self.settings.max_depth):
-            waiting = self.store.count_followers(scope, task_id)
+            # The cascade stops here and goes on from the sweep (at depth 0): the followers
+            # are due at once, so the next sweep releases them, not a lookback later.
+            waiting = self.store.make_due(scope, task_id)
             if waiting:
                 logger.warning(
-                    "depth exceeded: %d follower(s) of task %s in scope %r stay parked for "
-                    "the sweep (release depth %d > causal_max_depth %s)",
+                    "depth exceeded: %d follower(s) of task %s in scope %r are left to the "
+                    "next sweep (release depth %d > causal_max_depth %s)",
                     waiting,
                     task_id,
                     scope,
@@ -186,54 +199,23 @@ class CausalRuntime:
             return 0
         return self.release_followers(scope, task_id, depth + 1)
 
-    def leader_failed(self, scope: str, task_id: str, depth: int, exc: BaseException) -> int:
+    def leader_failed(self, scope: str, task_id: str, depth: int) -> int:
         """Apply ``causal_on_leader_failure`` to the followers of a task that failed for good."""
         policy = self.settings.on_leader_failure
         if policy == "wait":
-            return 0  # the seed's behaviour: the sweep releases them after the lookback
-        if policy == "release":
-            released = self.release_followers(scope, task_id, depth + 1)
-            if released:
-                logger.warning(
-                    "task %s (scope %r) failed; released its %d follower(s) "
-                    "(causal_on_leader_failure='release')",
-                    task_id,
-                    scope,
-                    released,
-                )
-            return released
-        return self._fail_followers(scope, task_id, exc)
-
-    def _fail_followers(self, scope: str, task_id: str, exc: BaseException) -> int:
-        # A follower failed this way never runs, so its own followers fail in turn.
-        failed = 0
-        pending = [task_id]
-        while pending:
-            leader = pending.pop()
-            while True:
-                claimed = self.store.claim_followers(scope, leader, self.settings.batch_size)
-                for follower in claimed:
-                    error = LeaderFailed(
-                        f"task {follower.follower_id} was not run: the task it follows, "
-                        f"{leader} (scope {scope!r}), failed: {exc!r}"
-                    )
-                    self.app.backend.mark_as_failure(follower.follower_id, error)
-                    self.send_task_event(
-                        "task-failed",
-                        follower.follower_id,
-                        follower.hostname,
-                        exception=repr(error),
-                        traceback="",
-                    )
-                    logger.warning("%s", error)
-                    pending.append(follower.follower_id)
-                # Rows are deleted only after their failure was stored: a crash in between
-                # leaves them claimed, and the sweep releases them (late, not lost).
-                self.store.finish([f.row_id for f in claimed])
-                failed += len(claimed)
-                if len(claimed) < self.settings.batch_size:
-                    break
-        return failed
+            return 0  # its followers wait; the sweep releases them once they are lost
+        released = self.complete(scope, task_id, depth, failed=True)
+        if released:
+            logger.warning(
+                "task %s (scope %r) failed; released its %d follower(s), which %s "
+                "(causal_on_leader_failure=%r)",
+                task_id,
+                scope,
+                released,
+                "fail without running" if policy == "fail" else "run",
+                policy,
+            )
+        return released
 
     def release_followers(self, scope: str, leader_id: str, depth: int) -> int:
         released = 0
@@ -271,13 +253,11 @@ class CausalRuntime:
     # -- the sweep ---------------------------------------------------------------------
 
     def sweep(self, progress: Callable[[int], None] | None = None) -> SweepReport:
-        """Release lost followers and expire old done records, in bounded batches."""
+        """Release lost followers, break rings, expire old records, in bounded batches."""
         report = SweepReport()
         batch = self.settings.batch_size
         while True:
-            claimed = self.store.claim_lost(
-                self.settings.lookback, self.settings.release_timeout, batch
-            )
+            claimed = self.store.claim_lost(self.settings.release_timeout, batch)
             for follower in claimed:
                 logger.warning(
                     "lost follower %s (follows %s, scope %r): leader never succeeded "
@@ -286,16 +266,34 @@ class CausalRuntime:
                     follower.leader_id,
                     follower.scope,
                 )
-            published = self._publish(claimed, reason="sweep", depth=0)
-            report.released += len(published.published)
-            report.refused += len(published.refused)
+            self._sweep_publish(claimed, "sweep", report)
             if progress is not None:
                 progress(len(claimed))
             if len(claimed) < batch:
                 break
+        # A ring of followers each waiting for another of the ring is never lost (each
+        # leader is parked): the first of each ring is released, and the rest follow it.
+        broken = self.store.claim_cycles(batch)
+        for follower in broken:
+            logger.warning(
+                "cycle: follower %s (follows %s, scope %r) is in a ring of followers that "
+                "wait for each other; releasing it, the first of its ring",
+                follower.follower_id,
+                follower.leader_id,
+                follower.scope,
+            )
+        report.cycles += len(broken)
+        self._sweep_publish(broken, "cycle", report)
         while True:
             expired = self.store.expire_done(self.settings.seen_ttl, batch)
             report.expired_done += expired
             if expired < batch:
                 break
         return report
+
+    def _sweep_publish(
+        self, claimed: list[ClaimedFollower], reason: str, report: SweepReport
+    ) -> None:
+        published = self._publish(claimed, reason=reason, depth=0)
+        report.released += len(published.published)
+        report.refused += len(published.refused)

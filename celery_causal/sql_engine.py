@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
@@ -24,11 +25,13 @@ T = TypeVar("T")
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets prefork children read while one writes; busy_timeout makes writers queue
-    # instead of failing with "database is locked".
+    # instead of failing with "database is locked". synchronous=FULL: a parked row's message
+    # is acked at the broker once the row is committed, so the commit must reach the disk
+    # (in WAL mode, NORMAL may lose the last commits to a power loss).
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()
 
 
@@ -49,6 +52,14 @@ def _postgresql_session(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("SET jit = off")
         cursor.execute("SET plan_cache_mode = force_generic_plan")
         cursor.execute("SET enable_seqscan = off")
+
+
+def _with_read_committed(url: str) -> str:
+    """libpq start-up ``options`` pinning READ COMMITTED, after any the URL carries."""
+    given = make_url(url).query.get("options") or ""
+    if not isinstance(given, str):
+        given = " ".join(given)
+    return f"{given} -c default_transaction_isolation=read\\ committed".strip()
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,12 @@ class Database:
             pool_size=5,
             max_overflow=10,
             pool_reset_on_return=None,
+            # The park/release handshake relies on READ COMMITTED: each statement's
+            # INSERT ... ON CONFLICT reads the newest committed version of the leader's
+            # row. Under a server default of REPEATABLE READ or SERIALIZABLE that statement
+            # fails with a serialization error instead. Set at connection start-up, so it
+            # needs no statement of its own.
+            connect_args={"options": _with_read_committed(self.url)},
         )
         if self.is_postgresql:
             event.listen(engine, "connect", _postgresql_session)

@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    and_,
 )
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
@@ -47,14 +48,21 @@ _RowId = BigInteger().with_variant(Integer, "sqlite")
 
 #: Parked followers. ``claimed_at IS NULL`` means waiting; set means a releaser claimed the
 #: row and is publishing it (the outbox state); the row is deleted once published.
+#: Row ids are never reused (a PostgreSQL sequence; AUTOINCREMENT on SQLite, whose plain
+#: rowids come back after a delete): a releaser that stalled past its claim deletes by id,
+#: and must not hit a newer row that took over the id of the one it published.
 followers = Table(
     "causal_followers",
     metadata,
     Column("id", _RowId, primary_key=True, autoincrement=True),
     *_message_columns(),
+    #: When the sweep may release the row as lost (store clock): its park time plus the
+    #: lookback of the app that parked it, moved when its lookback restarts.
+    Column("deadline", Double, nullable=False),
     Column("claimed_at", Double, nullable=True),
     # Parking is idempotent: a redelivered follower hits this key (ON CONFLICT DO NOTHING).
     UniqueConstraint("scope", "follower_id", name="causal_followers_scope_follower_key"),
+    sqlite_autoincrement=True,
 )
 
 # A leader's release reads its waiting followers in occurred order: one index range scan,
@@ -66,10 +74,11 @@ Index(
     followers.c.occurred_at,
     followers.c.follower_id,
 )
-# The sweep finds lost followers (waiting, parked long ago) ...
+# The sweep finds lost followers (waiting, past their deadline): a range probe that reads
+# only rows already due, so a sweep with nothing to do reads nothing ...
 Index(
-    "causal_followers_waiting_idx",
-    followers.c.parked_at,
+    "causal_followers_deadline_idx",
+    followers.c.deadline,
     postgresql_where=followers.c.claimed_at.is_(None),
     sqlite_where=followers.c.claimed_at.is_(None),
 )
@@ -93,27 +102,37 @@ dead_followers = Table(
 )
 Index("causal_dead_followers_scope_idx", dead_followers.c.scope)
 
-#: One row per task that succeeded ("seen"; ``done_at``) or that a follower waits for
-#: (``waited_at``, the last park). Shared by every worker; expires after ``causal_seen_ttl``.
-#: The row is where a leader and its followers meet: both write it with INSERT ... ON
-#: CONFLICT, which the database serialises per key (see ``SQLStore.park``).
+#: One row per task that succeeded (``done_at``), failed for good (``failed_at``, kept only
+#: under the "fail" and "release" policies), or that a follower waits for (``waited_at``,
+#: the last park). Shared by every worker; an outcome expires after ``causal_seen_ttl``, a
+#: mark once no follower waits behind it. The row is where a leader and its followers meet:
+#: both write it with INSERT ... ON CONFLICT, which the database serialises per key (see
+#: ``SQLStore.park``).
 done = Table(
     "causal_done",
     metadata,
     Column("scope", _Id, nullable=False),
     Column("task_id", _Id, nullable=False),
-    #: NULL: not done (yet); a follower marked the row while waiting for it.
+    #: NULL: not succeeded (yet).
     Column("done_at", Double, nullable=True),
-    #: NULL: no follower ever parked for it, so its completion has nothing to release.
+    #: NULL: not failed for good (or its failure is not recorded under this policy).
+    Column("failed_at", Double, nullable=True),
+    #: NULL: no follower ever parked for it, so its outcome has nothing to release.
     Column("waited_at", Double, nullable=True),
     PrimaryKeyConstraint("scope", "task_id", name="causal_done_pkey"),
 )
 Index("causal_done_done_at_idx", done.c.done_at)
 Index(
+    "causal_done_failed_at_idx",
+    done.c.failed_at,
+    postgresql_where=done.c.failed_at.is_not(None),
+    sqlite_where=done.c.failed_at.is_not(None),
+)
+Index(
     "causal_done_waiting_idx",
     done.c.waited_at,
-    postgresql_where=done.c.done_at.is_(None),
-    sqlite_where=done.c.done_at.is_(None),
+    postgresql_where=and_(done.c.done_at.is_(None), done.c.failed_at.is_(None)),
+    sqlite_where=and_(done.c.done_at.is_(None), done.c.failed_at.is_(None)),
 )
 
 
@@ -126,7 +145,10 @@ class db_clock(FunctionElement[float]):
 
 @compiles(db_clock, "postgresql")
 def _pg_clock(element: db_clock, compiler: Any, **kw: Any) -> str:
-    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+    # statement_timestamp() is stable within a statement, so a filter such as
+    # ``deadline < clock`` is an index condition; clock_timestamp() (volatile) would make
+    # PostgreSQL test it on every row of the index instead.
+    return "CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)"
 
 
 @compiles(db_clock, "sqlite")

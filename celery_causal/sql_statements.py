@@ -11,10 +11,12 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Double,
     LargeBinary,
     and_,
     bindparam,
+    case,
     delete,
     exists,
     func,
@@ -22,6 +24,7 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -46,23 +49,45 @@ FOLLOWER_COLUMNS = (
 TICK = 1e-6
 
 
-def _done_within(task_param: str) -> Any:
+def _outcome_within(task_param: str, column: Any) -> Any:
     return and_(
         done.c.scope == bindparam("b_scope"),
         done.c.task_id == bindparam(task_param),
-        done.c.done_at > db_clock() - bindparam("b_ttl", type_=Double),
+        column > db_clock() - bindparam("b_ttl", type_=Double),
     )
 
 
+#: What a lookup answers per task id: succeeded, failed for good, or neither (NULL or 0).
+DONE, FAILED = 1, 2
+
+
 def lookup_statement(count: int) -> Any:
-    # One row whatever the answer: the clock plus one EXISTS per asked id.
+    # One row whatever the answer: the clock plus one primary-key probe per asked id.
+    ttl = db_clock() - bindparam("b_ttl", type_=Double)
+    state = case(
+        (done.c.done_at > ttl, literal(DONE)),
+        (done.c.failed_at > ttl, literal(FAILED)),
+        else_=literal(0),
+    )
     return select(
         db_clock().label("now"),
-        *(exists().where(_done_within(f"t{i}")).label(f"d{i}") for i in range(count)),
+        *(
+            select(state)
+            .where(done.c.scope == bindparam("b_scope"), done.c.task_id == bindparam(f"t{i}"))
+            .scalar_subquery()
+            .label(f"d{i}")
+            for i in range(count)
+        ),
     )
 
 
 LOOKUPS = {count: lookup_statement(count) for count in (1, 2)}
+
+#: The leader's outcome is recorded (done or failed) within the seen TTL.
+_LEADER_SETTLED = or_(
+    exists().where(_outcome_within("b_leader", done.c.done_at)),
+    exists().where(_outcome_within("b_leader", done.c.failed_at)),
+)
 
 TAKE_BACK = (
     delete(followers)
@@ -70,7 +95,7 @@ TAKE_BACK = (
         followers.c.scope == bindparam("b_scope"),
         followers.c.follower_id == bindparam("b_follower"),
         followers.c.claimed_at.is_(None),
-        exists().where(_done_within("b_leader")),
+        _LEADER_SETTLED,
     )
     .returning(followers.c.id)
 )
@@ -94,9 +119,17 @@ def _restart_lookback(ids: Any) -> Any:
     """Followers of released rows start their lookback again: their leader has come.
 
     Without it, a follower whose leader was parked (a chain whose first task never came)
-    could be swept as lost while that leader, just released, is still on its way.
+    could be swept as lost while that leader, just released, is still on its way. The
+    deadline moves by the row's own lookback (deadline - parked_at), the one its app set.
     """
-    return update(followers).where(followers.c.id.in_(ids)).values(parked_at=db_clock())
+    return (
+        update(followers)
+        .where(followers.c.id.in_(ids))
+        .values(
+            parked_at=db_clock(),
+            deadline=db_clock() + (followers.c.deadline - followers.c.parked_at),
+        )
+    )
 
 
 def _waiting_behind(released: Any) -> Any:
@@ -195,16 +228,104 @@ CLAIM_STUCK = _claim_statement(
     ),
     (followers.c.claimed_at,),
 )
-# ... and lost followers: waiting longer than the lookback, oldest parked first (each
-# batch is then sorted by occurred time). A follower whose leader is itself parked is not
-# lost: its leader came and waits in turn, and releases it once it has run.
-CLAIM_LOST = _claim_statement(
-    and_(
+# ... and lost followers: waiting past their deadline, earliest deadline first (each batch
+# is then sorted by occurred time). A follower whose leader is itself parked is not lost:
+# its leader came and waits in turn, and releases it once it has run. ``deadline < clock``
+# is an index condition (the clock is stable within a statement): a sweep reads only rows
+# that are due.
+_DUE = and_(followers.c.claimed_at.is_(None), followers.c.deadline < db_clock())
+CLAIM_LOST = _claim_statement(and_(_DUE, ~LEADER_PARKED), (followers.c.deadline,))
+
+#: Waiting rows past their deadline held back by a parked leader: where a ring starts.
+RING_CANDIDATES = (
+    select(followers.c.id)
+    .where(_DUE, LEADER_PARKED)
+    .order_by(followers.c.deadline)
+    .limit(bindparam("b_limit"))
+)
+
+
+def _leader_walk() -> Any:
+    """The rows reachable from ``b_ids`` by following leader links through parked rows.
+
+    UNION (not UNION ALL) drops rows already reached, so the walk ends on a ring.
+    """
+    link = (followers.c.scope, followers.c.follower_id, followers.c.leader_id)
+    start = select(*link, followers.c.occurred_at).where(
+        followers.c.id.in_(bindparam("b_ids", expanding=True))
+    )
+    walk = start.cte("walk", recursive=True)
+    step = select(*link, followers.c.occurred_at).join(
+        walk,
+        and_(followers.c.scope == walk.c.scope, followers.c.follower_id == walk.c.leader_id),
+    )
+    walk = walk.union(step)
+    return select(walk.c.scope, walk.c.follower_id, walk.c.leader_id, walk.c.occurred_at)
+
+
+LEADER_WALK = _leader_walk()
+
+#: Claim one waiting row past its deadline by its key (the first of a ring).
+CLAIM_DUE_ONE = (
+    update(followers)
+    .where(
+        followers.c.scope == bindparam("b_scope"),
+        followers.c.follower_id == bindparam("b_follower"),
+        _DUE,
+    )
+    .values(claimed_at=db_clock())
+    .returning(*FOLLOWER_COLUMNS)
+)
+
+#: The depth guard leaves a leader's followers to the sweep: due at once.
+MAKE_DUE = (
+    update(followers)
+    .where(
+        followers.c.scope == bindparam("b_scope"),
+        followers.c.leader_id == bindparam("b_leader"),
         followers.c.claimed_at.is_(None),
-        followers.c.parked_at < db_clock() - bindparam("b_lookback", type_=Double),
-        ~LEADER_PARKED,
+        followers.c.deadline > db_clock(),
+    )
+    .values(deadline=db_clock())
+)
+
+
+def _expire(where: Any, order_by: Any) -> Any:
+    """Delete up to ``b_limit`` rows of causal_done matching ``where``, oldest first.
+
+    ``where`` is tested twice: in the subquery that picks the rows (locked, skipping rows
+    another transaction holds), and again on each row as it is deleted. Under READ
+    COMMITTED a DELETE that waited for a row lock goes on with the row's newest version; a
+    test made only in the subquery would delete a done record or a mark written meanwhile
+    (a leader's record, a follower's park) because an older version of it was expired.
+    """
+    old = (
+        select(done.c.scope, done.c.task_id)
+        .where(where)
+        .order_by(order_by)
+        .limit(bindparam("b_limit"))
+        .with_for_update(skip_locked=True)
+    )
+    return delete(done).where(tuple_(done.c.scope, done.c.task_id).in_(old), where)
+
+
+def _older(column: Any) -> Any:
+    return column <= db_clock() - bindparam("b_ttl", type_=Double)
+
+
+EXPIRE_DONE = _expire(_older(done.c.done_at), done.c.done_at)
+EXPIRE_FAILED = _expire(_older(done.c.failed_at), done.c.failed_at)
+# A mark goes only once no follower row references it: a follower of a parked leader, or
+# one whose lookback restarted, may wait longer than the seen TTL, and its leader's
+# outcome must still find it through the mark (record_done returns waited_at).
+EXPIRE_MARKS = _expire(
+    and_(
+        done.c.done_at.is_(None),
+        done.c.failed_at.is_(None),
+        _older(done.c.waited_at),
+        ~exists().where(followers.c.scope == done.c.scope, followers.c.leader_id == done.c.task_id),
     ),
-    (followers.c.parked_at,),
+    done.c.waited_at,
 )
 
 
@@ -222,6 +343,7 @@ class DialectStatements:
                 task_name=bindparam("b_task"),
                 occurred_at=bindparam("b_occurred"),
                 parked_at=db_clock(),
+                deadline=db_clock() + bindparam("b_lookback", type_=Double),
                 content_type=bindparam("b_ctype"),
                 content_encoding=bindparam("b_cenc"),
                 payload=bindparam("b_payload"),
@@ -230,13 +352,14 @@ class DialectStatements:
             # Parking is idempotent: a redelivered follower leaves the one row there is.
             .on_conflict_do_nothing(index_elements=["scope", "follower_id"])
         )
-        # A follower marks its leader's row as waited for, unless the leader is done (the
-        # WHERE leaves a done row untouched and returns nothing). An expired done record
-        # counts as not done, as in lookup(), and becomes a mark.
+        # A follower marks its leader's row as waited for, unless the leader's outcome is
+        # recorded (the WHERE leaves a done or failed row untouched and returns nothing).
+        # An expired outcome counts as none, as in lookup(), and becomes a mark.
         mark = insert(done).values(
             scope=bindparam("b_scope"),
             task_id=bindparam("b_leader"),
             done_at=None,
+            failed_at=None,
             waited_at=db_clock(),
         )
         waited_at: Any = mark.excluded.waited_at
@@ -245,12 +368,13 @@ class DialectStatements:
             # the done record compares the value it read in its snapshot with the latest
             # one to learn whether a park committed while it waited (record_and_claim).
             waited_at = func.greatest(waited_at, done.c.waited_at + TICK)
+        expired = db_clock() - bindparam("b_ttl", type_=Double)
         self.mark = mark.on_conflict_do_update(
             index_elements=["scope", "task_id"],
-            set_={"waited_at": waited_at, "done_at": None},
-            where=or_(
-                done.c.done_at.is_(None),
-                done.c.done_at <= db_clock() - bindparam("b_ttl", type_=Double),
+            set_={"waited_at": waited_at, "done_at": None, "failed_at": None},
+            where=and_(
+                or_(done.c.done_at.is_(None), done.c.done_at <= expired),
+                or_(done.c.failed_at.is_(None), done.c.failed_at <= expired),
             ),
         ).returning(literal(1))
         self.park_in_one = self._park_statement(insert) if is_postgresql else None
@@ -261,7 +385,14 @@ class DialectStatements:
         self.claim_stuck = wrap(CLAIM_STUCK)
         self.claim_lost = wrap(CLAIM_LOST)
         self.restarting = wrap
-        row: Any = select(bindparam("b_scope"), bindparam("b_task_id"), db_clock(), null())
+        failed = bindparam("b_failed", type_=Boolean)
+        row: Any = select(
+            bindparam("b_scope"),
+            bindparam("b_task_id"),
+            case((failed, null()), else_=db_clock()),
+            case((failed, db_clock()), else_=null()),
+            null(),
+        )
         if is_postgresql:
             # The done record alone is committed without waiting for the WAL flush
             # (synchronous_commit off for this statement's transaction). It is visible at
@@ -271,12 +402,16 @@ class DialectStatements:
             # are always flushed: their messages are acked once the row is committed.
             local = func.set_config("synchronous_commit", "off", True).label("setting")
             row = row.select_from(select(local).subquery("local_setting"))
-        record = insert(done).from_select(["scope", "task_id", "done_at", "waited_at"], row)
-        # A task run again after its record expired refreshes it. RETURNING waited_at tells
-        # whether any follower marked the row before this record: if none did, there is
-        # nothing to claim (a follower that parks later finds the record and runs).
+        record = insert(done).from_select(
+            ["scope", "task_id", "done_at", "failed_at", "waited_at"], row
+        )
+        # A task run again after its record expired refreshes it; a success after a failure
+        # replaces it. RETURNING waited_at tells whether any follower marked the row before
+        # this record: if none did, there is nothing to claim (a follower that parks later
+        # finds the record and does not park).
         self.record_done = record.on_conflict_do_update(
-            index_elements=["scope", "task_id"], set_={"done_at": record.excluded.done_at}
+            index_elements=["scope", "task_id"],
+            set_={"done_at": record.excluded.done_at, "failed_at": record.excluded.failed_at},
         ).returning(done.c.waited_at)
         self.record_and_claim = self._record_and_claim_statement() if is_postgresql else None
 
@@ -290,6 +425,7 @@ class DialectStatements:
             bindparam("b_task"),
             bindparam("b_occurred", type_=Double),
             db_clock(),
+            db_clock() + bindparam("b_lookback", type_=Double),
             bindparam("b_ctype"),
             bindparam("b_cenc"),
             bindparam("b_payload", type_=LargeBinary),
@@ -305,6 +441,7 @@ class DialectStatements:
                     "task_name",
                     "occurred_at",
                     "parked_at",
+                    "deadline",
                     "content_type",
                     "content_encoding",
                     "payload",

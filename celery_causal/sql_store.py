@@ -21,25 +21,32 @@ from sqlalchemy import (
     inspect,
     literal,
     select,
-    text,
-    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .core import release_order
+from .core import release_order, rings
 from .errors import StoreError
 from .settings import mask_url
 from .sql_engine import Compiled, Database
-from .sql_schema import db_clock, dead_followers, done, followers, metadata
+from .sql_schema import db_clock, dead_followers, followers, metadata
 from .sql_statements import (
+    CLAIM_DUE_ONE,
+    DONE,
+    EXPIRE_DONE,
+    EXPIRE_FAILED,
+    EXPIRE_MARKS,
+    FAILED,
     FINISH_ANY,
     FINISH_IN,
     FOLLOWER_COLUMNS,
     HAS_ROW,
     LEADER_PARKED,
+    LEADER_WALK,
     LOOKUPS,
+    MAKE_DUE,
     RESTART_IN,
+    RING_CANDIDATES,
     TAKE_BACK,
     DialectStatements,
     lookup_statement,
@@ -129,9 +136,8 @@ class SQLStore:
                 conn.execute(select(func.pg_advisory_lock(_SCHEMA_LOCK_KEY)))
             try:
                 before = _schema_objects(conn)
-                upgraded = _upgrade_done_table(conn, self.is_postgresql)
                 metadata.create_all(conn, checkfirst=True)
-                return upgraded + sorted(_schema_objects(conn) - before)
+                return sorted(_schema_objects(conn) - before)
             finally:
                 if self.is_postgresql:
                     conn.execute(select(func.pg_advisory_unlock(_SCHEMA_LOCK_KEY)))
@@ -163,10 +169,16 @@ class SQLStore:
         params: dict[str, Any] = {"b_scope": scope, "b_ttl": seen_ttl}
         params.update((f"t{i}", task_id) for i, task_id in enumerate(task_ids))
         (row,) = self._fetch(stmt, params)
-        found = frozenset(t for i, t in enumerate(task_ids) if row[i + 1])
-        return Lookup(done=found, now=float(row[0]))
+        done_ids = frozenset(t for i, t in enumerate(task_ids) if row[i + 1] == DONE)
+        failed_ids = frozenset(t for i, t in enumerate(task_ids) if row[i + 1] == FAILED)
+        return Lookup(done=done_ids, now=float(row[0]), failed=failed_ids)
 
-    def park(self, follower: Follower, seen_ttl: float) -> ParkOutcome:
+    def _settled(self, scope: str, leader_id: str, seen_ttl: float) -> ParkOutcome:
+        """Which outcome of the leader a park ran into (one more round trip, rare)."""
+        failed = leader_id in self.lookup(scope, [leader_id], seen_ttl).failed
+        return ParkOutcome.LEADER_FAILED if failed else ParkOutcome.LEADER_DONE
+
+    def park(self, follower: Follower, lookback: float, seen_ttl: float) -> ParkOutcome:
         values = {
             "b_scope": follower.scope,
             "b_follower": follower.follower_id,
@@ -178,6 +190,7 @@ class SQLStore:
             "b_payload": follower.payload,
             "b_host": follower.hostname,
             "b_ttl": seen_ttl,
+            "b_lookback": lookback,
         }
 
         # The park/complete interleaving: this follower read "leader not done", then the
@@ -190,34 +203,38 @@ class SQLStore:
         # first, the mark finds it done and this follower runs instead of parking.
         if self._sql.park_in_one is not None:
             ((marked, had_row, _),) = self._fetch(self._sql.park_in_one, values)
-            return ParkOutcome.PARKED if marked or had_row else ParkOutcome.LEADER_DONE
+            if marked or had_row:
+                return ParkOutcome.PARKED
+            return self._settled(follower.scope, follower.leader_id, seen_ttl)
 
         # SQLite cannot put the mark and the row in one statement; the row is committed
         # after the mark, so a leader that saw the mark may claim before the row exists.
         # The take-back closes that: a second statement, after the row, that sees the done
         # record (committed before that claim) and takes the row back itself.
         # ``claimed_at IS NULL`` makes the take-back and a claim exclusive.
-        def run_in_three(conn: Any) -> ParkOutcome:
+        def run_in_three(conn: Any) -> bool:
             if conn.execute(self._sql.mark, values).first() is None:
-                had_row = conn.execute(HAS_ROW, values).first() is not None
-                return ParkOutcome.PARKED if had_row else ParkOutcome.LEADER_DONE
+                return conn.execute(HAS_ROW, values).first() is not None
             conn.execute(self._sql.park_insert, values)
-            taken = conn.execute(TAKE_BACK, values).first()
-            return ParkOutcome.LEADER_DONE if taken is not None else ParkOutcome.PARKED
+            return conn.execute(TAKE_BACK, values).first() is None
 
-        return self._run(run_in_three)
+        if self._run(run_in_three):
+            return ParkOutcome.PARKED
+        return self._settled(follower.scope, follower.leader_id, seen_ttl)
 
-    def record_done(self, scope: str, task_id: str) -> bool:
-        params = {"b_scope": scope, "b_task_id": task_id}
+    def record_done(self, scope: str, task_id: str, *, failed: bool = False) -> bool:
+        params = {"b_scope": scope, "b_task_id": task_id, "b_failed": failed}
         ((waited_at,),) = self._fetch(self._sql.record_done, params)
         return waited_at is not None
 
-    def record_done_and_claim(self, scope: str, task_id: str, limit: int) -> DoneRecord:
+    def record_done_and_claim(
+        self, scope: str, task_id: str, limit: int, *, failed: bool = False
+    ) -> DoneRecord:
         if self._sql.record_and_claim is None:
             # SQLite: the record, then (if a follower marked the row) the claim, each
             # committed on its own; the claim's snapshot follows the record's commit.
-            return record_then_claim(self, scope, task_id, limit)
-        params = {"b_scope": scope, "b_task_id": task_id, "b_limit": limit}
+            return record_then_claim(self, scope, task_id, limit, failed=failed)
+        params = {"b_scope": scope, "b_task_id": task_id, "b_limit": limit, "b_failed": failed}
         rows = self._fetch(self._sql.record_and_claim, params)
         waited_at, seen_waited_at = rows[0][0], rows[0][1]
         if waited_at is None:
@@ -235,15 +252,32 @@ class SQLStore:
         params = {"b_scope": scope, "b_leader": leader_id, "b_limit": limit}
         return self._claim(self._sql.claim_followers, params)
 
-    def claim_lost(
-        self, lookback: float, release_timeout: float, limit: int
-    ) -> list[ClaimedFollower]:
-        params = {"b_timeout": release_timeout, "b_limit": limit}
+    def claim_lost(self, release_timeout: float, limit: int) -> list[ClaimedFollower]:
+        params: dict[str, Any] = {"b_timeout": release_timeout, "b_limit": limit}
         claimed = self._claim(self._sql.claim_stuck, params)
         if len(claimed) < limit:
-            params = {"b_lookback": lookback, "b_limit": limit - len(claimed)}
+            params = {"b_limit": limit - len(claimed)}
             claimed += self._claim(self._sql.claim_lost, params)
         return release_order(claimed)
+
+    def claim_cycles(self, limit: int) -> list[ClaimedFollower]:
+        starts = [row[0] for row in self._fetch(RING_CANDIDATES, {"b_limit": limit})]
+        if not starts:
+            return []
+        walked = self._run(lambda c: c.execute(LEADER_WALK, {"b_ids": starts}).all())
+        links = {(r[0], r[1]): (r[0], r[2]) for r in walked}
+        occurred = {(r[0], r[1]): r[3] for r in walked}
+        claimed: list[ClaimedFollower] = []
+        claim = self._sql.restarting(CLAIM_DUE_ONE)
+        for ring in rings(links):
+            scope, first = min(ring, key=lambda key: (occurred[key], key[1]))
+            params = {"b_scope": scope, "b_follower": first}
+            claimed += [_claimed(*row) for row in self._fetch(claim, params)]
+        return release_order(claimed)
+
+    def make_due(self, scope: str, leader_id: str) -> int:
+        params = {"b_scope": scope, "b_leader": leader_id}
+        return self._rowcount(MAKE_DUE, params)
 
     def finish(self, row_ids: Sequence[int]) -> None:
         if not row_ids:
@@ -309,54 +343,28 @@ class SQLStore:
         return int(self._run(lambda c: c.execute(stmt).scalar_one()))
 
     def expire_done(self, seen_ttl: float, limit: int) -> int:
-        # Done records older than the TTL, then marks nobody refreshed for as long: every
-        # follower that made such a mark has waited past the lookback, so it is the sweep's.
         expired = 0
-        for column, where in (
-            (done.c.done_at, done.c.done_at <= db_clock() - seen_ttl),
-            (
-                done.c.waited_at,
-                and_(done.c.done_at.is_(None), done.c.waited_at <= db_clock() - seen_ttl),
-            ),
-        ):
-            old = (
-                select(done.c.scope, done.c.task_id)
-                .where(where)
-                .order_by(column)
-                .limit(limit - expired)
-            )
-            expired += self._rowcount(
-                delete(done).where(tuple_(done.c.scope, done.c.task_id).in_(old))
-            )
+        for stmt in (EXPIRE_DONE, EXPIRE_FAILED, EXPIRE_MARKS):
+            params = {"b_ttl": seen_ttl, "b_limit": limit - expired}
+            expired += self._rowcount(stmt, params)
             if expired >= limit:
                 break
         return expired
 
-    def _rowcount(self, stmt: Any) -> int:
-        return int(self._run(lambda c: c.execute(stmt).rowcount))
+    def _rowcount(self, stmt: Any, params: dict[str, Any]) -> int:
+        return int(self._run(lambda c: c.execute(stmt, params).rowcount))
 
-    def stats(self, lookback: float, release_timeout: float = 60.0) -> list[ScopeStats]:
+    def stats(self, release_timeout: float = 60.0) -> list[ScopeStats]:
         waiting = followers.c.claimed_at.is_(None)
         stuck = followers.c.claimed_at < db_clock() - release_timeout
+        overdue = and_(waiting, followers.c.deadline < db_clock(), ~LEADER_PARKED)
         stmt = (
             select(
                 followers.c.scope,
                 func.sum(case((waiting, 1), else_=0)),
                 func.sum(case((waiting, 0), else_=1)),
                 func.min(case((waiting, followers.c.parked_at), else_=None)),
-                func.sum(
-                    case(
-                        (
-                            and_(
-                                waiting,
-                                followers.c.parked_at < db_clock() - lookback,
-                                ~LEADER_PARKED,
-                            ),
-                            1,
-                        ),
-                        else_=0,
-                    )
-                ),
+                func.sum(case((overdue, 1), else_=0)),
                 func.sum(case((stuck, 1), else_=0)),
             )
             .group_by(followers.c.scope)
@@ -427,22 +435,3 @@ def _schema_objects(conn: Any) -> set[str]:
             found.add(f"table {table.name}")
             found.update(f"index {ix['name']}" for ix in inspector.get_indexes(table.name))
     return found
-
-
-def _upgrade_done_table(conn: Any, is_postgresql: bool) -> list[str]:
-    """Bring a causal_done table of the first layout (no ``waited_at``) up to date."""
-    inspector = inspect(conn)
-    if not inspector.has_table(done.name):
-        return []
-    if "waited_at" in {c["name"] for c in inspector.get_columns(done.name)}:
-        return []
-    if is_postgresql:
-        conn.execute(
-            text("ALTER TABLE causal_done ADD COLUMN IF NOT EXISTS waited_at DOUBLE PRECISION")
-        )
-        conn.execute(text("ALTER TABLE causal_done ALTER COLUMN done_at DROP NOT NULL"))
-        return ["upgraded table causal_done (column waited_at added, done_at nullable)"]
-    # SQLite cannot relax NOT NULL in place. The table only caches done records for
-    # causal_seen_ttl; followers of a dropped record wait for the sweep, never lost.
-    done.drop(conn)
-    return ["recreated table causal_done (SQLite: done records of the earlier layout dropped)"]

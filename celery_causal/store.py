@@ -32,6 +32,9 @@ class ParkOutcome(enum.Enum):
     #: The leader was done by the time of the park: no row is left waiting (none was
     #: written, or it was taken back) and the caller must run the task now.
     LEADER_DONE = "leader-done"
+    #: The leader's failure was recorded by the time of the park: no row is left waiting
+    #: and the caller applies ``causal_on_leader_failure`` now.
+    LEADER_FAILED = "leader-failed"
 
 
 @dataclass(frozen=True)
@@ -74,10 +77,12 @@ class DoneRecord:
 
 @dataclass(frozen=True)
 class Lookup:
-    """Which of the asked task ids are done, and the store's clock when it answered."""
+    """Which of the asked task ids succeeded or failed for good (within the seen TTL), and
+    the store's clock when it answered."""
 
     done: frozenset[str]
     now: float
+    failed: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -89,8 +94,8 @@ class ScopeStats:
     releasing: int
     #: Park time of the oldest waiting follower (store clock).
     oldest_parked_at: float | None
-    #: Lost: waiting longer than the lookback, for a leader that is not parked itself.
-    #: The next sweep releases them.
+    #: Lost: waiting past their deadline, for a leader that is not parked itself. The next
+    #: sweep releases them.
     overdue: int
     #: Releasing longer than the release timeout: their releaser died; the sweep retries.
     stuck: int = 0
@@ -118,24 +123,30 @@ class CausalStore(Protocol):
         """Create missing tables and indexes; return what was created (idempotent)."""
 
     def lookup(self, scope: str, task_ids: Sequence[str], seen_ttl: float) -> Lookup:
-        """Return which of ``task_ids`` were recorded done within ``seen_ttl``, and the clock."""
+        """Which of ``task_ids`` were recorded done or failed within ``seen_ttl``; the clock."""
 
-    def park(self, follower: Follower, seen_ttl: float) -> ParkOutcome:
-        """Store ``follower`` as waiting unless its leader is done (``LEADER_DONE``).
+    def park(self, follower: Follower, lookback: float, seen_ttl: float) -> ParkOutcome:
+        """Store ``follower`` as waiting unless its leader's outcome is recorded.
 
-        A duplicate leaves one row and returns ``PARKED``: whoever releases that row (the
-        leader whose record found it, or the sweep) publishes it.
+        The row's deadline is the store's clock plus ``lookback``: the sweep may release it
+        as lost from then on. Returns ``LEADER_DONE`` or ``LEADER_FAILED`` (no row left
+        waiting) when the leader's record is there. A duplicate leaves one row and returns
+        ``PARKED``: whoever releases that row (the leader whose record found it, or the
+        sweep) publishes it.
         """
 
-    def record_done(self, scope: str, task_id: str) -> bool:
-        """Commit ``task_id`` as done (idempotent). Must be committed before claiming.
+    def record_done(self, scope: str, task_id: str, *, failed: bool = False) -> bool:
+        """Commit ``task_id``'s outcome (idempotent): done, or with ``failed`` failed for
+        good. Must be committed before claiming.
 
         ``False`` means no follower of ``task_id`` parked before this record, so there is
-        nothing to claim: a follower that parks later finds the record and runs. ``True``
-        means followers may be waiting (or were, and are already released).
+        nothing to claim: a follower that parks later finds the record and does not park.
+        ``True`` means followers may be waiting (or were, and are already released).
         """
 
-    def record_done_and_claim(self, scope: str, task_id: str, limit: int) -> DoneRecord:
+    def record_done_and_claim(
+        self, scope: str, task_id: str, limit: int, *, failed: bool = False
+    ) -> DoneRecord:
         """:meth:`record_done`, then claim up to ``limit`` of the followers it found waiting.
 
         The record is committed no later than the claim (PostgreSQL commits both in one
@@ -150,18 +161,32 @@ class CausalStore(Protocol):
         Returned in release order. Concurrent claimers get disjoint rows.
         """
 
-    def claim_lost(
-        self, lookback: float, release_timeout: float, limit: int
-    ) -> list[ClaimedFollower]:
-        """Atomically claim rows parked longer than ``lookback`` whose leader is not parked
+    def claim_lost(self, release_timeout: float, limit: int) -> list[ClaimedFollower]:
+        """Atomically claim waiting rows past their deadline whose leader is not parked
         itself, and releasing rows whose claim is older than ``release_timeout`` (their
         releaser died). Disjoint across concurrent sweeps; returned in release order."""
+
+    def claim_cycles(self, limit: int) -> list[ClaimedFollower]:
+        """Atomically claim one row of each cycle of waiting rows past their deadline.
+
+        Rows that follow each other in a ring (A follows B, B follows A: producer-chosen ids)
+        each wait for a leader that is parked, so :meth:`claim_lost` never takes them. The
+        first of each ring in release order is claimed; the rest of the ring, and anything
+        parked behind it, then follow in causal order. ``limit`` bounds the rows examined.
+        """
+
+    def make_due(self, scope: str, leader_id: str) -> int:
+        """Set the deadline of ``leader_id``'s waiting followers to now; return how many.
+
+        For followers the depth guard leaves to the sweep: the next sweep releases them
+        instead of a lookback later.
+        """
 
     def finish(self, row_ids: Sequence[int]) -> None:
         """Delete released rows (after their messages were published).
 
-        Their own waiting followers start their lookback again, no later than the rows
-        disappear: their leader has come, and is on its way to run.
+        Their own waiting followers start their lookback again (deadline moved), no later
+        than the rows disappear: their leader has come, and is on its way to run.
         """
 
     def bury(self, row_id: int, reason: str) -> None:
@@ -177,9 +202,14 @@ class CausalStore(Protocol):
         """How many followers of ``leader_id`` are waiting."""
 
     def expire_done(self, seen_ttl: float, limit: int) -> int:
-        """Delete up to ``limit`` done records older than ``seen_ttl``; return how many."""
+        """Delete up to ``limit`` records older than ``seen_ttl``; return how many.
 
-    def stats(self, lookback: float, release_timeout: float = 60.0) -> list[ScopeStats]:
+        An outcome (done or failed) goes once it is older than ``seen_ttl``; a mark once it is
+        older and no follower row references it any more. Each row is tested again as it is
+        deleted: a record or a mark written meanwhile stays.
+        """
+
+    def stats(self, release_timeout: float = 60.0) -> list[ScopeStats]:
         """Per scope: waiting, releasing, oldest park time, overdue, stuck in releasing."""
 
     def list_followers(
@@ -200,13 +230,15 @@ class CausalStore(Protocol):
         """Release connections."""
 
 
-def record_then_claim(store: CausalStore, scope: str, task_id: str, limit: int) -> DoneRecord:
+def record_then_claim(
+    store: CausalStore, scope: str, task_id: str, limit: int, *, failed: bool = False
+) -> DoneRecord:
     """:meth:`CausalStore.record_done_and_claim` as two steps: the record, then the claim.
 
     For a store whose claim, made after the record committed, sees every park that marked
     the leader before it (the memory store; SQLite, where each step commits on its own).
     """
-    if not store.record_done(scope, task_id):
+    if not store.record_done(scope, task_id, failed=failed):
         return DoneRecord(waited=False, claimed=[], complete=True)
     claimed = store.claim_followers(scope, task_id, limit) if limit else []
     return DoneRecord(True, claimed, complete=limit > 0 and len(claimed) < limit)

@@ -16,10 +16,10 @@ from celery.app.task import Context
 from celery.app.trace import TraceInfo, trace_ok_t
 from celery.app.trace import logger as trace_logger
 from celery.exceptions import Ignore, Reject, Retry
-from celery.states import IGNORED
+from celery.states import FAILURE, IGNORED
 
 from .core import Action, Arrival
-from .errors import InvalidIdError, NotInstalledError, StoreUnavailable
+from .errors import InvalidIdError, LeaderFailed, NotInstalledError, StoreUnavailable
 from .payload import DEPTH, FOLLOWS, PUBLISHED_AT, RELEASED, check_id, leader_id
 from .runtime import CausalRuntime
 from .settings import CausalSettings
@@ -33,8 +33,10 @@ DEFERRED = "DEFERRED"
 BEAT_ENTRY = "celery-causal-sweep"
 
 #: The check made before Celery's tracer, for the task the tracer is running in this
-#: thread: (task id, True or the StoreUnavailable it met). Kept out of the request, whose
-#: fields a retry copies into the new message.
+#: thread: (task id, what it found). What it found is True (the body may run), None (check
+#: again inside the tracer, where a failure is recorded), or the exception the task must
+#: end with inside the tracer (StoreUnavailable: a retry; LeaderFailed: a failure). Kept
+#: out of the request, whose fields a retry copies into the new message.
 _pre_checked = threading.local()
 
 #: Store-outage retries do not give up: the task waits for the database rather than
@@ -81,10 +83,11 @@ def arrival_from(request: Any) -> tuple[Arrival, int]:
     """The ordering facts a delivered message carries, and its release depth."""
     published_at = _header(request, PUBLISHED_AT)
     delivery_info = request.delivery_info or {}
+    released = _header(request, RELEASED)
     arrival = Arrival(
         task_id=request.id,
         follows=_header(request, FOLLOWS),
-        released=bool(_header(request, RELEASED)),
+        released=str(released) if released else "",
         published_at=float(published_at) if published_at is not None else None,
         redelivered=bool(delivery_info.get("redelivered")),
     )
@@ -143,11 +146,12 @@ class CausalTask(Task):  # type: ignore[misc]
         runtime = runtime_for(self.app)
         arrival, depth = arrival_from(request)
         scope = self.scope
+        note = getattr(_pre_checked, "note", None)
+        traced = note is not None and note[0] == request.id
         try:
-            note = getattr(_pre_checked, "note", None)
-            checked = note[1] if note is not None and note[0] == request.id else None
-            if isinstance(checked, StoreUnavailable):
-                raise checked
+            checked = note[1] if note is not None and traced else None
+            if isinstance(checked, BaseException):
+                raise checked  # inside the tracer: a retry, or Celery's failure path
             if checked is not True and not self._may_run(runtime, scope, arrival, depth, request):
                 raise Ignore()
         except StoreUnavailable as exc:
@@ -164,24 +168,19 @@ class CausalTask(Task):  # type: ignore[misc]
                 countdown=runtime.settings.store_retry_delay,
                 max_retries=_STORE_MAX_RETRIES,
             ) from None
+        if traced:
+            # The outcome is recorded by _check_then_trace once the tracer has stored it.
+            return super().__call__(*args, **kwargs)
+        # A tracer that is not the worker's (a custom pool calling run_trace directly):
+        # record the outcome here, right after the body.
         try:
             retval = super().__call__(*args, **kwargs)
         except (Retry, Ignore, Reject):
             raise  # not a final outcome: a retry succeeds later or the message comes back
-        except Exception as failure:
-            _after_body(
-                "its followers could not be handled after its failure",
-                functools.partial(runtime.leader_failed, scope, arrival.task_id, depth, failure),
-                arrival.task_id,
-                scope,
-            )
+        except Exception:
+            _record_outcome(runtime, scope, arrival.task_id, depth, failed=True)
             raise
-        _after_body(
-            _RELEASE_FAILED,
-            lambda: runtime.complete(scope, arrival.task_id, depth),
-            arrival.task_id,
-            scope,
-        )
+        _record_outcome(runtime, scope, arrival.task_id, depth, failed=False)
         return retval
 
     def _may_run(
@@ -189,6 +188,8 @@ class CausalTask(Task):  # type: ignore[misc]
     ) -> bool:
         """Whether the body may run now; ``False`` once the task is parked or skipped."""
         verdict, now = runtime.check(scope, arrival)
+        if verdict.action is Action.FAIL:
+            raise _leader_failed(arrival, scope)
         if verdict.action is Action.SKIP_DUPLICATE:
             logger.info(
                 "duplicate skip: task %s (follows %s, scope %r) already done",
@@ -218,7 +219,10 @@ class CausalTask(Task):  # type: ignore[misc]
             outcome = runtime.park(
                 scope=scope, task=self, request=request, arrival=arrival, now=now
             )
-            if outcome is ParkOutcome.PARKED:
+            if outcome is ParkOutcome.LEADER_FAILED:
+                if runtime.settings.on_leader_failure == "fail":
+                    raise _leader_failed(arrival, scope)
+            elif outcome is ParkOutcome.PARKED:
                 logger.info(
                     "parked task %s: follows %s (scope %r), which has not succeeded yet",
                     arrival.task_id,
@@ -235,17 +239,11 @@ class CausalTask(Task):  # type: ignore[misc]
                 )
                 return False
             logger.info(
-                "task %s runs: its leader %s (scope %r) succeeded while it was parking",
+                "task %s runs: its leader %s (scope %r) %s while it was parking",
                 arrival.task_id,
                 arrival.leader,
                 scope,
-            )
-        elif verdict.reason == "older than lookback":
-            logger.info(
-                "task %s runs without its leader %s (scope %r): older than causal_lookback",
-                arrival.task_id,
-                arrival.leader,
-                scope,
+                "failed" if outcome is ParkOutcome.LEADER_FAILED else "succeeded",
             )
         return True
 
@@ -270,30 +268,72 @@ class CausalTask(Task):  # type: ignore[misc]
 def _check_then_trace(
     task: CausalTask, tracer: Any, uuid: str, args: Any, kwargs: Any, request: Any = None
 ) -> Any:
-    """Celery's tracer, after the causal check; a parked or duplicate task ends here."""
+    """Celery's tracer between the causal check and the record of the task's outcome.
+
+    A parked or duplicate task ends before the tracer. A task that runs has its outcome
+    recorded (and its followers released) only after the tracer returns: by then Celery
+    stored its SUCCESS, ran ``on_success``, ``after_return`` and the ``task_success`` and
+    ``task_postrun`` handlers, so a follower that reads its leader's result, or relies on a
+    commit made in a post-run hook, finds it.
+    """
     request = request if request is not None else {}
     started = time.monotonic()
     context = Context(request, args=args, called_directly=False, kwargs=kwargs)
     task.request_stack.push(context)  # as the tracer does: task.request is this context
+    runtime = runtime_for(task.app)
+    checked: bool | BaseException | None
     try:
         arrival, depth = arrival_from(context)
-        runs = task._may_run(runtime_for(task.app), task.scope, arrival, depth, context)
-        checked: bool | StoreUnavailable | None = runs
-    except StoreUnavailable as exc:
-        runs, checked = True, exc  # __call__ retries the task, inside the tracer
+        runs = task._may_run(runtime, task.scope, arrival, depth, context)
+        checked = runs
+    except (StoreUnavailable, LeaderFailed) as exc:
+        runs, checked = True, exc  # raised by __call__ inside the tracer
     except Exception:
         # Any other failure is reported by the tracer: __call__ checks again and raises
         # it there, where Celery records the task's failure. Parking is idempotent.
         runs, checked = True, None
     finally:
         task.request_stack.pop()
-    if runs:
-        _pre_checked.note = None if checked is None else (uuid, checked)
-        try:
-            return tracer(uuid, args, kwargs, request)
-        finally:
-            _pre_checked.note = None
-    return _ignored(task, context, time.monotonic() - started)
+    if not runs:
+        return _ignored(task, context, time.monotonic() - started)
+    _pre_checked.note = (uuid, checked)
+    try:
+        traced = tracer(uuid, args, kwargs, request)
+    finally:
+        _pre_checked.note = None
+    retval, info = traced[0], traced[1]
+    if info is None and not isinstance(retval, ExceptionInfo):
+        _record_outcome(runtime, task.scope, context.id, depth, failed=False)
+    elif info is not None and info.state == FAILURE:
+        _record_outcome(runtime, task.scope, context.id, depth, failed=True)
+    return traced
+
+
+def _leader_failed(arrival: Arrival, scope: str) -> LeaderFailed:
+    return LeaderFailed(
+        f"task {arrival.task_id} was not run: the task it follows, {arrival.leader} "
+        f"(scope {scope!r}), failed (causal_on_leader_failure='fail')"
+    )
+
+
+def _record_outcome(
+    runtime: CausalRuntime, scope: str, task_id: str, depth: int, *, failed: bool
+) -> None:
+    """After a task ran: record its outcome and release (or fail) its followers."""
+    if failed:
+        _after_body(
+            "its followers could not be handled after its failure",
+            functools.partial(runtime.leader_failed, scope, task_id, depth),
+            task_id,
+            scope,
+        )
+    else:
+        _after_body(
+            _RELEASE_FAILED,
+            functools.partial(runtime.complete, scope, task_id, depth),
+            task_id,
+            scope,
+        )
 
 
 class _NotRun(ExceptionInfo):  # type: ignore[misc]
@@ -371,6 +411,11 @@ class CausalWorkerStep(bootsteps.Step):  # type: ignore[misc]
             # The database may come up after the worker (compose, k8s): tasks retry until
             # it answers, and the schema is created on first use.
             logger.error("causal store not reachable at worker start: %s", exc)
+        finally:
+            # The main process forks the pool next: no connection may cross the fork (an
+            # SQLite handle used on both sides of one corrupts the file's locks). Each
+            # process that runs tasks opens its own.
+            runtime.store.close()
 
 
 def _sweep_task(app: Any) -> Callable[[], dict[str, int]]:

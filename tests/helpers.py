@@ -53,12 +53,15 @@ def age(store: CausalStore, seconds: float) -> None:
         conn.execute(
             update(followers).values(
                 parked_at=followers.c.parked_at - seconds,
+                deadline=followers.c.deadline - seconds,
                 claimed_at=followers.c.claimed_at - seconds,
             )
         )
         conn.execute(
             update(done).values(
-                done_at=done.c.done_at - seconds, waited_at=done.c.waited_at - seconds
+                done_at=done.c.done_at - seconds,
+                failed_at=done.c.failed_at - seconds,
+                waited_at=done.c.waited_at - seconds,
             )
         )
 

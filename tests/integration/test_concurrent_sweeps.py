@@ -35,7 +35,7 @@ def test_four_sweeps_release_each_of_2000_lost_followers_exactly_once(
     store = SQLStore(pg_url)
     truncate(store)
     for i in range(2000):
-        store.park(follower(f"lost-{i}", f"gone-{i % 7}", occurred_at=float(i)), 120)
+        store.park(follower(f"lost-{i}", f"gone-{i % 7}", occurred_at=float(i)), 60, 120)
     age(store, 61)
     runtime = runtime_for(app)
     barrier = threading.Barrier(4)
@@ -58,6 +58,6 @@ def test_four_sweeps_release_each_of_2000_lost_followers_exactly_once(
     ids = Counter(json.loads(m)["headers"]["id"] for m in messages)
     assert sum(released) == 2000
     assert len(ids) == 2000 and max(ids.values()) == 1
-    assert store.stats(60) == []
+    assert store.stats() == []
     client.delete(f"{prefix}celery")
     store.close()

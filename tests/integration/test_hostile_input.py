@@ -29,6 +29,7 @@ from celery_causal.task import runtime_for
 from tests.helpers import age, follower, truncate
 
 TTL = 1800.0
+LOOKBACK = 60.0
 HOSTILE = [
     "x'); DROP TABLE causal_done; --",
     "quote \" and ' and ; and -- comment",
@@ -43,8 +44,8 @@ HOSTILE = [
 def test_hostile_ids_and_scopes_round_trip_and_leave_tables_intact(
     store: CausalStore, value: str
 ) -> None:
-    store.park(follower(value, value, scope=value), TTL)
-    store.park(follower(value + "2", value, scope=value), TTL)
+    store.park(follower(value, value, scope=value), LOOKBACK, TTL)
+    store.park(follower(value + "2", value, scope=value), LOOKBACK, TTL)
     assert [i.follower_id for i in store.list_followers(value, value, 10)] == [value, value + "2"]
     store.record_done(value, value)
     assert store.lookup(value, [value], TTL).done == {value}
@@ -52,10 +53,10 @@ def test_hostile_ids_and_scopes_round_trip_and_leave_tables_intact(
     assert [(f.scope, f.follower_id, f.leader_id) for f in claimed] == [(value, value, value)]
     store.finish([claimed[0].row_id])
     age(store, 2000)
-    (lost,) = store.claim_lost(lookback=900, release_timeout=900, limit=10)
+    (lost,) = store.claim_lost(release_timeout=900, limit=10)
     assert lost.follower_id == value + "2"
     store.finish([lost.row_id])
-    assert store.stats(900) == []
+    assert store.stats() == []
     assert store.expire_done(TTL, 10) == 1  # the done table is still there, and intact
 
 
@@ -130,7 +131,7 @@ def test_planted_pickle_and_corrupt_rows_are_moved_aside_and_the_rest_released(
     # Given three followers of one leader; one row replaced by a pickle, one corrupted
     app = _app(pg)
     for name in ("pickled", "corrupt", "fine"):
-        pg.park(follower(name, "L"), TTL)
+        pg.park(follower(name, "L"), LOOKBACK, TTL)
     pickled = pickle.dumps({"args": [], "kwargs": {}, "options": {}})
     with pg.engine.connect() as conn:
         conn.execute(
@@ -151,7 +152,7 @@ def test_planted_pickle_and_corrupt_rows_are_moved_aside_and_the_rest_released(
     released = runtime_for(app).complete("default", "L", 0)
     # Then the good follower is released, the two bad ones are moved aside, none run
     assert released == 1
-    (stats,) = pg.stats(900)
+    (stats,) = pg.stats()
     assert (stats.dead, stats.waiting, stats.releasing) == (2, 0, 0)
     with pg.engine.connect() as conn:
         reasons = dict(
@@ -164,7 +165,7 @@ def test_statements_the_database_refuses_raise_store_error_not_unavailable(
     pg: SQLStore,
 ) -> None:
     with pytest.raises(StoreError) as info:
-        pg.park(replace(follower("f", "L"), follower_id="a\x00b"), TTL)
+        pg.park(replace(follower("f", "L"), follower_id="a\x00b"), LOOKBACK, TTL)
     assert type(info.value) is StoreError
 
 
@@ -172,7 +173,7 @@ def test_statements_the_database_refuses_raise_store_error_not_unavailable(
     "operation",
     [
         lambda s: s.lookup("default", ["a"], TTL),
-        lambda s: s.park(follower("f", "L"), TTL),
+        lambda s: s.park(follower("f", "L"), LOOKBACK, TTL),
         lambda s: s.record_done("default", "a"),
         lambda s: s.claim_followers("default", "L", 10),
     ],
@@ -206,17 +207,17 @@ def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
     worker_url = make_url(pg_url).set(username=role).render_as_string(hide_password=False)
     store = SQLStore(worker_url, create_schema=False)
     try:
-        store.park(follower("f1", "L"), TTL)
-        store.park(follower("f2", "M"), TTL)
+        store.park(follower("f1", "L"), LOOKBACK, TTL)
+        store.park(follower("f2", "M"), LOOKBACK, TTL)
         store.record_done("default", "L")
         assert store.lookup("default", ["L"], TTL).done == {"L"}
         (claimed,) = store.claim_followers("default", "L", 10)
         store.finish([claimed.row_id])
         age(pg, 2000)
-        (lost,) = store.claim_lost(900, 900, 10)
+        (lost,) = store.claim_lost(900, 10)
         store.bury(lost.row_id, "test")
         assert store.expire_done(TTL, 10) == 2  # L's done record and the mark f2 left on M
-        assert store.stats(900)[0].dead == 1
+        assert store.stats()[0].dead == 1
         assert store.forget("default", "nothing") is False
     finally:
         store.close()

@@ -23,6 +23,7 @@ from celery_causal.store import CausalStore, ClaimedFollower, DoneRecord, ParkOu
 from tests.helpers import follower, truncate
 
 TTL = 1800.0
+LOOKBACK = 60.0
 
 
 def leader_claims(store: CausalStore, leader: str, limit: int = 100) -> list[ClaimedFollower]:
@@ -48,7 +49,7 @@ def _run_pair(store: CausalStore, fid: str, leader: str, order: list[str]) -> Co
         follower_checked.set()
         if order == ["check", "leader", "park"]:
             assert leader_finished.wait(10)
-        if store.park(follower(fid, leader), TTL) is ParkOutcome.LEADER_DONE:
+        if store.park(follower(fid, leader), LOOKBACK, TTL) is ParkOutcome.LEADER_DONE:
             runs[fid] += 1
         follower_parked.set()
 
@@ -103,7 +104,7 @@ def test_racing_pairs_released_through_a_barrier(store: CausalStore) -> None:
                     with lock:
                         runs[claimed.follower_id] += 1
             elif leader in store.lookup("default", [leader], TTL).done or (
-                store.park(follower(fid, leader), TTL) is ParkOutcome.LEADER_DONE
+                store.park(follower(fid, leader), LOOKBACK, TTL) is ParkOutcome.LEADER_DONE
             ):
                 with lock:
                     runs[fid] += 1
@@ -115,7 +116,7 @@ def test_racing_pairs_released_through_a_barrier(store: CausalStore) -> None:
         t.join(120)
     # Then every follower ran exactly once and none waits for the sweep
     assert runs == {f: 1 for f, _ in pairs}
-    assert sum(s.waiting + s.releasing for s in store.stats(lookback=900)) == 0
+    assert sum(s.waiting + s.releasing for s in store.stats()) == 0
 
 
 @pytest.mark.timeout(60)
@@ -138,6 +139,7 @@ def test_a_park_committed_while_the_done_record_waits_is_not_missed(pg_url: str)
         "b_payload": parked_row.payload,
         "b_host": "",
         "b_ttl": TTL,
+        "b_lookback": LOOKBACK,
     }
     park_conn = psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"))
     try:
@@ -184,11 +186,11 @@ def test_every_mark_moves_the_leaders_row_forward_even_when_the_clock_does_not(
     # waited_at in its snapshot with the latest; a mark must never leave it unchanged.
     store = SQLStore(pg_url)
     truncate(store)
-    store.park(follower("f1", "L"), TTL)
+    store.park(follower("f1", "L"), LOOKBACK, TTL)
     ahead = store.clock() + 3600.0  # as if the next park read an equal or earlier clock
     with store.engine.begin() as conn:
         conn.execute(text("UPDATE causal_done SET waited_at = :w"), {"w": ahead})
-    store.park(follower("f2", "L"), TTL)
+    store.park(follower("f2", "L"), LOOKBACK, TTL)
     with store.engine.connect() as conn:
         (waited_at,) = conn.execute(text("SELECT waited_at FROM causal_done")).one()
     assert waited_at > ahead
@@ -206,8 +208,8 @@ def test_a_release_in_flight_never_hides_a_waiting_row_from_the_next_leader(
     # f2's row locked, or f1's claim misses f2 and f2 waits for the sweep.
     store = SQLStore(pg_url)
     truncate(store)
-    store.park(follower("f1", "L", occurred_at=1.0), TTL)
-    store.park(follower("f2", "f1", occurred_at=2.0), TTL)
+    store.park(follower("f1", "L", occurred_at=1.0), LOOKBACK, TTL)
+    store.park(follower("f2", "f1", occurred_at=2.0), LOOKBACK, TTL)
     (first,) = leader_claims(store, "L")
     assert first.follower_id == "f1"
     finish = store._db.compile(FINISH_ANY)

@@ -94,7 +94,7 @@ class Protocol(RuleBasedStateMachine):
         fid = data.draw(st.sampled_from(sorted(self.model.checked)))
         self.model.checked.discard(fid)
         leader = FOLLOWERS[fid]
-        outcome = self.store.park(follower(fid, leader, scope="s"), TTL)
+        outcome = self.store.park(follower(fid, leader, scope="s"), LOOKBACK, TTL)
         if self.model.leader_done(leader):
             # A row from an earlier delivery is its releaser's; otherwise run now.
             expected = ParkOutcome.PARKED if fid in self.model.rows else ParkOutcome.LEADER_DONE
@@ -176,7 +176,7 @@ class Protocol(RuleBasedStateMachine):
 
     @rule()
     def sweep(self) -> None:
-        lost = self.store.claim_lost(LOOKBACK, TIMEOUT, 100)
+        lost = self.store.claim_lost(TIMEOUT, 100)
         # Not lost while its leader is itself parked: the sweep never runs a chain's later
         # task beside an earlier one that came.
         expected = sorted(
@@ -226,7 +226,7 @@ class Protocol(RuleBasedStateMachine):
     @invariant()
     def nothing_lost_nothing_twice_nothing_early(self) -> None:
         m = self.model
-        stats = {s.scope: s for s in self.store.stats(LOOKBACK, TIMEOUT)}
+        stats = {s.scope: s for s in self.store.stats(TIMEOUT)}
         waiting = sum(1 for r in m.rows.values() if r.state == "waiting")
         releasing = len(m.rows) - waiting
         got = stats.get("s")
@@ -245,8 +245,8 @@ class Protocol(RuleBasedStateMachine):
             self.store.record_done("s", leader)
             self.store.finish([c.row_id for c in self.store.claim_followers("s", leader, 100)])
         age(self.store, 10 * LOOKBACK)
-        self.store.finish([c.row_id for c in self.store.claim_lost(LOOKBACK, TIMEOUT, 100)])
-        assert self.store.stats(LOOKBACK, TIMEOUT) == []
+        self.store.finish([c.row_id for c in self.store.claim_lost(TIMEOUT, 100)])
+        assert self.store.stats(TIMEOUT) == []
 
 
 def test_protocol_on_the_memory_store() -> None:

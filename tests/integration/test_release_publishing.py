@@ -98,7 +98,7 @@ def park(
             ),
             max_bytes=1 << 20,
         )
-        store.park(follower, 3600)
+        store.park(follower, 900, 3600)
     return ids
 
 
@@ -193,7 +193,7 @@ def test_a_follower_bound_for_a_retired_queue_is_moved_aside_not_blocking_others
     assert released == 29
     assert queued(app, queue) == ids[:19] + ids[20:]
     assert store.list_followers(SCOPE, None, 1000) == []
-    [stats] = store.stats(runtime.settings.lookback)
+    [stats] = store.stats()
     assert stats.dead == 1
 
 
@@ -223,6 +223,7 @@ def test_a_released_message_keeps_its_priority_and_its_expiry_counts_from_the_re
             message=message,
             max_bytes=1 << 20,
         ),
+        900,
         3600,
     )
     assert runtime.store.record_done(SCOPE, leader)

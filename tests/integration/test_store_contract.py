@@ -13,11 +13,12 @@ from celery_causal.store import CausalStore, ParkOutcome
 from tests.helpers import age, follower, truncate
 
 TTL = 1800.0
+LOOKBACK = 60.0
 
 
 def test_parking_twice_leaves_one_row(store: CausalStore) -> None:
-    assert store.park(follower("f1", "L"), TTL) is ParkOutcome.PARKED
-    assert store.park(follower("f1", "L"), TTL) is ParkOutcome.PARKED
+    assert store.park(follower("f1", "L"), LOOKBACK, TTL) is ParkOutcome.PARKED
+    assert store.park(follower("f1", "L"), LOOKBACK, TTL) is ParkOutcome.PARKED
     assert store.count_followers("default", "L") == 1
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
 
@@ -41,8 +42,8 @@ def test_record_done_again_refreshes_an_expired_record(store: CausalStore) -> No
 
 def test_followers_are_claimed_in_occurred_order_ties_by_id(store: CausalStore) -> None:
     for fid, occurred in [("c", 3.0), ("b2", 2.0), ("a", 1.0), ("b1", 2.0)]:
-        store.park(follower(fid, "L", occurred_at=occurred), TTL)
-    store.park(follower("other", "M"), TTL)
+        store.park(follower(fid, "L", occurred_at=occurred), LOOKBACK, TTL)
+    store.park(follower("other", "M"), LOOKBACK, TTL)
     claimed = store.claim_followers("default", "L", 10)
     assert [f.follower_id for f in claimed] == ["a", "b1", "b2", "c"]
     assert store.claim_followers("default", "L", 10) == []  # claimed rows are not waiting
@@ -50,7 +51,7 @@ def test_followers_are_claimed_in_occurred_order_ties_by_id(store: CausalStore) 
 
 def test_claim_in_batches_keeps_order(store: CausalStore) -> None:
     for i in range(7):
-        store.park(follower(f"f{i}", "L", occurred_at=float(i)), TTL)
+        store.park(follower(f"f{i}", "L", occurred_at=float(i)), LOOKBACK, TTL)
     batches = [store.claim_followers("default", "L", 3) for _ in range(3)]
     assert [[f.follower_id for f in b] for b in batches] == [
         ["f0", "f1", "f2"],
@@ -61,7 +62,7 @@ def test_claim_in_batches_keeps_order(store: CausalStore) -> None:
 
 def test_claimed_rows_round_trip_every_field(store: CausalStore) -> None:
     original = follower("f1", "L", scope="s", occurred_at=12.5)
-    store.park(original, TTL)
+    store.park(original, LOOKBACK, TTL)
     (claimed,) = store.claim_followers("s", "L", 10)
     for name in (
         "scope",
@@ -79,8 +80,8 @@ def test_claimed_rows_round_trip_every_field(store: CausalStore) -> None:
 
 
 def test_finish_deletes_and_unclaim_puts_back(store: CausalStore) -> None:
-    store.park(follower("f1", "L"), TTL)
-    store.park(follower("f2", "L"), TTL)
+    store.park(follower("f1", "L"), LOOKBACK, TTL)
+    store.park(follower("f2", "L"), LOOKBACK, TTL)
     first, second = store.claim_followers("default", "L", 10)
     store.finish([first.row_id])
     store.unclaim([second.row_id])
@@ -88,8 +89,8 @@ def test_finish_deletes_and_unclaim_puts_back(store: CausalStore) -> None:
 
 
 def test_scopes_are_isolated(store: CausalStore) -> None:
-    store.park(follower("f1", "L", scope="a"), TTL)
-    store.park(follower("f1", "L", scope="b"), TTL)  # same ids, other scope: its own row
+    store.park(follower("f1", "L", scope="a"), LOOKBACK, TTL)
+    store.park(follower("f1", "L", scope="b"), LOOKBACK, TTL)  # same ids, other scope: its own row
     store.record_done("a", "L")
     assert store.lookup("b", ["L"], TTL).done == frozenset()
     assert [f.scope for f in store.claim_followers("a", "L", 10)] == ["a"]
@@ -103,29 +104,29 @@ def test_park_after_leader_done_takes_the_row_back(store: CausalStore) -> None:
     # leader committed and claimed (nothing yet), then the follower parks.
     store.record_done("default", "L")
     assert store.claim_followers("default", "L", 10) == []
-    assert store.park(follower("f1", "L"), TTL) is ParkOutcome.LEADER_DONE
+    assert store.park(follower("f1", "L"), LOOKBACK, TTL) is ParkOutcome.LEADER_DONE
     assert store.count_followers("default", "L") == 0
 
 
 def test_park_before_leader_done_is_claimed_by_the_leader(store: CausalStore) -> None:
-    assert store.park(follower("f1", "L"), TTL) is ParkOutcome.PARKED
+    assert store.park(follower("f1", "L"), LOOKBACK, TTL) is ParkOutcome.PARKED
     store.record_done("default", "L")
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
 
 
 def test_duplicate_park_of_a_row_being_released_does_not_run_it(store: CausalStore) -> None:
-    store.park(follower("f1", "L"), TTL)
+    store.park(follower("f1", "L"), LOOKBACK, TTL)
     store.record_done("default", "L")
     store.claim_followers("default", "L", 10)  # the leader is publishing it
-    assert store.park(follower("f1", "L"), TTL) is ParkOutcome.PARKED
+    assert store.park(follower("f1", "L"), LOOKBACK, TTL) is ParkOutcome.PARKED
 
 
 def test_record_done_says_whether_a_follower_may_wait(store: CausalStore) -> None:
     # No follower parked before the record: nothing to claim, and one parking later runs
     assert store.record_done("default", "alone") is False
-    assert store.park(follower("late", "alone"), TTL) is ParkOutcome.LEADER_DONE
+    assert store.park(follower("late", "alone"), LOOKBACK, TTL) is ParkOutcome.LEADER_DONE
     # A follower parked before the record: the leader must claim it
-    store.park(follower("f1", "L"), TTL)
+    store.park(follower("f1", "L"), LOOKBACK, TTL)
     assert store.record_done("default", "L") is True
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
 
@@ -139,7 +140,7 @@ def test_record_done_and_claim_takes_the_first_batch_with_the_record(
     assert "alone" in store.lookup("default", ["alone"], TTL).done
     # Five followers, claimed three at a time: the first batch comes with the record
     for i, occurred in enumerate([5.0, 1.0, 4.0, 2.0, 3.0]):
-        store.park(follower(f"f{i}", "L", occurred_at=occurred), TTL)
+        store.park(follower(f"f{i}", "L", occurred_at=occurred), LOOKBACK, TTL)
     first = store.record_done_and_claim("default", "L", 3)
     assert first.waited and not first.complete  # a full batch: more may wait
     assert [f.follower_id for f in first.claimed] == ["f1", "f3", "f4"]
@@ -153,27 +154,27 @@ def test_record_done_and_claim_takes_the_first_batch_with_the_record(
 
 def test_record_done_and_claim_with_no_limit_claims_nothing(store: CausalStore) -> None:
     # The runtime asks for none when the release depth is exceeded: the rows stay waiting
-    store.park(follower("f1", "L"), TTL)
+    store.park(follower("f1", "L"), LOOKBACK, TTL)
     record = store.record_done_and_claim("default", "L", 0)
     assert (record.waited, record.claimed, record.complete) == (True, [], False)
     assert store.count_followers("default", "L") == 1
-    assert store.park(follower("late", "L"), TTL) is ParkOutcome.LEADER_DONE
+    assert store.park(follower("late", "L"), LOOKBACK, TTL) is ParkOutcome.LEADER_DONE
 
 
 def test_duplicate_park_after_the_leader_recorded_done_leaves_it_to_the_claim(
     store: CausalStore,
 ) -> None:
-    store.park(follower("f1", "L"), TTL)
+    store.park(follower("f1", "L"), LOOKBACK, TTL)
     assert store.record_done("default", "L") is True
     # The same follower delivered again before the leader claimed: not run by this copy
-    assert store.park(follower("f1", "L"), TTL) is ParkOutcome.PARKED
+    assert store.park(follower("f1", "L"), LOOKBACK, TTL) is ParkOutcome.PARKED
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
 
 
 def test_expired_done_record_counts_as_not_done_for_park(store: CausalStore) -> None:
     store.record_done("default", "L")
     age(store, 100)
-    assert store.park(follower("f1", "L"), 50) is ParkOutcome.PARKED
+    assert store.park(follower("f1", "L"), LOOKBACK, 50) is ParkOutcome.PARKED
     # The leader running again releases it
     assert store.record_done("default", "L") is True
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
@@ -182,33 +183,33 @@ def test_expired_done_record_counts_as_not_done_for_park(store: CausalStore) -> 
 def test_claim_lost_waits_for_the_lookback_and_returns_occurred_order(
     store: CausalStore,
 ) -> None:
-    store.park(follower("b", "gone", occurred_at=3.0), TTL)
-    store.park(follower("a", "gone", occurred_at=2.0), TTL)
-    store.park(follower("c", "also-gone", occurred_at=1.0), TTL)
-    assert store.claim_lost(lookback=60, release_timeout=60, limit=100) == []
+    store.park(follower("b", "gone", occurred_at=3.0), LOOKBACK, TTL)
+    store.park(follower("a", "gone", occurred_at=2.0), LOOKBACK, TTL)
+    store.park(follower("c", "also-gone", occurred_at=1.0), LOOKBACK, TTL)
+    assert store.claim_lost(release_timeout=60, limit=100) == []
     age(store, 61)
-    lost = store.claim_lost(lookback=60, release_timeout=60, limit=100)
+    lost = store.claim_lost(release_timeout=60, limit=100)
     assert [f.follower_id for f in lost] == ["c", "a", "b"]
-    assert store.claim_lost(lookback=60, release_timeout=600, limit=100) == []
+    assert store.claim_lost(release_timeout=600, limit=100) == []
 
 
 def test_a_lost_chain_comes_back_in_causal_order(store: CausalStore) -> None:
     # Given the seed's one <- two <- (three_a, three_b), sent backwards, and "one" never comes
-    store.park(follower("three_b", "two", occurred_at=3.0), TTL)
-    store.park(follower("three_a", "two", occurred_at=2.0), TTL)
-    store.park(follower("two", "one", occurred_at=1.0), TTL)
+    store.park(follower("three_b", "two", occurred_at=3.0), LOOKBACK, TTL)
+    store.park(follower("three_a", "two", occurred_at=2.0), LOOKBACK, TTL)
+    store.park(follower("two", "one", occurred_at=1.0), LOOKBACK, TTL)
     age(store, 61)
     # When the lookback has passed, only "two" is lost: the others' leader came (it is
     # parked), so they wait for it instead of running beside it
-    (stats,) = store.stats(lookback=60)
+    (stats,) = store.stats()
     assert (stats.waiting, stats.overdue) == (3, 1)
-    lost = store.claim_lost(lookback=60, release_timeout=600, limit=100)
+    lost = store.claim_lost(release_timeout=600, limit=100)
     assert [f.follower_id for f in lost] == ["two"]
     # and once "two" is released, its followers' lookback starts again: no sweep takes
     # them ahead of it while it is on its way
     store.finish([f.row_id for f in lost])
-    assert store.claim_lost(lookback=60, release_timeout=600, limit=100) == []
-    assert store.stats(lookback=60)[0].overdue == 0
+    assert store.claim_lost(release_timeout=600, limit=100) == []
+    assert store.stats()[0].overdue == 0
     # Then "two" runs and releases them, in occurred order
     record = store.record_done_and_claim("default", "two", 100)
     assert [f.follower_id for f in record.claimed] == ["three_a", "three_b"]
@@ -217,14 +218,14 @@ def test_a_lost_chain_comes_back_in_causal_order(store: CausalStore) -> None:
 def test_followers_of_a_released_leader_that_never_runs_are_lost_a_lookback_later(
     store: CausalStore,
 ) -> None:
-    store.park(follower("f2", "f1"), TTL)
-    store.park(follower("f1", "gone"), TTL)
+    store.park(follower("f2", "f1"), LOOKBACK, TTL)
+    store.park(follower("f1", "gone"), LOOKBACK, TTL)
     age(store, 61)
-    store.finish([f.row_id for f in store.claim_lost(60, 600, 100)])  # f1, which then dies
+    store.finish([f.row_id for f in store.claim_lost(600, 100)])  # f1, which then dies
     age(store, 59)
-    assert store.claim_lost(lookback=60, release_timeout=600, limit=100) == []
+    assert store.claim_lost(release_timeout=600, limit=100) == []
     age(store, 2)
-    assert [f.follower_id for f in store.claim_lost(60, 600, 100)] == ["f2"]
+    assert [f.follower_id for f in store.claim_lost(600, 100)] == ["f2"]
 
 
 @pytest.mark.parametrize("limit", [0, 1], ids=["claimed-after-the-record", "with-the-record"])
@@ -232,8 +233,8 @@ def test_a_leader_releasing_a_parked_chain_restarts_the_lookback_behind_it(
     store: CausalStore, limit: int
 ) -> None:
     # Given L <- f1 <- f2 parked long ago, L's arrival near the end of the lookback
-    store.park(follower("f2", "f1"), TTL)
-    store.park(follower("f1", "L"), TTL)
+    store.park(follower("f2", "f1"), LOOKBACK, TTL)
+    store.park(follower("f1", "L"), LOOKBACK, TTL)
     age(store, 59)
     # When L runs and releases f1 (with its done record, or by a claim after it)
     record = store.record_done_and_claim("default", "L", limit)
@@ -242,17 +243,17 @@ def test_a_leader_releasing_a_parked_chain_restarts_the_lookback_behind_it(
     store.finish([f.row_id for f in claimed])
     # Then f2 waits a whole lookback more for f1, which is on its way
     age(store, 2)
-    assert store.claim_lost(lookback=60, release_timeout=600, limit=100) == []
-    assert store.stats(lookback=60)[0].overdue == 0
+    assert store.claim_lost(release_timeout=600, limit=100) == []
+    assert store.stats()[0].overdue == 0
 
 
 def test_claim_lost_republishes_rows_whose_releaser_died(store: CausalStore) -> None:
-    store.park(follower("f1", "L"), TTL)
+    store.park(follower("f1", "L"), LOOKBACK, TTL)
     store.record_done("default", "L")
     store.claim_followers("default", "L", 10)  # ... and the releasing process dies here
-    assert store.claim_lost(lookback=600, release_timeout=30, limit=10) == []
+    assert store.claim_lost(release_timeout=30, limit=10) == []
     age(store, 31)
-    assert [f.follower_id for f in store.claim_lost(600, 30, 10)] == ["f1"]
+    assert [f.follower_id for f in store.claim_lost(30, 10)] == ["f1"]
 
 
 def test_expire_done_in_batches(store: CausalStore) -> None:
@@ -267,12 +268,12 @@ def test_expire_done_in_batches(store: CausalStore) -> None:
 
 
 def test_stats_per_scope(store: CausalStore) -> None:
-    store.park(follower("f1", "L", scope="a"), TTL)
-    store.park(follower("f2", "L", scope="a"), TTL)
-    store.park(follower("f3", "M", scope="b"), TTL)
+    store.park(follower("f1", "L", scope="a"), LOOKBACK, TTL)
+    store.park(follower("f2", "L", scope="a"), LOOKBACK, TTL)
+    store.park(follower("f3", "M", scope="b"), LOOKBACK, TTL)
     store.claim_followers("a", "L", 1)
     age(store, 100)
-    stats = {s.scope: s for s in store.stats(lookback=50)}
+    stats = {s.scope: s for s in store.stats()}
     assert (stats["a"].waiting, stats["a"].releasing, stats["a"].overdue) == (1, 1, 1)
     assert (stats["b"].waiting, stats["b"].releasing) == (1, 0)
     assert stats["b"].oldest_parked_at is not None
@@ -281,7 +282,7 @@ def test_stats_per_scope(store: CausalStore) -> None:
 @pytest.mark.timeout(120)
 def test_concurrent_claims_are_disjoint(store: CausalStore) -> None:
     for i in range(400):
-        store.park(follower(f"f{i}", "L", occurred_at=float(i)), TTL)
+        store.park(follower(f"f{i}", "L", occurred_at=float(i)), LOOKBACK, TTL)
     age(store, 1000)
     barrier = threading.Barrier(4)
     claimed: list[str] = []
@@ -291,7 +292,7 @@ def test_concurrent_claims_are_disjoint(store: CausalStore) -> None:
         barrier.wait()
         while True:
             batch = (
-                store.claim_lost(500, 500, 25)
+                store.claim_lost(500, 25)
                 if lost
                 else store.claim_followers("default", "L", 25)
             )
@@ -310,9 +311,9 @@ def test_concurrent_claims_are_disjoint(store: CausalStore) -> None:
 
 
 def test_operator_listing_and_single_release(store: CausalStore) -> None:
-    store.park(follower("f1", "L", scope="a"), TTL)
-    store.park(follower("f2", "M", scope="a"), TTL)
-    store.park(follower("f1", "L", scope="b"), TTL)
+    store.park(follower("f1", "L", scope="a"), LOOKBACK, TTL)
+    store.park(follower("f2", "M", scope="a"), LOOKBACK, TTL)
+    store.park(follower("f1", "L", scope="b"), LOOKBACK, TTL)
     assert [(i.scope, i.follower_id) for i in store.list_followers(None, None, 10)] == [
         ("a", "f1"),
         ("a", "f2"),
@@ -324,21 +325,21 @@ def test_operator_listing_and_single_release(store: CausalStore) -> None:
     claimed = store.claim_one("b", "f1")
     assert claimed is not None and claimed.scope == "b"
     assert store.claim_one("b", "missing") is None
-    stats = {s.scope: s for s in store.stats(900, release_timeout=30)}
+    stats = {s.scope: s for s in store.stats(release_timeout=30)}
     assert (stats["b"].releasing, stats["b"].stuck) == (1, 0)
     age(store, 31)
-    assert store.stats(900, release_timeout=30)[1].stuck == 1
+    assert store.stats(release_timeout=30)[1].stuck == 1
     assert store.clock() > 1_600_000_000
 
 
 def test_bury_moves_a_claimed_row_aside_once(store: CausalStore) -> None:
-    store.park(follower("bad", "L", scope="a"), TTL)
-    store.park(follower("good", "L", scope="a"), TTL)
+    store.park(follower("bad", "L", scope="a"), LOOKBACK, TTL)
+    store.park(follower("good", "L", scope="a"), LOOKBACK, TTL)
     store.record_done("a", "L")
     bad, _ = sorted(store.claim_followers("a", "L", 10), key=lambda f: f.follower_id)
     store.bury(bad.row_id, "corrupt payload")
     store.bury(bad.row_id, "corrupt payload")  # a second burial (after a crash) is a no-op
-    (stats,) = store.stats(900)
+    (stats,) = store.stats()
     assert (stats.dead, stats.releasing, stats.waiting) == (1, 1, 0)
     assert [i.follower_id for i in store.list_followers("a", None, 10)] == ["good"]
 
@@ -365,7 +366,7 @@ def test_postgresql_plans_each_statement_of_the_store_once_per_connection(pg_url
     truncate(store)
     try:
         for i in range(12):  # psycopg prepares a statement on its fifth run
-            store.park(follower(f"f{i}", f"L{i}"), TTL)
+            store.park(follower(f"f{i}", f"L{i}"), LOOKBACK, TTL)
             record = store.record_done_and_claim("default", f"L{i}", 10)
             store.finish([f.row_id for f in record.claimed])
         raw = store.engine.raw_connection()  # the pooled connection those calls used

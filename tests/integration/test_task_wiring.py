@@ -33,7 +33,7 @@ def test_base_class_form_parks_and_releases_in_the_default_scope() -> None:
     based.apply_async(("leader",), task_id=h.id("lead"))
     h.run_until(lambda: len(seen) == 2, "both bodies")
     assert seen == ["leader", "follower"]
-    assert store.stats(900) == []  # the follower was parked in scope "default", then released
+    assert store.stats() == []  # the follower was parked in scope "default", then released
 
 
 def test_parked_and_duplicate_deliveries_end_before_the_body_starts() -> None:
@@ -139,7 +139,7 @@ def test_a_task_that_follows_itself_runs_at_once() -> None:
     h = Harness(store)
     h.send("selfish", "selfish")
     h.run_until(lambda: h.ran == ["selfish"], "the task")
-    assert store.stats(900) == []
+    assert store.stats() == []
 
 
 def test_an_oversized_follower_fails_loudly_at_park_time_and_is_not_lost(pg_url: str) -> None:
@@ -152,5 +152,5 @@ def test_an_oversized_follower_fails_loudly_at_park_time_and_is_not_lost(pg_url:
     with h.worker(), pytest.raises(PayloadError, match="causal_max_payload_bytes"):
         result.get(timeout=30)
     assert result.state == "FAILURE"  # visible to the producer, not acked and forgotten
-    assert store.stats(900) == []
+    assert store.stats() == []
     store.close()

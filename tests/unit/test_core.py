@@ -4,9 +4,16 @@ from dataclasses import dataclass
 
 import pytest
 
-from celery_causal.core import Action, Arrival, decide, may_release, needs_store, release_order
+from celery_causal.core import (
+    Action,
+    Arrival,
+    decide,
+    may_release,
+    needs_store,
+    release_order,
+    rings,
+)
 
-LOOKBACK = 900.0
 NOW = 10_000.0
 
 
@@ -23,31 +30,52 @@ NOW = 10_000.0
             Action.SKIP_DUPLICATE,
             "already done",
         ),
-        (
-            Arrival("t", follows="L", published_at=NOW - LOOKBACK),
-            set(),
-            Action.RUN,
-            "older than lookback",
-        ),
-        (
-            Arrival("t", follows="L", published_at=NOW - LOOKBACK + 1),
-            set(),
-            Action.PARK,
-            "leader not done",
-        ),
-        (Arrival("t", follows="L", released=True, published_at=NOW), set(), Action.RUN, "released"),
+        # However old the message (a broker backlog, a countdown, a store outage), a
+        # follower whose leader has not succeeded waits: its wait counts from its park.
+        (Arrival("t", follows="L", published_at=0.0), set(), Action.PARK, "leader not done"),
+        (Arrival("t", follows="L", released="leader"), set(), Action.RUN, "released"),
+        (Arrival("t", follows="L", released="sweep"), set(), Action.RUN, "released"),
         (Arrival("t", follows="t", published_at=NOW), set(), Action.RUN, "follows itself"),
         (Arrival("t", follows="L"), set(), Action.PARK, "leader not done"),
     ],
 )
 def test_decide(arrival: Arrival, done: set[str], action: Action, reason: str) -> None:
-    verdict = decide(arrival, done, NOW, LOOKBACK)
+    verdict = decide(arrival, done)
     assert (verdict.action, verdict.reason) == (action, reason)
 
 
 def test_released_follower_still_skips_when_it_already_ran() -> None:
-    arrival = Arrival("t", follows="L", released=True)
-    assert decide(arrival, {"t"}, NOW, LOOKBACK).action is Action.SKIP_DUPLICATE
+    arrival = Arrival("t", follows="L", released="leader")
+    assert decide(arrival, {"t"}).action is Action.SKIP_DUPLICATE
+
+
+@pytest.mark.parametrize(
+    ("released", "policy", "action"),
+    [
+        ("", "fail", Action.FAIL),
+        ("leader", "fail", Action.FAIL),  # released by its failed leader: fails on arrival
+        ("sweep", "fail", Action.FAIL),  # a stuck claim republished: still a failure
+        ("operator", "fail", Action.RUN),  # an operator's release is a decision to run it
+        ("", "release", Action.RUN),
+        ("leader", "release", Action.RUN),
+    ],
+)
+def test_a_recorded_leader_failure_decides_by_policy(
+    released: str, policy: str, action: Action
+) -> None:
+    arrival = Arrival("t", follows="L", released=released)
+    assert decide(arrival, set(), {"L"}, policy).action is action
+
+
+def test_a_leader_that_succeeded_after_failing_counts_as_done() -> None:
+    assert decide(Arrival("t", follows="L"), {"L"}, {"L"}, "fail").action is Action.RUN
+
+
+def test_rings_are_found_once_and_what_leads_into_them_is_not_part_of_them() -> None:
+    links = {"a": "b", "b": "c", "c": "a", "x": "a", "y": "x", "p": "q", "q": "gone"}
+    assert [sorted(r) for r in rings(links)] == [["a", "b", "c"]]
+    assert rings({"a": "b", "b": "a", "c": "d", "d": "c"}) == [["a", "b"], ["c", "d"]]
+    assert rings({}) == []
 
 
 @pytest.mark.parametrize(
@@ -78,7 +106,7 @@ class F:
         (Arrival("t", redelivered=True), True, True),
         (Arrival("t", follows="L"), True, True),  # its leader check answers both
         (Arrival("t", follows="t"), True, True),
-        (Arrival("t", follows="L", released=True), True, True),
+        (Arrival("t", follows="L", released="leader"), True, True),
     ],
 )
 def test_needs_store(arrival: Arrival, always: bool, redelivered: bool) -> None:
