@@ -1,15 +1,23 @@
 """Random interleavings of the protocol's steps, checked against a model after every step.
 
 Each rule is one atomic store operation by some worker; splitting "check" from "park" and
-"record done" from "claim" lets Hypothesis interleave them the way concurrent workers do.
-The model predicts every outcome; the invariants are the ones the product promises: no
-follower lost, none released twice, none released before its leader unless its lookback
-expired, and done records never resurrected.
+"record an outcome" from "claim" lets Hypothesis interleave them the way concurrent workers
+do, with time passing, housekeeping, failures, chains whose first task never comes, and a
+ring of followers that wait for each other. The model predicts every outcome; the
+invariants are the ones the product promises:
+
+- safety: no follower is handed out before its leader's outcome is recorded, unless the
+  sweep releases it (lost, or the first of a ring); no parked row is handed out twice;
+  outcomes are never resurrected;
+- liveness: no follower stays waiting once its leader's outcome is recorded and that
+  leader's release has finished (nothing is left stranded for the sweep), and every row
+  is released in the end.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -23,48 +31,67 @@ from tests.helpers import age, follower, truncate
 
 LEADERS = [f"L{i}" for i in range(3)]
 # F0 and F1 lead followers of their own (G0, G1): a chain whose first task may never come.
-FOLLOWERS = {f"F{i}": LEADERS[i % 3] for i in range(6)} | {"G0": "F0", "G1": "F1"}
-MIDDLE = ["F0", "F1"]
-LOOKBACK, TTL, TIMEOUT, STEP = 100.0, 200.0, 50.0, 30.0
+# R0 and R1 follow each other: a ring only the sweep can break.
+FOLLOWERS = (
+    {f"F{i}": LEADERS[i % 3] for i in range(6)}
+    | {"G0": "F0", "G1": "F1"}
+    | {"R0": "R1", "R1": "R0"}
+)
+MIDDLE = ["F0", "F1", "R0", "R1"]
+LOOKBACKS = (100.0, 200.0)  # two apps sharing the store, each with its own lookback
+TTL, TIMEOUT, STEP = 200.0, 50.0, 30.0
 
 
 @dataclass
 class Row:
     state: str  # "waiting" or "releasing"
-    parked_age: float = 0.0
+    lookback: float
+    waited: float = 0.0  # since the park or the last restart
     claimed_age: float = 0.0
+    #: Its leader's outcome was recorded while it waited: the leader must release it.
+    leader_settled: bool = False
+
+    @property
+    def due(self) -> bool:
+        return self.state == "waiting" and self.waited > self.lookback
 
 
 @dataclass
 class Model:
     rows: dict[str, Row] = field(default_factory=dict)
-    done_age: dict[str, float] = field(default_factory=dict)  # task id -> age of record
-    # SQL stores: leader id -> age of the last park that marked its row "waited for"
+    #: task id -> (age of its outcome record, whether it failed)
+    outcome: dict[str, tuple[float, bool]] = field(default_factory=dict)
+    #: SQL stores: leader id -> age of the last park that marked its row "waited for"
     mark_age: dict[str, float] = field(default_factory=dict)
-    # SQL stores: leaders whose row a park marked, as long as that row exists
-    marked: set[str] = field(default_factory=set)
     checked: set[str] = field(default_factory=set)  # read "leader not done", about to park
-    completing: set[str] = field(default_factory=set)  # done recorded, about to claim
+    completing: set[str] = field(default_factory=set)  # outcome recorded, about to claim
     row_releases: dict[str, int] = field(default_factory=dict)  # rows handed out to run
     rows_created: dict[str, int] = field(default_factory=dict)
     released_early: list[str] = field(default_factory=list)
-    ran: set[str] = field(default_factory=set)  # followers handed out to run, at least once
-    recorded: set[str] = field(default_factory=set)  # tasks that recorded done at least once
+    ran: set[str] = field(default_factory=set)  # followers handed out, at least once
+    recorded: set[str] = field(default_factory=set)  # tasks that recorded an outcome
 
-    def leader_done(self, task_id: str) -> bool:
-        return self.done_age.get(task_id, TTL + 1) < TTL
+    def settled(self, task_id: str) -> bool | None:
+        """None: no outcome within the TTL; False: done; True: failed."""
+        record = self.outcome.get(task_id)
+        return None if record is None or record[0] >= TTL else record[1]
 
     def grant(self, fid: str, kind: str) -> None:
-        """The follower may run: "direct" (leader seen done), or its row was handed out by
-        a "takeback" (its own park), a "claim" (its leader) or the "sweep" (lookback)."""
+        """The follower is handed out: "direct" (its leader's outcome seen), or its row was
+        handed out by a "claim" (its leader), the "sweep" (lost) or a "ring" break."""
         self.ran.add(fid)
         if kind != "direct":
             self.row_releases[fid] = self.row_releases.get(fid, 0) + 1
         leader = FOLLOWERS[fid]
         # A claim is made by the leader after its record, however long ago (the record
-        # may have expired since); the others rely on reading the record now.
-        early = leader not in self.recorded if kind == "claim" else not self.leader_done(leader)
-        if kind != "sweep" and early:
+        # may have expired since); a direct grant relies on reading the record now.
+        if kind == "claim":
+            early = leader not in self.recorded
+        elif kind == "direct":
+            early = self.settled(leader) is None
+        else:
+            early = False
+        if early:
             self.released_early.append(fid)
 
 
@@ -81,67 +108,85 @@ class Protocol(RuleBasedStateMachine):
     def deliver(self, fid: str) -> None:
         """A worker receives the follower (first or duplicate delivery) and checks."""
         leader = FOLLOWERS[fid]
-        done = self.store.lookup("s", [leader], TTL).done
-        assert (leader in done) == self.model.leader_done(leader)
-        if leader in done:
-            self.model.grant(fid, "direct")
-        else:
+        lookup = self.store.lookup("s", [leader], TTL)
+        state = self.model.settled(leader)
+        assert (leader in lookup.done, leader in lookup.failed) == (
+            state is False,
+            state is True,
+        )
+        if state is None:
             self.model.checked.add(fid)
+        else:
+            self.model.grant(fid, "direct")  # runs, or fails without running
 
     @precondition(lambda self: self.model.checked)
-    @rule(data=st.data())
-    def park(self, data: st.DataObject) -> None:
-        fid = data.draw(st.sampled_from(sorted(self.model.checked)))
+    @rule(data=st.data(), lookback=st.sampled_from(LOOKBACKS))
+    def park(self, data: st.DataObject, lookback: float) -> None:
+        self._park(data.draw(st.sampled_from(sorted(self.model.checked))), lookback)
+
+    def _park(self, fid: str, lookback: float) -> None:
         self.model.checked.discard(fid)
         leader = FOLLOWERS[fid]
-        outcome = self.store.park(follower(fid, leader, scope="s"), LOOKBACK, TTL)
-        if self.model.leader_done(leader):
-            # A row from an earlier delivery is its releaser's; otherwise run now.
-            expected = ParkOutcome.PARKED if fid in self.model.rows else ParkOutcome.LEADER_DONE
-            if expected is ParkOutcome.LEADER_DONE:
-                self.model.grant(fid, "direct")
+        outcome = self.store.park(follower(fid, leader, scope="s"), lookback, TTL)
+        state = self.model.settled(leader)
+        if fid in self.model.rows:
+            expected = ParkOutcome.PARKED  # an earlier delivery's row is its releaser's
+        elif state is not None:
+            expected = ParkOutcome.LEADER_FAILED if state else ParkOutcome.LEADER_DONE
+            self.model.grant(fid, "direct")
         else:
             expected = ParkOutcome.PARKED
+        if state is None:
             self.model.mark_age[leader] = 0.0
-            self.model.marked.add(leader)
-            if self.marks:  # an expired done record becomes the mark
-                self.model.done_age.pop(leader, None)
+            if self.marks:  # an expired outcome becomes the mark
+                self.model.outcome.pop(leader, None)
             if fid not in self.model.rows:
-                self.model.rows[fid] = Row("waiting")
+                self.model.rows[fid] = Row("waiting", lookback)
                 self.model.rows_created[fid] = self.model.rows_created.get(fid, 0) + 1
         assert outcome is expected
 
-    @rule(leader=st.sampled_from(LEADERS), limit=st.integers(0, 3), data=st.data())
-    def record_done(self, leader: str, limit: int, data: st.DataObject) -> None:
-        """The leader succeeds: its done record, and the first followers claimed with it."""
-        self._record(leader, limit, data)
+    @rule(chain=st.sampled_from([("G0", "F0"), ("G1", "F1"), ("R0", "R1")]))
+    def reversed_chain_arrives(self, chain: tuple[str, str]) -> None:
+        """A follower and then its leader (itself a follower) arrive; each checks and parks."""
+        for fid in chain:
+            self.deliver(fid)
+            if fid in self.model.checked:
+                self._park(fid, LOOKBACKS[0])
 
-    def _record(self, leader: str, limit: int, data: st.DataObject) -> None:
-        record = self.store.record_done_and_claim("s", leader, limit)
+    @rule(
+        leader=st.sampled_from(LEADERS),
+        limit=st.integers(0, 3),
+        failed=st.booleans(),
+        data=st.data(),
+    )
+    def record(self, leader: str, limit: int, failed: bool, data: st.DataObject) -> None:
+        """The leader succeeds or fails for good: its record, and the first followers
+        claimed with it."""
+        self._record(leader, limit, failed, data)
+
+    def _record(self, leader: str, limit: int, failed: bool, data: st.DataObject) -> None:
+        record = self.store.record_done_and_claim("s", leader, limit, failed=failed)
         waiting = self._waiting_for(leader)
-        if self.marks and leader not in self.model.marked:
-            # Its mark expired: every follower that made it has waited a whole seen_ttl
-            # (at least the lookback), so it is the sweep's; the leader claims nothing.
-            assert (record.waited, record.claimed) == (False, [])
-            waiting = []
         # "Nothing waited" must be true: the runtime then skips the claim.
         assert record.waited or not waiting
         assert [c.follower_id for c in record.claimed] == waiting[:limit]
         # "Complete" must be true: the runtime then claims no more.
         assert not record.complete or len(record.claimed) == len(waiting)
-        self.model.done_age[leader] = 0.0
+        self.model.outcome[leader] = (0.0, failed)
         self.model.recorded.add(leader)
-        self.model.mark_age.pop(leader, None)  # the row is a done record now
-        self._take(record.claimed, data)
+        self.model.mark_age.pop(leader, None)  # the row holds an outcome now
+        for fid in waiting:
+            self.model.rows[fid].leader_settled = True
+        self._take(record.claimed, "claim", data)
         if record.waited and not record.complete:
             self.model.completing.add(leader)
 
     @precondition(lambda self: any(f in self.model.ran for f in MIDDLE))
-    @rule(limit=st.integers(0, 3), data=st.data())
-    def middle_done(self, limit: int, data: st.DataObject) -> None:
-        """A follower that ran succeeds: it records itself done, as any leader does."""
+    @rule(limit=st.integers(0, 3), failed=st.booleans(), data=st.data())
+    def middle_done(self, limit: int, failed: bool, data: st.DataObject) -> None:
+        """A follower that was handed out ends: it records its outcome, as any leader does."""
         fid = data.draw(st.sampled_from([f for f in MIDDLE if f in self.model.ran]))
-        self._record(fid, limit, data)
+        self._record(fid, limit, failed, data)
 
     @precondition(lambda self: self.model.completing)
     @rule(data=st.data())
@@ -150,7 +195,7 @@ class Protocol(RuleBasedStateMachine):
         self.model.completing.discard(leader)
         claimed = self.store.claim_followers("s", leader, 100)
         assert [c.follower_id for c in claimed] == self._waiting_for(leader)
-        self._take(claimed, data)
+        self._take(claimed, "claim", data)
 
     def _waiting_for(self, leader: str) -> list[str]:
         # In release order: every follower here occurred at the same time, ties by id.
@@ -158,10 +203,13 @@ class Protocol(RuleBasedStateMachine):
             f for f, r in self.model.rows.items() if FOLLOWERS[f] == leader and r.state == "waiting"
         )
 
-    def _take(self, claimed: list[ClaimedFollower], data: st.DataObject) -> None:
+    def _take(self, claimed: list[ClaimedFollower], kind: str, data: st.DataObject) -> None:
         for c in claimed:
-            self.model.rows[c.follower_id] = Row("releasing", claimed_age=0.0)
-            self.model.grant(c.follower_id, "claim")
+            row = self.model.rows[c.follower_id]
+            # A stuck row was handed out when first claimed; its republish is the same one.
+            if row.state == "waiting":
+                self.model.grant(c.follower_id, kind)
+            row.state, row.claimed_age = "releasing", 0.0
         if claimed and data.draw(st.booleans()):  # published and deleted, or the releaser died
             self.store.finish([c.row_id for c in claimed])
             self._finished([c.follower_id for c in claimed])
@@ -172,59 +220,57 @@ class Protocol(RuleBasedStateMachine):
         # Their own waiting followers start their lookback again: their leader has come.
         for f, row in self.model.rows.items():
             if row.state == "waiting" and FOLLOWERS[f] in fids:
-                row.parked_age = 0.0
+                row.waited = 0.0
 
-    @rule()
-    def sweep(self) -> None:
+    @rule(data=st.data())
+    def sweep(self, data: st.DataObject) -> None:
         lost = self.store.claim_lost(TIMEOUT, 100)
         # Not lost while its leader is itself parked: the sweep never runs a chain's later
         # task beside an earlier one that came.
+        rows = self.model.rows
         expected = sorted(
             f
-            for f, r in self.model.rows.items()
-            if (
-                r.state == "waiting"
-                and r.parked_age > LOOKBACK
-                and FOLLOWERS[f] not in self.model.rows
-            )
+            for f, r in rows.items()
+            if (r.due and FOLLOWERS[f] not in rows)
             or (r.state == "releasing" and r.claimed_age > TIMEOUT)
         )
         assert sorted(f.follower_id for f in lost) == expected
-        for f in lost:
-            row = self.model.rows[f.follower_id]
-            # A stuck row was granted when first claimed; its republish is the same release.
-            if row.state == "waiting":
-                self.model.grant(f.follower_id, "sweep")
-            self.model.rows[f.follower_id] = Row("releasing", claimed_age=0.0)
-        self.store.finish([f.row_id for f in lost])
-        self._finished([f.follower_id for f in lost])
+        self._take(lost, "sweep", data)
+        # The ring R0 <-> R1 (both parked, one of them due) gives up R0, once it is due.
+        broken = self.store.claim_cycles(100)
+        ring = {"R0", "R1"}
+        in_ring = ring <= set(self.model.rows) and any(self.model.rows[f].due for f in ring)
+        expected = ["R0"] if in_ring and self.model.rows["R0"].due else []
+        assert [f.follower_id for f in broken] == expected
+        self._take(broken, "ring", data)
 
     @rule(steps=st.integers(1, 4))
     def time_passes(self, steps: int) -> None:
         elapsed = steps * STEP
         age(self.store, elapsed)
         for row in self.model.rows.values():
-            row.parked_age += elapsed
+            row.waited += elapsed
             row.claimed_age += elapsed
-        for ages in (self.model.done_age, self.model.mark_age):
-            for task_id in ages:
-                ages[task_id] += elapsed
+        for task_id, (at, failed) in self.model.outcome.items():
+            self.model.outcome[task_id] = (at + elapsed, failed)
+        for task_id in self.model.mark_age:
+            self.model.mark_age[task_id] += elapsed
 
     @rule()
     def expire(self) -> None:
         expired = self.store.expire_done(TTL, 100)
-        old = [t for t, a in self.model.done_age.items() if a >= TTL]
-        old_marks = [t for t, a in self.model.mark_age.items() if a >= TTL]
+        old = [t for t, (at, _) in self.model.outcome.items() if at >= TTL]
+        referenced = {FOLLOWERS[f] for f in self.model.rows}
+        # A mark goes only once no follower row references it.
+        old_marks = [t for t, a in self.model.mark_age.items() if a >= TTL and t not in referenced]
         assert expired == len(old) + (len(old_marks) if self.marks else 0)
         for task_id in old:
-            del self.model.done_age[task_id]
-            self.model.marked.discard(task_id)
+            del self.model.outcome[task_id]
         for task_id in old_marks:
             del self.model.mark_age[task_id]
-            self.model.marked.discard(task_id)
 
     @invariant()
-    def nothing_lost_nothing_twice_nothing_early(self) -> None:
+    def safe_and_live(self) -> None:
         m = self.model
         stats = {s.scope: s for s in self.store.stats(TIMEOUT)}
         waiting = sum(1 for r in m.rows.values() if r.state == "waiting")
@@ -234,17 +280,28 @@ class Protocol(RuleBasedStateMachine):
         for fid, handed_out in m.row_releases.items():  # each parked row released once
             assert handed_out <= m.rows_created.get(fid, 0), f"{fid} released twice"
         assert not m.released_early, f"released before their leader: {m.released_early}"
-        for task_id in LEADERS + MIDDLE:  # done records never resurrected
-            assert (task_id in self.store.lookup("s", [task_id], TTL).done) == m.leader_done(
-                task_id
+        for task_id in LEADERS + MIDDLE:  # outcomes never resurrected
+            lookup = self.store.lookup("s", [task_id], TTL)
+            state = m.settled(task_id)
+            assert (task_id in lookup.done, task_id in lookup.failed) == (
+                state is False,
+                state is True,
             )
+        # Liveness: a follower whose leader recorded its outcome while it waited is not
+        # left waiting once that leader's release is over.
+        stranded = [
+            f
+            for f, r in m.rows.items()
+            if r.state == "waiting" and r.leader_settled and FOLLOWERS[f] not in m.completing
+        ]
+        assert not stranded, f"stranded behind a leader that finished: {stranded}"
 
     def teardown(self) -> None:
         # Every follower still parked is released once its leader is done or it is lost.
         for leader in LEADERS + MIDDLE:
             self.store.record_done("s", leader)
             self.store.finish([c.row_id for c in self.store.claim_followers("s", leader, 100)])
-        age(self.store, 10 * LOOKBACK)
+        age(self.store, 10 * max(LOOKBACKS))
         self.store.finish([c.row_id for c in self.store.claim_lost(TIMEOUT, 100)])
         assert self.store.stats(TIMEOUT) == []
 
@@ -261,24 +318,33 @@ def test_protocol_on_the_memory_store() -> None:
     OnMemory.TestCase().runTest()
 
 
-@pytest.mark.timeout(600)
-def test_protocol_on_postgresql(pg_url: str) -> None:
-    shared = SQLStore(pg_url)
+def _on_sql(url: str, examples: int) -> None:
+    shared = SQLStore(url)
 
-    class OnPostgres(Protocol):
+    class OnSQL(Protocol):
         def __init__(self) -> None:
             super().__init__()
             truncate(shared)
             self.store = shared
 
-    OnPostgres.TestCase.settings = settings(
-        max_examples=40,
+    OnSQL.TestCase.settings = settings(
+        max_examples=examples,
         stateful_step_count=30,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
     try:
-        OnPostgres.TestCase().runTest()
+        OnSQL.TestCase().runTest()
     finally:
         truncate(shared)
         shared.close()
+
+
+@pytest.mark.timeout(600)
+def test_protocol_on_postgresql(pg_url: str) -> None:
+    _on_sql(pg_url, 150)
+
+
+@pytest.mark.timeout(600)
+def test_protocol_on_sqlite(tmp_path: Path) -> None:
+    _on_sql(f"sqlite:///{tmp_path / 'causal.sqlite3'}", 150)

@@ -382,3 +382,114 @@ def test_postgresql_plans_each_statement_of_the_store_once_per_connection(pg_url
     finally:
         truncate(store)
         store.close()
+
+
+# -- the edges of the promise: deadlines, marks, failures, rings, row ids -------------------
+
+
+def test_each_row_keeps_the_lookback_of_the_app_that_parked_it(store: CausalStore) -> None:
+    # Given two apps sharing one store: one waits 60 s, the other 900 s
+    store.park(follower("short", "gone"), 60, TTL)
+    store.park(follower("long", "gone"), 900, TTL)
+    # When 61 s pass, a sweep (whichever app runs it) takes only the short one
+    age(store, 61)
+    short = store.claim_lost(600, 100)
+    assert [f.follower_id for f in short] == ["short"]
+    store.finish([f.row_id for f in short])
+    assert store.stats()[0].overdue == 0
+    # Then the long one is due once its own 900 s have passed
+    age(store, 840)
+    assert [f.follower_id for f in store.claim_lost(600, 100)] == ["long"]
+
+
+def test_a_restarted_lookback_is_the_rows_own(store: CausalStore) -> None:
+    store.park(follower("f2", "f1"), 900, TTL)
+    store.park(follower("f1", "gone"), 60, TTL)
+    age(store, 901)
+    store.finish([f.row_id for f in store.claim_lost(600, 100)])  # f1, which never runs
+    age(store, 61)  # f1's lookback is over, not f2's (900 s from f1's release)
+    assert store.claim_lost(600, 100) == []
+    age(store, 840)
+    assert [f.follower_id for f in store.claim_lost(600, 100)] == ["f2"]
+
+
+def test_a_mark_stays_while_its_followers_wait(store: CausalStore) -> None:
+    # Given a chain L <- f1 <- f2 where f1 is parked behind L for longer than the seen TTL
+    store.park(follower("f2", "f1"), LOOKBACK, TTL)
+    store.park(follower("f1", "L"), 10 * TTL, TTL)
+    age(store, 2 * TTL)
+    # When housekeeping runs, the marks of L and f1 stay: their followers still wait
+    assert store.expire_done(seen_ttl=TTL, limit=100) == 0
+    # Then L's success still finds f1, and f1's finds f2: no follower waits a lookback
+    record = store.record_done_and_claim("default", "L", 100)
+    assert [f.follower_id for f in record.claimed] == ["f1"]
+    store.finish([f.row_id for f in record.claimed])
+    record = store.record_done_and_claim("default", "f1", 100)
+    assert [f.follower_id for f in record.claimed] == ["f2"]
+    store.finish([f.row_id for f in record.claimed])
+    # and once nothing waits, old marks and records go
+    age(store, 2 * TTL)
+    assert store.expire_done(seen_ttl=TTL, limit=100) == 2
+
+
+def test_a_failure_is_recorded_and_met_by_later_parks(store: CausalStore) -> None:
+    store.park(follower("early", "L"), LOOKBACK, TTL)
+    record = store.record_done_and_claim("default", "L", 100, failed=True)
+    assert record.waited and [f.follower_id for f in record.claimed] == ["early"]
+    lookup = store.lookup("default", ["L", "other"], TTL)
+    assert (lookup.done, lookup.failed) == (frozenset(), {"L"})
+    assert store.park(follower("late", "L"), LOOKBACK, TTL) is ParkOutcome.LEADER_FAILED
+    # A success after the failure (the leader sent again) replaces it
+    store.record_done("default", "L")
+    lookup = store.lookup("default", ["L"], TTL)
+    assert (lookup.done, lookup.failed) == ({"L"}, frozenset())
+    # and failure records expire after the seen TTL, as done records do
+    store.record_done("default", "M", failed=True)
+    age(store, TTL + 1)
+    assert store.expire_done(seen_ttl=TTL, limit=100) == 2
+    assert store.lookup("default", ["M"], TTL).failed == frozenset()
+
+
+def test_a_ring_of_followers_is_broken_at_its_first_member(store: CausalStore) -> None:
+    # Given A follows B, B follows A, and C follows A: nobody's leader will ever come
+    store.park(follower("B", "A", occurred_at=2.0), LOOKBACK, TTL)
+    store.park(follower("A", "B", occurred_at=1.0), LOOKBACK, TTL)
+    store.park(follower("C", "A", occurred_at=3.0), LOOKBACK, TTL)
+    store.park(follower("D", "gone", occurred_at=4.0), LOOKBACK, TTL)
+    assert store.claim_cycles(100) == []  # not before their deadline
+    age(store, LOOKBACK + 1)
+    # When the sweep runs: each of them waits for a parked leader, so none is lost ...
+    assert [f.follower_id for f in store.claim_lost(600, 100)] == ["D"]
+    # ... and the ring gives up its first member in occurred order, once
+    broken = store.claim_cycles(100)
+    assert [f.follower_id for f in broken] == ["A"]
+    assert store.claim_cycles(100) == []
+    store.finish([f.row_id for f in broken])
+    # Then A's release restarts B's and C's wait, and A's success releases them in order
+    assert store.claim_lost(600, 100) == []
+    record = store.record_done_and_claim("default", "A", 100)
+    assert [f.follower_id for f in record.claimed] == ["B", "C"]
+
+
+def test_make_due_leaves_followers_to_the_next_sweep(store: CausalStore) -> None:
+    store.park(follower("f1", "L"), 900, TTL)
+    store.park(follower("f2", "L"), 900, TTL)
+    store.park(follower("g", "M"), 900, TTL)
+    store.record_done("default", "L")
+    assert store.make_due("default", "L") == 2
+    age(store, 1)
+    assert [f.follower_id for f in store.claim_lost(600, 100)] == ["f1", "f2"]
+    assert store.make_due("default", "L") == 0
+
+
+def test_row_ids_are_never_reused(store: CausalStore) -> None:
+    # A releaser that stalled past its claim deletes by row id: the id must not belong to
+    # a newer follower by then (SQLite reuses plain rowids after a delete).
+    store.park(follower("old", "L"), LOOKBACK, TTL)
+    (stalled,) = store.claim_followers("default", "L", 10)
+    age(store, 61)
+    (republished,) = store.claim_lost(60, 10)  # the sweep takes it over ...
+    store.finish([republished.row_id])  # ... and publishes it
+    store.park(follower("new", "L"), LOOKBACK, TTL)  # a newer follower parks
+    store.finish([stalled.row_id])  # the stalled releaser wakes up and deletes "its" row
+    assert [i.follower_id for i in store.list_followers(None, None, 10)] == ["new"]

@@ -1,0 +1,127 @@
+"""Housekeeping against writers, forced through PostgreSQL's row locks.
+
+The sweep deletes done records and marks older than the seen TTL while leaders record
+done and followers park on the same rows. One side's transaction is held open on the row
+while the other runs; the row written by the open side must survive the expiry.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from celery_causal.sql_store import SQLStore
+from tests.helpers import age, follower, truncate
+
+TTL = 1800.0
+LOOKBACK = 900.0
+
+
+@pytest.fixture
+def store(pg_url: str) -> Iterator[SQLStore]:
+    sql = SQLStore(pg_url)
+    truncate(sql)
+    yield sql
+    truncate(sql)
+    sql.close()
+
+
+def _expired_mark_without_followers(store: SQLStore, leader: str) -> None:
+    """A mark of ``leader`` older than the TTL whose follower is gone (released, forgotten)."""
+    store.park(follower("gone", leader), LOOKBACK, TTL)
+    assert store.forget("default", "gone")
+    age(store, 2 * TTL)
+
+
+def _expire_while_held(store: SQLStore, pg_url: str, statement: Any, values: dict[str, Any]) -> int:
+    """Run ``statement`` in a transaction held open while the sweep expires records.
+
+    Returns how many records the sweep expired. The sweep either waits for the held row's
+    lock or passes it by; either way the held transaction commits before it is judged.
+    """
+    compiled = store._db.compile(statement)
+    held = psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"))
+    expired: list[int] = []
+    try:
+        held.execute(compiled.sql, compiled.bind(values))
+        pid = held.info.backend_pid
+        sweep = threading.Thread(target=lambda: expired.append(store.expire_done(TTL, 100)))
+        sweep.start()
+        blocked = (
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND %s = ANY(pg_blocking_pids(pid))"
+        )
+        with psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql")) as probe:
+            for _ in range(300):
+                row = probe.execute(blocked, (pid,)).fetchone()
+                if not sweep.is_alive() or (row is not None and row[0]):
+                    break
+                time.sleep(0.01)
+        held.commit()
+        sweep.join(20)
+        assert not sweep.is_alive()
+    finally:
+        held.close()
+    return expired[0]
+
+
+@pytest.mark.timeout(60)
+def test_a_done_record_made_while_the_sweep_expires_its_old_mark_survives(
+    store: SQLStore, pg_url: str
+) -> None:
+    # Given L's mark, expired and without followers
+    _expired_mark_without_followers(store, "L")
+    # When L records done (transaction open on L's row) while the sweep expires records
+    _expire_while_held(
+        store,
+        pg_url,
+        store._sql.record_done,
+        {"b_scope": "default", "b_task_id": "L", "b_failed": False},
+    )
+    # Then L's fresh done record is there: a later follower runs, a duplicate is skipped
+    assert store.lookup("default", ["L"], TTL).done == {"L"}
+
+
+@pytest.mark.timeout(60)
+def test_a_park_made_while_the_sweep_expires_the_leaders_old_mark_is_released(
+    store: SQLStore, pg_url: str
+) -> None:
+    # Given L's mark, expired and without followers
+    _expired_mark_without_followers(store, "L")
+    f = follower("f2", "L")
+    values = {
+        "b_scope": "default",
+        "b_follower": "f2",
+        "b_leader": "L",
+        "b_task": f.task_name,
+        "b_occurred": f.occurred_at,
+        "b_ctype": f.content_type,
+        "b_cenc": f.content_encoding,
+        "b_payload": f.payload,
+        "b_host": "",
+        "b_ttl": TTL,
+        "b_lookback": LOOKBACK,
+    }
+    # When f2 parks behind L (its mark refreshed, transaction open) while the sweep runs
+    assert store._sql.park_in_one is not None
+    _expire_while_held(store, pg_url, store._sql.park_in_one, values)
+    # Then L's success still finds f2 through the mark, at once
+    record = store.record_done_and_claim("default", "L", 100)
+    assert record.waited
+    claimed = record.claimed or store.claim_followers("default", "L", 100)
+    assert [c.follower_id for c in claimed] == ["f2"]
+
+
+@pytest.mark.timeout(60)
+def test_the_sweep_still_expires_what_nobody_holds(store: SQLStore, pg_url: str) -> None:
+    # The guard against writers must not keep old records forever.
+    _expired_mark_without_followers(store, "L")
+    store.record_done("default", "M")
+    age(store, 2 * TTL)
+    held_values = {"b_scope": "default", "b_task_id": "other", "b_failed": False}
+    assert _expire_while_held(store, pg_url, store._sql.record_done, held_values) == 2
+    assert store.lookup("default", ["M", "other"], TTL).done == {"other"}
