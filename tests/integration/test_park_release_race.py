@@ -226,3 +226,31 @@ def test_a_release_in_flight_never_hides_a_waiting_row_from_the_next_leader(
     assert [f.follower_id for f in claimed] == ["f2"]
     truncate(store)
     store.close()
+
+
+@pytest.mark.timeout(180)
+def test_the_handshake_holds_on_a_server_whose_default_is_repeatable_read() -> None:
+    from tests.conftest import fresh_database
+
+    with fresh_database("_rr") as url:
+        # Given a database whose default isolation is REPEATABLE READ
+        admin = SQLStore(url, create_schema=False)
+        with admin.engine.connect() as conn:
+            name = conn.execute(text("SELECT current_database()")).scalar_one()
+            conn.execute(
+                text(
+                    f'ALTER DATABASE "{name}" '
+                    "SET default_transaction_isolation = 'repeatable read'"
+                )
+            )
+        admin.close()
+        store = SQLStore(url)
+        try:
+            # Then the store's own connections still run READ COMMITTED
+            with store.engine.connect() as conn:
+                isolation = conn.execute(text("SHOW transaction_isolation")).scalar_one()
+            assert isolation == "read committed"
+            # and racing pairs each run their follower once, with no serialization error
+            test_racing_pairs_released_through_a_barrier(store)
+        finally:
+            store.close()

@@ -291,11 +291,7 @@ def test_concurrent_claims_are_disjoint(store: CausalStore) -> None:
     def claimer(lost: bool) -> None:
         barrier.wait()
         while True:
-            batch = (
-                store.claim_lost(500, 25)
-                if lost
-                else store.claim_followers("default", "L", 25)
-            )
+            batch = store.claim_lost(500, 25) if lost else store.claim_followers("default", "L", 25)
             if not batch:
                 return
             with lock:

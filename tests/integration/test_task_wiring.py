@@ -154,3 +154,28 @@ def test_an_oversized_follower_fails_loudly_at_park_time_and_is_not_lost(pg_url:
     assert result.state == "FAILURE"  # visible to the producer, not acked and forgotten
     assert store.stats() == []
     store.close()
+
+
+def test_sqlite_parks_are_durable_and_the_worker_forks_with_no_connection_open(
+    tmp_path: Any,
+) -> None:
+    from types import SimpleNamespace
+
+    from sqlalchemy import text
+
+    from celery_causal.task import CausalWorkerStep, runtime_for
+
+    # Given an app on the embedded SQLite store
+    app = Celery(f"sqlite{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.causal_store_url = f"sqlite:///{tmp_path / 'causal.sqlite3'}"
+    celery_causal.install(app, beat=False)
+    # When the worker's main process starts (creating the schema) and is about to fork
+    CausalWorkerStep(SimpleNamespace(app=app, task_events=False))
+    store = runtime_for(app).store
+    assert isinstance(store, SQLStore)
+    # Then it holds no SQLite connection a pool child would inherit
+    assert not store._db.has_engine()
+    # and every commit of a park waits for the disk (synchronous=FULL)
+    with store.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA synchronous")).scalar_one() == 2
+    store.close()
