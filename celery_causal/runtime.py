@@ -15,6 +15,7 @@ from typing import Any
 from cachetools import TTLCache
 
 from .core import Action, Arrival, Verdict, decide, may_release, needs_store
+from .eager import apply_released
 from .errors import PayloadError
 from .faults import CRASH_AFTER_DONE, crash_point
 from .payload import build_message, execution_options, pack
@@ -241,6 +242,12 @@ class CausalRuntime:
         reason: str,
         depth: int,
     ) -> ReleaseReport:
+        if self.app.conf.task_always_eager:
+            # No worker will receive a published message: apply it here, as Celery does.
+            applied = apply_released(
+                self.app, self.store, claimed, reason=reason, depth=depth, accept=self.accept
+            )
+            return ReleaseReport(published=applied)
         return publish(
             self.app,
             self.store,

@@ -16,7 +16,10 @@ from celery.app.task import Context
 from celery.app.trace import TraceInfo, trace_ok_t
 from celery.app.trace import logger as trace_logger
 from celery.exceptions import Ignore, Reject, Retry
-from celery.states import FAILURE, IGNORED
+from celery.result import EagerResult
+from celery.states import FAILURE, IGNORED, SUCCESS
+from celery.utils import uuid
+from kombu.utils.functional import maybe_list
 
 from .core import Action, Arrival
 from .errors import InvalidIdError, LeaderFailed, NotInstalledError, StoreUnavailable
@@ -139,9 +142,85 @@ class CausalTask(Task):  # type: ignore[misc]
             **options,
         )
 
+    def apply(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        task_id: str | None = None,
+        retries: int | None = None,
+        throw: bool | None = None,
+        logfile: Any = None,
+        loglevel: Any = None,
+        headers: Any = None,
+        **options: Any,
+    ) -> Any:
+        """Run the task here (``task_always_eager``, or ``.apply()``), in causal order.
+
+        The same check as on a worker: a follower whose leader has not succeeded is parked
+        and its result is ``DEFERRED``; it runs when its leader is applied here and
+        succeeds (with ``task_always_eager``; otherwise its leader's release publishes it).
+        A duplicate of a task recorded done is ``IGNORED``.
+        """
+        task_id = task_id or uuid()
+        runtime = runtime_for(self.app)
+        scope = self.scope
+        context = Context(
+            {
+                "id": task_id,
+                "task": self.name,
+                "headers": headers or {},
+                "callbacks": maybe_list(link),  # type: ignore[no-untyped-call]
+                "errbacks": maybe_list(link_error),  # type: ignore[no-untyped-call]
+                "ignore_result": options.get("ignore_result", self.ignore_result),
+                "delivery_info": {"priority": options.get("priority")},
+                "is_eager": True,
+            },
+            args=args or (),
+            kwargs=kwargs or {},
+        )
+        arrival, depth = arrival_from(context)
+        checked: bool | BaseException = True
+        try:
+            if not self._may_run(runtime, scope, arrival, depth, context):
+                state = DEFERRED if arrival.leader is not None else IGNORED
+                return EagerResult(task_id, None, state, name=self.name)
+        except LeaderFailed as exc:
+            checked = exc  # raised by __call__ inside Celery's eager tracer
+        _pre_checked.note = (task_id, checked)
+        try:
+            result = super().apply(
+                args,
+                kwargs,
+                link=link,
+                link_error=link_error,
+                task_id=task_id,
+                retries=retries,
+                throw=throw,
+                logfile=logfile,
+                loglevel=loglevel,
+                headers=headers,
+                **options,
+            )
+        except Exception:
+            _record_outcome(runtime, scope, task_id, depth, failed=True)  # propagated
+            raise
+        finally:
+            _pre_checked.note = None
+        if result.state in (SUCCESS, FAILURE):
+            _record_outcome(runtime, scope, task_id, depth, failed=result.state == FAILURE)
+        return result
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        if request.called_directly or request.is_eager:
+        if request.called_directly:
+            return super().__call__(*args, **kwargs)
+        if request.is_eager:
+            # Checked by apply() before Celery's eager tracer; the outcome is recorded there.
+            note = getattr(_pre_checked, "note", None)
+            if note is not None and note[0] == request.id and isinstance(note[1], BaseException):
+                raise note[1]
             return super().__call__(*args, **kwargs)
         runtime = runtime_for(self.app)
         arrival, depth = arrival_from(request)

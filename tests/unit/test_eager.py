@@ -1,0 +1,68 @@
+"""Causal order under ``task_always_eager``: the same check, the store, no broker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from celery import Celery
+
+import celery_causal
+from celery_causal import DEFERRED, LeaderFailed
+from celery_causal.memory_store import MemoryStore
+
+
+def eager_app(**conf: Any) -> tuple[Celery, MemoryStore, list[str], Any, Any]:
+    app = Celery("eager", set_as_current=False)
+    app.conf.update(task_always_eager=True, **conf)
+    store = MemoryStore()
+    celery_causal.install(app, store=store, beat=False)
+    ran: list[str] = []
+
+    @celery_causal.causal_task(app, name="eager.step", shared=False)
+    def step(label: str) -> str:
+        ran.append(label)
+        return label
+
+    @celery_causal.causal_task(app, name="eager.fails", shared=False)
+    def fails(label: str) -> str:
+        ran.append(label)
+        raise RuntimeError(label)
+
+    return app, store, ran, step, fails
+
+
+def test_a_follower_applied_first_is_deferred_and_runs_when_its_leader_is_applied() -> None:
+    _, store, ran, step, _ = eager_app()
+    c = step.apply_async(("c",), task_id="c", follows="b")
+    b = step.apply_async(("b",), task_id="b", follows="a")
+    assert (c.state, b.state, ran) == (DEFERRED, DEFERRED, [])
+    assert step.apply_async(("a",), task_id="a").get() == "a"
+    assert ran == ["a", "b", "c"]
+    assert store.stats() == []
+    # A task recorded done is not run again
+    assert step.apply_async(("a",), task_id="a").state == "IGNORED"
+    assert ran == ["a", "b", "c"]
+
+
+def test_a_long_chain_applied_backwards_runs_in_order_without_nesting_calls() -> None:
+    _, _, ran, step, _ = eager_app(causal_max_depth=None)
+    n = 3000  # deeper than Python's recursion limit if releases nested
+    for i in range(n, 0, -1):
+        step.apply_async((f"e{i}",), task_id=f"e{i}", follows=f"e{i - 1}")
+    step.apply_async(("e0",), task_id="e0")
+    assert ran == [f"e{i}" for i in range(n + 1)]
+
+
+def test_fail_policy_in_eager_mode() -> None:
+    _, store, ran, step, fails = eager_app(causal_on_leader_failure="fail")
+    parked = step.apply_async(("parked",), task_id="parked", follows="L")
+    assert parked.state == DEFERRED
+    leader = fails.apply_async(("L",), task_id="L")
+    assert leader.state == "FAILURE"
+    late = step.apply_async(("late",), task_id="late", follows="L")
+    assert late.state == "FAILURE" and isinstance(late.result, LeaderFailed)
+    with pytest.raises(LeaderFailed):
+        late.get()
+    assert ran == ["L"]  # neither follower's body ran
+    assert store.stats() == []
