@@ -113,7 +113,7 @@ _METRICS = [
     (
         "overdue",
         "celery_causal_overdue_followers",
-        "Waiting followers older than causal_lookback (the next sweep releases them).",
+        "Waiting followers past their deadline, or first of a ring (the next sweep releases them).",
     ),
     (
         "releasing",

@@ -48,6 +48,8 @@ class MemoryStore:
         self._done: dict[tuple[str, str], tuple[float, bool]] = {}
         self._next_id = 1
         self._dead: dict[int, tuple[Follower, str]] = {}
+        #: (scope, leader id) -> when the sweep takes over its release
+        self._release_due: dict[tuple[str, str], float] = {}
 
     def create_schema(self) -> list[str]:
         return []
@@ -80,25 +82,45 @@ class MemoryStore:
             outcome = self._outcome(follower.scope, follower.leader_id, now, seen_ttl)
             if outcome is not None:
                 return ParkOutcome.LEADER_FAILED if outcome else ParkOutcome.LEADER_DONE
+            # An expired outcome's release is not this one.
+            self._release_due.pop((follower.scope, follower.leader_id), None)
             self._rows[key] = _Row(self._next_id, follower, parked_at=now, deadline=now + lookback)
             self._next_id += 1
             return ParkOutcome.PARKED
 
-    def record_done(self, scope: str, task_id: str, *, failed: bool = False) -> bool:
+    def record_done(
+        self, scope: str, task_id: str, *, failed: bool = False, release_timeout: float = 60.0
+    ) -> bool:
         with self._lock:
-            self._done[(scope, task_id)] = (self.clock(), failed)
-            return any(
-                r.claimed_at is None
-                and r.follower.scope == scope
-                and r.follower.leader_id == task_id
-                for r in self._rows.values()
-            )
+            now = self.clock()
+            self._done[(scope, task_id)] = (now, failed)
+            waited = bool(self._waiting(scope, task_id))
+            if waited:
+                self._release_due[(scope, task_id)] = now + release_timeout
+            return waited
+
+    def _waiting(self, scope: str, leader_id: str) -> list[_Row]:
+        return [
+            r
+            for r in self._rows.values()
+            if r.claimed_at is None
+            and r.follower.scope == scope
+            and r.follower.leader_id == leader_id
+        ]
 
     def record_done_and_claim(
-        self, scope: str, task_id: str, limit: int, *, failed: bool = False
+        self,
+        scope: str,
+        task_id: str,
+        limit: int,
+        *,
+        failed: bool = False,
+        release_timeout: float = 60.0,
     ) -> DoneRecord:
         with self._lock:  # re-entrant: record and claim are one atomic step here
-            return record_then_claim(self, scope, task_id, limit, failed=failed)
+            return record_then_claim(
+                self, scope, task_id, limit, failed=failed, release_timeout=release_timeout
+            )
 
     def _claim(self, rows: list[_Row], now: float, limit: int) -> list[ClaimedFollower]:
         ordered = release_order(r.claimed() for r in rows)[:limit]
@@ -109,14 +131,7 @@ class MemoryStore:
 
     def claim_followers(self, scope: str, leader_id: str, limit: int) -> list[ClaimedFollower]:
         with self._lock:
-            rows = [
-                r
-                for r in self._rows.values()
-                if r.claimed_at is None
-                and r.follower.scope == scope
-                and r.follower.leader_id == leader_id
-            ]
-            return self._claim(rows, self.clock(), limit)
+            return self._claim(self._waiting(scope, leader_id), self.clock(), limit)
 
     def claim_lost(self, release_timeout: float, limit: int) -> list[ClaimedFollower]:
         with self._lock:
@@ -127,7 +142,11 @@ class MemoryStore:
                 if (r.claimed_at is None and self._lost(r, now))
                 or (r.claimed_at is not None and r.claimed_at < now - release_timeout)
             ]
-            return self._claim(rows, now, limit)
+            stuck = {r.row_id for r in rows if r.claimed_at is not None}
+            return [
+                dataclasses.replace(c, stuck=c.row_id in stuck)
+                for c in self._claim(rows, now, limit)
+            ]
 
     def _leader_parked(self, row: _Row) -> bool:
         return (row.follower.scope, row.follower.leader_id) in self._rows
@@ -139,28 +158,47 @@ class MemoryStore:
         # Not lost while its leader is itself parked: that leader came, and waits in turn.
         return self._due(row, now) and not self._leader_parked(row)
 
+    def _ring_firsts(self, now: float, limit: int) -> list[_Row]:
+        starts = sorted(
+            (r for r in self._rows.values() if self._due(r, now) and self._leader_parked(r)),
+            key=lambda r: r.deadline,
+        )[:limit]
+        links: dict[tuple[str, str], tuple[str, str]] = {}
+        for row in starts:
+            key = (row.follower.scope, row.follower.follower_id)
+            while key in self._rows and key not in links:
+                follower = self._rows[key].follower
+                links[key] = (follower.scope, follower.leader_id)
+                key = links[key]
+        return [
+            min(
+                (self._rows[key] for key in ring),
+                key=lambda r: (r.follower.occurred_at, r.follower.follower_id),
+            )
+            for ring in rings(links)
+        ]
+
     def claim_cycles(self, limit: int) -> list[ClaimedFollower]:
         with self._lock:
             now = self.clock()
-            starts = sorted(
-                (r for r in self._rows.values() if self._due(r, now) and self._leader_parked(r)),
-                key=lambda r: r.deadline,
-            )[:limit]
-            links: dict[tuple[str, str], tuple[str, str]] = {}
-            for row in starts:
-                key = (row.follower.scope, row.follower.follower_id)
-                while key in self._rows and key not in links:
-                    follower = self._rows[key].follower
-                    links[key] = (follower.scope, follower.leader_id)
-                    key = links[key]
             claimed: list[ClaimedFollower] = []
-            for ring in rings(links):
-                first = min(
-                    (self._rows[key] for key in ring),
-                    key=lambda r: (r.follower.occurred_at, r.follower.follower_id),
-                )
+            for first in self._ring_firsts(now, limit):
                 if self._due(first, now):
                     claimed += self._claim([first], now, 1)
+            return release_order(claimed)
+
+    def claim_orphans(self, limit: int) -> list[ClaimedFollower]:
+        with self._lock:
+            now = self.clock()
+            claimed: list[ClaimedFollower] = []
+            for key, due in sorted(self._release_due.items(), key=lambda item: item[1]):
+                if due >= now:
+                    continue
+                rows = self._waiting(*key)
+                if not rows:
+                    del self._release_due[key]  # its release is over
+                elif len(claimed) < limit:
+                    claimed += self._claim(rows, now, limit - len(claimed))
             return release_order(claimed)
 
     def make_due(self, scope: str, leader_id: str) -> int:
@@ -213,13 +251,7 @@ class MemoryStore:
 
     def count_followers(self, scope: str, leader_id: str) -> int:
         with self._lock:
-            return sum(
-                1
-                for r in self._rows.values()
-                if r.claimed_at is None
-                and r.follower.scope == scope
-                and r.follower.leader_id == leader_id
-            )
+            return len(self._waiting(scope, leader_id))
 
     def expire_done(self, seen_ttl: float, limit: int) -> int:
         # No marks here: park and record are one locked step, so nothing needs them.
@@ -228,6 +260,7 @@ class MemoryStore:
             old = [k for k, (at, _) in self._done.items() if at <= cutoff][:limit]
             for key in old:
                 del self._done[key]
+                self._release_due.pop(key, None)
             return len(old)
 
     def stats(self, release_timeout: float = 60.0) -> list[ScopeStats]:
@@ -237,6 +270,7 @@ class MemoryStore:
                 {r.follower.scope for r in self._rows.values()}
                 | {f.scope for f, _ in self._dead.values()}
             )
+            firsts = [r for r in self._ring_firsts(now, len(self._rows)) if self._due(r, now)]
             result = []
             for scope in scopes:
                 rows = [r for r in self._rows.values() if r.follower.scope == scope]
@@ -247,7 +281,8 @@ class MemoryStore:
                         waiting=len(waiting),
                         releasing=len(rows) - len(waiting),
                         oldest_parked_at=min((r.parked_at for r in waiting), default=None),
-                        overdue=sum(1 for r in waiting if self._lost(r, now)),
+                        overdue=sum(1 for r in waiting if self._lost(r, now))
+                        + sum(1 for r in firsts if r.follower.scope == scope),
                         stuck=sum(
                             1
                             for r in rows

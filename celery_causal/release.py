@@ -40,8 +40,8 @@ def publish(
 ) -> ReleaseReport:
     """Publish ``claimed`` followers (already in release order), then delete their rows.
 
-    ``reason`` ("leader" or "sweep") is stamped into each message so it does not wait
-    again; ``depth`` is its release generation.
+    ``reason`` (who released it: "leader", "sweep", "cycle" or "operator") is stamped
+    into each message so it does not wait again; ``depth`` is its release generation.
     """
     report = ReleaseReport()
     if not claimed:

@@ -162,7 +162,9 @@ class CausalRuntime:
         # it once causal_release_timeout has passed. A republished follower of a failed
         # leader meets the failure record on arrival, so it still fails.
         limit = self.settings.batch_size if may_release(depth, self.settings.max_depth) else 0
-        record = self.store.record_done_and_claim(scope, task_id, limit, failed=failed)
+        record = self.store.record_done_and_claim(
+            scope, task_id, limit, failed=failed, release_timeout=self.settings.release_timeout
+        )
         crash_point(CRASH_AFTER_DONE, "1")
         if not failed:
             self._remember(scope, (task_id,))
@@ -267,8 +269,11 @@ class CausalRuntime:
             claimed = self.store.claim_lost(self.settings.release_timeout, batch)
             for follower in claimed:
                 logger.warning(
-                    "lost follower %s (follows %s, scope %r): leader never succeeded "
-                    "within causal_lookback; releasing it",
+                    "stuck follower %s (follows %s, scope %r): its releaser died before "
+                    "publishing it; publishing it again"
+                    if follower.stuck
+                    else "lost follower %s (follows %s, scope %r): its leader did not succeed "
+                    "within its lookback; releasing it",
                     follower.follower_id,
                     follower.leader_id,
                     follower.scope,
@@ -277,6 +282,21 @@ class CausalRuntime:
             if progress is not None:
                 progress(len(claimed))
             if len(claimed) < batch:
+                break
+        # Followers of a leader whose process died after its record, before it claimed
+        # them all: nothing else would release them before their lookback.
+        while True:
+            orphans = self.store.claim_orphans(batch)
+            for follower in orphans:
+                logger.warning(
+                    "orphaned follower %s (follows %s, scope %r): its leader's outcome is "
+                    "recorded but its release did not finish; releasing it",
+                    follower.follower_id,
+                    follower.leader_id,
+                    follower.scope,
+                )
+            self._sweep_publish(orphans, "sweep", report)
+            if len(orphans) < batch:
                 break
         # A ring of followers each waiting for another of the ring is never lost (each
         # leader is parked): the first of each ring is released, and the rest follow it.

@@ -119,6 +119,9 @@ done = Table(
     Column("failed_at", Double, nullable=True),
     #: NULL: no follower ever parked for it, so its outcome has nothing to release.
     Column("waited_at", Double, nullable=True),
+    #: Set with an outcome that followers waited for: from then on the sweep takes over
+    #: the release of whatever still waits for it (its releaser died after the record).
+    Column("release_due_at", Double, nullable=True),
     PrimaryKeyConstraint("scope", "task_id", name="causal_done_pkey"),
 )
 Index("causal_done_done_at_idx", done.c.done_at)
@@ -127,6 +130,12 @@ Index(
     done.c.failed_at,
     postgresql_where=done.c.failed_at.is_not(None),
     sqlite_where=done.c.failed_at.is_not(None),
+)
+Index(
+    "causal_done_release_due_idx",
+    done.c.release_due_at,
+    postgresql_where=done.c.release_due_at.is_not(None),
+    sqlite_where=done.c.release_due_at.is_not(None),
 )
 Index(
     "causal_done_waiting_idx",

@@ -290,6 +290,40 @@ MAKE_DUE = (
 )
 
 
+#: Nothing waits any more for these leaders: their release is over (most of them).
+_RELEASED = and_(
+    done.c.release_due_at < db_clock(),
+    ~exists().where(
+        followers.c.scope == done.c.scope,
+        followers.c.leader_id == done.c.task_id,
+        followers.c.claimed_at.is_(None),
+    ),
+)
+CLEAR_RELEASES = (
+    update(done)
+    .where(
+        tuple_(done.c.scope, done.c.task_id).in_(
+            select(done.c.scope, done.c.task_id)
+            .where(_RELEASED)
+            .order_by(done.c.release_due_at)
+            .limit(bindparam("b_limit"))
+            .with_for_update(skip_locked=True)
+        ),
+        _RELEASED,
+    )
+    .values(release_due_at=None)
+)
+#: Leaders whose release is overdue and that followers still wait for: their releaser died
+#: after the record (Celery acks a task whose success is stored even when its worker is
+#: lost, so no redelivery finishes the release).
+ORPHANED_LEADERS = (
+    select(done.c.scope, done.c.task_id)
+    .where(done.c.release_due_at < db_clock())
+    .order_by(done.c.release_due_at)
+    .limit(bindparam("b_limit"))
+)
+
+
 def _expire(where: Any, order_by: Any) -> Any:
     """Delete up to ``b_limit`` rows of causal_done matching ``where``, oldest first.
 
@@ -371,7 +405,12 @@ class DialectStatements:
         expired = db_clock() - bindparam("b_ttl", type_=Double)
         self.mark = mark.on_conflict_do_update(
             index_elements=["scope", "task_id"],
-            set_={"waited_at": waited_at, "done_at": None, "failed_at": None},
+            set_={
+                "waited_at": waited_at,
+                "done_at": None,
+                "failed_at": None,
+                "release_due_at": None,  # an expired outcome's release is not this one
+            },
             where=and_(
                 or_(done.c.done_at.is_(None), done.c.done_at <= expired),
                 or_(done.c.failed_at.is_(None), done.c.failed_at <= expired),
@@ -408,10 +447,23 @@ class DialectStatements:
         # A task run again after its record expired refreshes it; a success after a failure
         # replaces it. RETURNING waited_at tells whether any follower marked the row before
         # this record: if none did, there is nothing to claim (a follower that parks later
-        # finds the record and does not park).
+        # finds the record and does not park). If one did, the release is due within the
+        # release timeout: should this process die before it has claimed every follower
+        # (after the record, between batches), the sweep claims the rest then, not a
+        # lookback later (ORPHANED_LEADERS).
         self.record_done = record.on_conflict_do_update(
             index_elements=["scope", "task_id"],
-            set_={"done_at": record.excluded.done_at, "failed_at": record.excluded.failed_at},
+            set_={
+                "done_at": record.excluded.done_at,
+                "failed_at": record.excluded.failed_at,
+                "release_due_at": case(
+                    (
+                        done.c.waited_at.is_not(None),
+                        db_clock() + bindparam("b_timeout", type_=Double),
+                    ),
+                    else_=null(),
+                ),
+            },
         ).returning(done.c.waited_at)
         self.record_and_claim = self._record_and_claim_statement() if is_postgresql else None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ from .sql_engine import Compiled, Database
 from .sql_schema import db_clock, dead_followers, followers, metadata
 from .sql_statements import (
     CLAIM_DUE_ONE,
+    CLEAR_RELEASES,
     DONE,
     EXPIRE_DONE,
     EXPIRE_FAILED,
@@ -45,6 +47,7 @@ from .sql_statements import (
     LEADER_WALK,
     LOOKUPS,
     MAKE_DUE,
+    ORPHANED_LEADERS,
     RESTART_IN,
     RING_CANDIDATES,
     TAKE_BACK,
@@ -63,6 +66,9 @@ from .store import (
 )
 
 T = TypeVar("T")
+
+#: Due rows held back by a parked leader that ``stats`` walks looking for rings.
+_STATS_RING_LIMIT = 10_000
 
 # Any constant: serialises concurrent CREATE TABLE from many processes starting at once.
 _SCHEMA_LOCK_KEY = 0x636175736C
@@ -222,19 +228,40 @@ class SQLStore:
             return ParkOutcome.PARKED
         return self._settled(follower.scope, follower.leader_id, seen_ttl)
 
-    def record_done(self, scope: str, task_id: str, *, failed: bool = False) -> bool:
-        params = {"b_scope": scope, "b_task_id": task_id, "b_failed": failed}
+    def record_done(
+        self, scope: str, task_id: str, *, failed: bool = False, release_timeout: float = 60.0
+    ) -> bool:
+        params = {
+            "b_scope": scope,
+            "b_task_id": task_id,
+            "b_failed": failed,
+            "b_timeout": release_timeout,
+        }
         ((waited_at,),) = self._fetch(self._sql.record_done, params)
         return waited_at is not None
 
     def record_done_and_claim(
-        self, scope: str, task_id: str, limit: int, *, failed: bool = False
+        self,
+        scope: str,
+        task_id: str,
+        limit: int,
+        *,
+        failed: bool = False,
+        release_timeout: float = 60.0,
     ) -> DoneRecord:
         if self._sql.record_and_claim is None:
             # SQLite: the record, then (if a follower marked the row) the claim, each
             # committed on its own; the claim's snapshot follows the record's commit.
-            return record_then_claim(self, scope, task_id, limit, failed=failed)
-        params = {"b_scope": scope, "b_task_id": task_id, "b_limit": limit, "b_failed": failed}
+            return record_then_claim(
+                self, scope, task_id, limit, failed=failed, release_timeout=release_timeout
+            )
+        params = {
+            "b_scope": scope,
+            "b_task_id": task_id,
+            "b_limit": limit,
+            "b_failed": failed,
+            "b_timeout": release_timeout,
+        }
         rows = self._fetch(self._sql.record_and_claim, params)
         waited_at, seen_waited_at = rows[0][0], rows[0][1]
         if waited_at is None:
@@ -254,25 +281,40 @@ class SQLStore:
 
     def claim_lost(self, release_timeout: float, limit: int) -> list[ClaimedFollower]:
         params: dict[str, Any] = {"b_timeout": release_timeout, "b_limit": limit}
-        claimed = self._claim(self._sql.claim_stuck, params)
+        claimed = [
+            dataclasses.replace(c, stuck=True) for c in self._claim(self._sql.claim_stuck, params)
+        ]
         if len(claimed) < limit:
             params = {"b_limit": limit - len(claimed)}
             claimed += self._claim(self._sql.claim_lost, params)
         return release_order(claimed)
 
-    def claim_cycles(self, limit: int) -> list[ClaimedFollower]:
+    def _ring_firsts(self, limit: int) -> list[tuple[str, str]]:
+        """(scope, follower id) of the first row of each ring among due rows (see core.rings)."""
         starts = [row[0] for row in self._fetch(RING_CANDIDATES, {"b_limit": limit})]
         if not starts:
             return []
         walked = self._run(lambda c: c.execute(LEADER_WALK, {"b_ids": starts}).all())
         links = {(r[0], r[1]): (r[0], r[2]) for r in walked}
         occurred = {(r[0], r[1]): r[3] for r in walked}
+        return [min(ring, key=lambda key: (occurred[key], key[1])) for ring in rings(links)]
+
+    def claim_cycles(self, limit: int) -> list[ClaimedFollower]:
         claimed: list[ClaimedFollower] = []
         claim = self._sql.restarting(CLAIM_DUE_ONE)
-        for ring in rings(links):
-            scope, first = min(ring, key=lambda key: (occurred[key], key[1]))
+        for scope, first in self._ring_firsts(limit):
             params = {"b_scope": scope, "b_follower": first}
             claimed += [_claimed(*row) for row in self._fetch(claim, params)]
+        return release_order(claimed)
+
+    def claim_orphans(self, limit: int) -> list[ClaimedFollower]:
+        while self._rowcount(CLEAR_RELEASES, {"b_limit": limit}) == limit:
+            pass  # each round clears a batch of finished releases
+        claimed: list[ClaimedFollower] = []
+        for scope, leader in self._fetch(ORPHANED_LEADERS, {"b_limit": limit}):
+            if len(claimed) >= limit:
+                break
+            claimed += self.claim_followers(scope, leader, limit - len(claimed))
         return release_order(claimed)
 
     def make_due(self, scope: str, leader_id: str) -> int:
@@ -376,6 +418,8 @@ class SQLStore:
             return conn.execute(stmt).all(), dict(conn.execute(dead_stmt).all())
 
         rows, dead = self._run(run)
+        # The first of each ring is overdue too: the next sweep releases it.
+        rings_of = Counter(scope for scope, _ in self._ring_firsts(_STATS_RING_LIMIT))
         for scope in sorted(set(dead) - {r[0] for r in rows}):
             rows.append((scope, 0, 0, None, 0, 0))
         rows.sort(key=lambda r: r[0])
@@ -385,7 +429,7 @@ class SQLStore:
                 waiting=int(r[1] or 0),
                 releasing=int(r[2] or 0),
                 oldest_parked_at=None if r[3] is None else float(r[3]),
-                overdue=int(r[4] or 0),
+                overdue=int(r[4] or 0) + rings_of[r[0]],
                 stuck=int(r[5] or 0),
                 dead=dead.get(r[0], 0),
             )

@@ -61,6 +61,8 @@ class ClaimedFollower(Follower):
 
     row_id: int = 0
     parked_at: float = 0.0
+    #: Claimed again by the sweep because its first releaser died mid-release.
+    stuck: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,9 +137,12 @@ class CausalStore(Protocol):
         sweep) publishes it.
         """
 
-    def record_done(self, scope: str, task_id: str, *, failed: bool = False) -> bool:
+    def record_done(
+        self, scope: str, task_id: str, *, failed: bool = False, release_timeout: float = 60.0
+    ) -> bool:
         """Commit ``task_id``'s outcome (idempotent): done, or with ``failed`` failed for
-        good. Must be committed before claiming.
+        good. Must be committed before claiming. If followers waited, their release is due
+        within ``release_timeout``: :meth:`claim_orphans` takes it over after that.
 
         ``False`` means no follower of ``task_id`` parked before this record, so there is
         nothing to claim: a follower that parks later finds the record and does not park.
@@ -145,7 +150,13 @@ class CausalStore(Protocol):
         """
 
     def record_done_and_claim(
-        self, scope: str, task_id: str, limit: int, *, failed: bool = False
+        self,
+        scope: str,
+        task_id: str,
+        limit: int,
+        *,
+        failed: bool = False,
+        release_timeout: float = 60.0,
     ) -> DoneRecord:
         """:meth:`record_done`, then claim up to ``limit`` of the followers it found waiting.
 
@@ -174,6 +185,11 @@ class CausalStore(Protocol):
         first of each ring in release order is claimed; the rest of the ring, and anything
         parked behind it, then follow in causal order. ``limit`` bounds the rows examined.
         """
+
+    def claim_orphans(self, limit: int) -> list[ClaimedFollower]:
+        """Atomically claim up to ``limit`` waiting followers of leaders whose outcome was
+        recorded more than their release timeout ago: the leader's process died before it
+        claimed them all. Leaders that nothing waits for any more are forgotten here."""
 
     def make_due(self, scope: str, leader_id: str) -> int:
         """Set the deadline of ``leader_id``'s waiting followers to now; return how many.
@@ -231,14 +247,20 @@ class CausalStore(Protocol):
 
 
 def record_then_claim(
-    store: CausalStore, scope: str, task_id: str, limit: int, *, failed: bool = False
+    store: CausalStore,
+    scope: str,
+    task_id: str,
+    limit: int,
+    *,
+    failed: bool = False,
+    release_timeout: float = 60.0,
 ) -> DoneRecord:
     """:meth:`CausalStore.record_done_and_claim` as two steps: the record, then the claim.
 
     For a store whose claim, made after the record committed, sees every park that marked
     the leader before it (the memory store; SQLite, where each step commits on its own).
     """
-    if not store.record_done(scope, task_id, failed=failed):
+    if not store.record_done(scope, task_id, failed=failed, release_timeout=release_timeout):
         return DoneRecord(waited=False, claimed=[], complete=True)
     claimed = store.claim_followers(scope, task_id, limit) if limit else []
     return DoneRecord(True, claimed, complete=limit > 0 and len(claimed) < limit)

@@ -101,7 +101,8 @@ class CausalTask(Task):  # type: ignore[misc]
     """Base class of causal tasks: ``@app.task(base=CausalTask)``.
 
     Send with ``follows=<leader task id or AsyncResult>``; the task then runs only after
-    its leader succeeded (or once its message is older than ``causal_lookback``).
+    its leader succeeded, or once the sweep released it (it waited ``causal_lookback`` from
+    its park for a leader that never came).
     """
 
     #: Followers and done records are isolated by scope; leader and follower share one.
@@ -127,8 +128,8 @@ class CausalTask(Task):  # type: ignore[misc]
         if not isinstance(self.scope, str):
             raise InvalidIdError(f"scope of {self.name} must be a string, not {self.scope!r}")
         check_id(self.scope, f"scope of {self.name}")
-        # The event's occurrence time: the lookback is measured from the first publish,
-        # and retries and re-enqueues keep it (setdefault).
+        # The event's occurrence time, which orders a leader's followers when they are
+        # released; retries and re-enqueues keep it (setdefault).
         headers.setdefault(PUBLISHED_AT, time.time())
         return super().apply_async(
             args,
@@ -184,8 +185,7 @@ class CausalTask(Task):  # type: ignore[misc]
         checked: bool | BaseException = True
         try:
             if not self._may_run(runtime, scope, arrival, depth, context):
-                state = DEFERRED if arrival.leader is not None else IGNORED
-                return EagerResult(task_id, None, state, name=self.name)
+                return EagerResult(task_id, None, context.causal_held, name=self.name)
         except LeaderFailed as exc:
             checked = exc  # raised by __call__ inside Celery's eager tracer
         _pre_checked.note = (task_id, checked)
@@ -265,7 +265,10 @@ class CausalTask(Task):  # type: ignore[misc]
     def _may_run(
         self, runtime: CausalRuntime, scope: str, arrival: Arrival, depth: int, request: Any
     ) -> bool:
-        """Whether the body may run now; ``False`` once the task is parked or skipped."""
+        """Whether the body may run now; ``False`` once the task is parked or skipped.
+
+        Sets ``request.causal_held`` to ``DEFERRED`` (parked) or ``IGNORED`` (duplicate).
+        """
         verdict, now = runtime.check(scope, arrival)
         if verdict.action is Action.FAIL:
             raise _leader_failed(arrival, scope)
@@ -289,6 +292,7 @@ class CausalTask(Task):  # type: ignore[misc]
                 logger.exception(
                     "duplicate of task %s (scope %r): %s", arrival.task_id, scope, _RELEASE_FAILED
                 )
+            request.causal_held = IGNORED
             return False
         if verdict.action is Action.PARK:
             # The DEFERRED state is stored before the row exists: once parked, the leader
@@ -316,6 +320,7 @@ class CausalTask(Task):  # type: ignore[misc]
                     scope=scope,
                     name=self.name,
                 )
+                request.causal_held = DEFERRED
                 return False
             logger.info(
                 "task %s runs: its leader %s (scope %r) %s while it was parking",
@@ -361,6 +366,7 @@ def _check_then_trace(
     task.request_stack.push(context)  # as the tracer does: task.request is this context
     runtime = runtime_for(task.app)
     checked: bool | BaseException | None
+    depth = 0
     try:
         arrival, depth = arrival_from(context)
         runs = task._may_run(runtime, task.scope, arrival, depth, context)

@@ -62,6 +62,7 @@ def age(store: CausalStore, seconds: float) -> None:
                 done_at=done.c.done_at - seconds,
                 failed_at=done.c.failed_at - seconds,
                 waited_at=done.c.waited_at - seconds,
+                release_due_at=done.c.release_due_at - seconds,
             )
         )
 

@@ -70,6 +70,8 @@ class Model:
     released_early: list[str] = field(default_factory=list)
     ran: set[str] = field(default_factory=set)  # followers handed out, at least once
     recorded: set[str] = field(default_factory=set)  # tasks that recorded an outcome
+    #: leader id -> age of the record whose release the sweep takes over after TIMEOUT
+    release_due: dict[str, float] = field(default_factory=dict)
 
     def settled(self, task_id: str) -> bool | None:
         """None: no outcome within the TTL; False: done; True: failed."""
@@ -138,6 +140,7 @@ class Protocol(RuleBasedStateMachine):
             expected = ParkOutcome.PARKED
         if state is None:
             self.model.mark_age[leader] = 0.0
+            self.model.release_due.pop(leader, None)  # an expired outcome's release
             if self.marks:  # an expired outcome becomes the mark
                 self.model.outcome.pop(leader, None)
             if fid not in self.model.rows:
@@ -165,8 +168,12 @@ class Protocol(RuleBasedStateMachine):
         self._record(leader, limit, failed, data)
 
     def _record(self, leader: str, limit: int, failed: bool, data: st.DataObject) -> None:
-        record = self.store.record_done_and_claim("s", leader, limit, failed=failed)
+        record = self.store.record_done_and_claim(
+            "s", leader, limit, failed=failed, release_timeout=TIMEOUT
+        )
         waiting = self._waiting_for(leader)
+        if waiting:
+            self.model.release_due[leader] = 0.0
         # "Nothing waited" must be true: the runtime then skips the claim.
         assert record.waited or not waiting
         assert [c.follower_id for c in record.claimed] == waiting[:limit]
@@ -236,6 +243,18 @@ class Protocol(RuleBasedStateMachine):
         )
         assert sorted(f.follower_id for f in lost) == expected
         self._take(lost, "sweep", data)
+        # Followers of a leader whose release is overdue (it died after its record).
+        orphans = self.store.claim_orphans(100)
+        overdue = {t for t, a in self.model.release_due.items() if a > TIMEOUT}
+        expected = sorted(
+            f for f, r in rows.items() if r.state == "waiting" and FOLLOWERS[f] in overdue
+        )
+        assert sorted(f.follower_id for f in orphans) == expected
+        self._take(orphans, "claim", data)
+        for leader in overdue:
+            self.model.completing.discard(leader)  # the sweep finished its release
+            if not self._waiting_for(leader):
+                del self.model.release_due[leader]
         # The ring R0 <-> R1 (both parked, one of them due) gives up R0, once it is due.
         broken = self.store.claim_cycles(100)
         ring = {"R0", "R1"}
@@ -253,8 +272,9 @@ class Protocol(RuleBasedStateMachine):
             row.claimed_age += elapsed
         for task_id, (at, failed) in self.model.outcome.items():
             self.model.outcome[task_id] = (at + elapsed, failed)
-        for task_id in self.model.mark_age:
-            self.model.mark_age[task_id] += elapsed
+        for ages in (self.model.mark_age, self.model.release_due):
+            for task_id in ages:
+                ages[task_id] += elapsed
 
     @rule()
     def expire(self) -> None:
@@ -266,6 +286,7 @@ class Protocol(RuleBasedStateMachine):
         assert expired == len(old) + (len(old_marks) if self.marks else 0)
         for task_id in old:
             del self.model.outcome[task_id]
+            self.model.release_due.pop(task_id, None)
         for task_id in old_marks:
             del self.model.mark_age[task_id]
 

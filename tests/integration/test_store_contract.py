@@ -456,6 +456,8 @@ def test_a_ring_of_followers_is_broken_at_its_first_member(store: CausalStore) -
     age(store, LOOKBACK + 1)
     # When the sweep runs: each of them waits for a parked leader, so none is lost ...
     assert [f.follower_id for f in store.claim_lost(600, 100)] == ["D"]
+    # (status counts the ring's first member as overdue: the next sweep releases it)
+    assert store.stats(600)[0].overdue == 1
     # ... and the ring gives up its first member in occurred order, once
     broken = store.claim_cycles(100)
     assert [f.follower_id for f in broken] == ["A"]
@@ -489,3 +491,25 @@ def test_row_ids_are_never_reused(store: CausalStore) -> None:
     store.park(follower("new", "L"), LOOKBACK, TTL)  # a newer follower parks
     store.finish([stalled.row_id])  # the stalled releaser wakes up and deletes "its" row
     assert [i.follower_id for i in store.list_followers(None, None, 10)] == ["new"]
+
+
+def test_followers_a_dead_leader_left_unclaimed_are_the_sweeps_after_the_release_timeout(
+    store: CausalStore,
+) -> None:
+    # Given three followers, and a leader that recorded done, claimed one, and died
+    for i in range(3):
+        store.park(follower(f"f{i}", "L", occurred_at=float(i)), 900, TTL)
+    record = store.record_done_and_claim("default", "L", 1, release_timeout=30)
+    assert [f.follower_id for f in record.claimed] == ["f0"]
+    # When less than the release timeout has passed, the release is still the leader's
+    assert store.claim_orphans(100) == []
+    # Then after it, the sweep claims what still waits, long before the lookback
+    age(store, 31)
+    assert [f.follower_id for f in store.claim_orphans(100)] == ["f1", "f2"]
+    assert store.claim_orphans(100) == []
+    # and a leader whose release finished is left alone
+    store.park(follower("g", "M"), 900, TTL)
+    done = store.record_done_and_claim("default", "M", 10, release_timeout=30)
+    assert [f.follower_id for f in done.claimed] == ["g"]
+    age(store, 31)
+    assert store.claim_orphans(100) == []

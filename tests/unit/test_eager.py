@@ -42,6 +42,7 @@ def test_a_follower_applied_first_is_deferred_and_runs_when_its_leader_is_applie
     assert store.stats() == []
     # A task recorded done is not run again
     assert step.apply_async(("a",), task_id="a").state == "IGNORED"
+    assert step.apply_async(("c",), task_id="c", follows="b").state == "IGNORED"
     assert ran == ["a", "b", "c"]
 
 
