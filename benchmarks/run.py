@@ -285,7 +285,7 @@ def w4(b: Bench, followers: int) -> Result:
     sampler.start()
     t0 = time.perf_counter()
     b.send(b.mod.causal, [(0, leader, None)])
-    while b.store.stats(900):  # every follower claimed, published and deleted
+    while b.store.stats():  # every follower claimed, published and deleted
         time.sleep(0.005)
     released = time.perf_counter()
     t1 = b.wait_count(followers + 1)
@@ -329,6 +329,14 @@ def _payload(b: Bench, task_id: str, queue: str) -> bytes:
     ).payload
 
 
+def _settings(b: Bench) -> Any:
+    """The bench app's causal settings: rows the benchmark parks or inserts itself get the
+    deadline (park time + causal_lookback) a worker of that app would give them."""
+    from celery_causal.task import runtime_for
+
+    return runtime_for(b.mod.app).settings
+
+
 def _insert_lost(b: Bench, n: int, queue: str) -> None:
     """Park ``n`` followers whose leaders never came, as workers store them."""
     # The task id in the stored message is a placeholder the INSERT replaces, so each row
@@ -338,13 +346,15 @@ def _insert_lost(b: Bench, n: int, queue: str) -> None:
         conn.execute(
             text(
                 "INSERT INTO causal_followers (scope, follower_id, leader_id, task_name, "
-                "occurred_at, parked_at, content_type, content_encoding, payload, hostname) "
+                "occurred_at, parked_at, deadline, content_type, content_encoding, payload, "
+                "hostname) "
                 "SELECT 'bench-lost', 'lost-' || g, 'gone-' || (g % 100), 'bench.causal', g, "
-                "extract(epoch from now()) - 100000, 'application/json', 'utf-8', "
+                "extract(epoch from now()) - 100000, extract(epoch from now()) - 100000 "
+                "+ :lookback, 'application/json', 'utf-8', "
                 "convert_to(replace(convert_from(:p, 'UTF8'), '@ID@', 'lost-' || g), 'UTF8'), "
                 "'' FROM generate_series(1, :n) g"
             ),
-            {"p": template, "n": n},
+            {"p": template, "n": n, "lookback": _settings(b).lookback},
         )
         conn.execute(text("ANALYZE causal_followers"))
 
@@ -394,6 +404,7 @@ def _latency(b: Bench, ops: int) -> tuple[float, float]:
     from celery_causal.store import Follower
 
     parks, releases = [], []
+    settings = _settings(b)
     payload = _payload(b, "w6", "bench-w6")
     run = uuid.uuid4().hex[:8]
     for j in range(ops):
@@ -408,7 +419,7 @@ def _latency(b: Bench, ops: int) -> tuple[float, float]:
             "utf-8",
         )
         t0 = time.perf_counter()
-        b.store.park(f, 1800)
+        b.store.park(f, settings.lookback, settings.seen_ttl)
         t1 = time.perf_counter()
         b.store.record_done("bench-w6", f.leader_id)
         claimed = b.store.claim_followers("bench-w6", f.leader_id, 500)
@@ -443,12 +454,13 @@ def _insert_background(b: Bench, n: int) -> None:
         conn.execute(
             text(
                 "INSERT INTO causal_followers (scope, follower_id, leader_id, task_name, "
-                "occurred_at, parked_at, content_type, content_encoding, payload, hostname) "
+                "occurred_at, parked_at, deadline, content_type, content_encoding, payload, "
+                "hostname) "
                 "SELECT 'bench-bg', 'bg-' || md5(random()::text), 'bg-leader-' || (g % 50000), "
-                "'bench.causal', g, extract(epoch from now()), 'application/json', 'utf-8', "
-                ":p, '' FROM generate_series(1, :n) g"
+                "'bench.causal', g, extract(epoch from now()), extract(epoch from now()) "
+                "+ :lookback, 'application/json', 'utf-8', :p, '' FROM generate_series(1, :n) g"
             ),
-            {"n": n, "p": payload},
+            {"n": n, "p": payload, "lookback": _settings(b).lookback},
         )
         conn.execute(text("ANALYZE causal_followers"))
 

@@ -50,7 +50,7 @@ def soak(bench: Any, tasks: int = 100_000, depth: int = 5, seed: int = 1) -> Soa
     deadline, last, last_change = time.monotonic() + 3600, -1, time.monotonic()
     while time.monotonic() < deadline:
         have = bench.redis.llen(key)
-        if have >= chains * depth and not bench.store.stats(900):
+        if have >= chains * depth and not bench.store.stats():
             break
         if have != last:
             last, last_change = have, time.monotonic()
@@ -74,5 +74,5 @@ def soak(bench: Any, tasks: int = 100_000, depth: int = 5, seed: int = 1) -> Soa
         lost=chains * depth - len(counts),
         order_violations=violations,
         duplicates=sum(n - 1 for n in counts.values()),
-        rows_left=sum(s.waiting + s.releasing for s in bench.store.stats(900)),
+        rows_left=sum(s.waiting + s.releasing for s in bench.store.stats()),
     )

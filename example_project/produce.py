@@ -2,8 +2,8 @@
 
     python -m example_project.produce
 
-Prints each task's result as it arrives; the lost follower comes back after
-``causal_lookback``, when beat's sweep releases it.
+Prints each task's result as it arrives; the lost follower comes back ``causal_lookback``
+after it parked on the worker, when beat's sweep releases it.
 """
 
 from __future__ import annotations

@@ -74,19 +74,28 @@ def test_flower_lists_a_parked_task_as_deferred_then_success(
             "the follower shown as SUCCESS",
         )
 
-        # A failure sent from another process (here: this one, as the CLI or a leader's
-        # worker would) is shown for the task, under the host that parked it
+        # A leader that failed for good in another process (here: this one, as a leader's
+        # worker elsewhere would) records its failure and releases its follower; the
+        # worker ends the follower FAILURE with LeaderFailed through Celery's tracer, which
+        # sends the task-failed event Flower shows, without running its body
         other = f"fl-other-{uuid.uuid4()}"
         s.handle.step.apply_async(("flower", "other"), task_id=other, follows="fl-gone")
         wait_for(lambda: s.store.count_followers("acc", "fl-gone") == 1, 60, "parked")
         runtime = runtime_for(s.handle.app)
         runtime.send_events = True
-        assert runtime.leader_failed("acc", "fl-gone", 0, RuntimeError("boom")) == 1
-        wait_for(
-            lambda: (_get(port, f"/api/task/info/{other}") or {}).get("state") == "FAILURE",
+        assert runtime.leader_failed("acc", "fl-gone", 0) == 1
+        failed = wait_for(
+            lambda: (
+                info
+                if (info := _get(port, f"/api/task/info/{other}") or {}).get("state") == "FAILURE"
+                else None
+            ),
             60,
             "the failed follower shown as FAILURE",
         )
+        assert "LeaderFailed" in failed["exception"] and "fl-gone" in failed["exception"]
+        assert s.store.count_followers("acc", "fl-gone") == 0
+        assert s.log("flower").entries() == ["leader", "follower"]
         # No phantom worker: every event came under the real worker's name
         workers = (_get(port, "/workers?json=1") or {}).get("data", [])
         assert [w["hostname"] for w in workers] == [s.worker.nodename]

@@ -13,8 +13,10 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import create_engine, func, select, text
 
 from celery_causal.sql_schema import followers
@@ -50,6 +52,21 @@ def send_reversed_chains(s: Spawned, log: Log, chains: int, depth: int) -> None:
             )
 
 
+def broker_settled(s: Spawned) -> bool:
+    """Every message the broker delivered is finished: none queued, none unacked.
+
+    With acks_late a message stays unacked until its task ended (or it is requeued), so
+    once this holds no further run of any body can come from a message already sent.
+    """
+    client = redis.Redis.from_url(s.env["CAUSAL_TEST_REDIS_URL"])
+    try:
+        return client.llen(f"{s.handle.prefix}celery") == 0 and (
+            client.hlen(f"{s.handle.prefix}unacked") == 0
+        )
+    finally:
+        client.close()
+
+
 def oldest_claim_age(s: Spawned) -> float:
     with s.store.engine.connect() as conn:
         oldest = conn.execute(select(func.min(followers.c.claimed_at))).scalar()
@@ -70,19 +87,19 @@ def test_lost_followers_wait_for_the_lookback_then_come_back_in_occurred_order(
             follows=f"{run}-{leader}",
             headers={"causal_published_at": base + offset},
         )
-    wait_for(lambda: sum(x.waiting for x in s.store.stats(4)) == 3, 60, "three parked")
+    wait_for(lambda: sum(x.waiting for x in s.store.stats()) == 3, 60, "three parked")
     # When a sweep runs before the lookback, nothing is released
     assert sweep(s)["released"] == 0
     assert log.entries() == []
     # When the lookback has passed, the sweep releases "two", whose leader never came; the
     # others' leader did come (it was parked), so they wait for it and it releases them
-    wait_for(lambda: sum(x.overdue for x in s.store.stats(4)) == 1, 60, "lookback passed")
+    wait_for(lambda: sum(x.overdue for x in s.store.stats()) == 1, 60, "lookback passed")
     assert sweep(s)["released"] == 1
     ran = log.wait_len(3)
     # Then the chain runs in causal order: "two" first, then its followers
     assert ran[0] == "two" and sorted(ran[1:]) == ["three_a", "three_b"]
     assert released_by_sweep(s.worker) == [f"{run}-two"]
-    assert s.store.stats(4) == []
+    assert s.store.stats() == []
 
 
 @pytest.mark.timeout(300)
@@ -122,7 +139,7 @@ def test_worker_killed_between_claim_and_publish_loses_no_follower(
     s.handle.step.apply_async((log.name, "leader"), task_id=leader)
     wait_for(lambda: "CRASH_AFTER_CLAIM=leader: killing" in s.worker.log_text(), 60, "crash")
     assert log.entries() == ["leader"]
-    assert sum(x.releasing for x in s.store.stats(600)) == 5  # claimed, never published
+    assert sum(x.releasing for x in s.store.stats()) == 5  # claimed, never published
     # When the worker is killed and restarted without the fault, and one sweep runs
     s.worker.kill()
     env = {k: v for k, v in s.env.items() if k != "CELERY_CAUSAL_CRASH_AFTER_CLAIM"}
@@ -146,9 +163,10 @@ def test_worker_killed_after_its_done_record_loses_no_follower(
     spawn: Callable[..., Spawned], deduplicate: str
 ) -> None:
     # Given acks_late workers whose processes die after every done record, which on
-    # PostgreSQL also claimed the task's first followers, before publishing them (with
-    # "redelivered", the requeued message's redelivered flag is what triggers the
-    # duplicate check of the chain's first task)
+    # PostgreSQL also claimed the task's first followers, before publishing them. The
+    # record comes after Celery's tracer stored the task's SUCCESS, so Celery acks the
+    # message of the lost process instead of requeueing it (under either deduplicate
+    # setting no copy comes back to run twice)
     s = spawn(
         CAUSAL_TEST_ACKS_LATE="1",
         CELERY_CAUSAL_CRASH_AFTER_DONE="1",
@@ -165,46 +183,61 @@ def test_worker_killed_after_its_done_record_loses_no_follower(
         return len(log.entries()) == 4
 
     wait_for(chain_ran, 120, "the whole chain")
-    # Then each redelivered task is skipped as done, each follower comes back within the
-    # release timeout rather than the lookback, and the chain runs in order, each body once
+    # Then each follower comes back within the release timeout rather than the lookback
+    # (the sweep republishes what the dead process left claimed), and the chain runs in
+    # order, each body once
     assert log.entries() == [f"c0:{i}" for i in range(4)]
     wait_for(lambda: s.worker.log_text().count("CRASH_AFTER_DONE=1: killing") == 4, 60, "4 kills")
-    wait_for(lambda: s.store.stats(900) == [], 60, "an empty follower table")
-    time.sleep(0.5)  # a wrong second run of a body would show now
+    # and every done record came after the task's SUCCESS was stored: Celery saw each
+    # lost task as succeeded, and acked it rather than requeueing it
+    wait_for(
+        lambda: s.worker.log_text().count("succeeded before the worker was lost") == 4,
+        60,
+        "4 tasks seen as succeeded before their process was lost",
+    )
+    wait_for(lambda: s.store.stats() == [], 60, "an empty follower table")
+    wait_for(lambda: broker_settled(s), 60, "no message left queued or unacked")
     assert log.entries() == [f"c0:{i}" for i in range(4)]
     s.worker.stop()
 
 
 @pytest.mark.timeout(300)
-def test_leader_killed_after_its_record_releases_the_rest_on_redelivery(
+def test_leader_killed_after_its_record_leaves_no_follower_to_the_lookback(
     spawn: Callable[..., Spawned],
 ) -> None:
     # Given an acks_late worker whose processes die after every done record, claiming two
-    # followers with it (causal_batch_size=2), and one leader with five parked followers
+    # followers with it (causal_batch_size=2), a lookback far longer than the test, and
+    # one leader with five parked followers
     s = spawn(
         CAUSAL_TEST_ACKS_LATE="1",
         CELERY_CAUSAL_CRASH_AFTER_DONE="1",
         CAUSAL_BATCH_SIZE="2",
         CAUSAL_RELEASE_TIMEOUT="2",
+        CAUSAL_LOOKBACK="900",
     )
     log, leader = s.log("rest"), f"rest-leader-{uuid.uuid4()}"
     for i in range(5):
         s.handle.step.apply_async((log.name, f"f{i}"), follows=leader, task_id=f"{leader}-f{i}")
     wait_for(lambda: s.store.count_followers("acc", leader) == 5, 60, "five parked")
-    # When the leader runs, records itself done with the first two claimed, and dies
-    s.handle.step.apply_async((log.name, "leader"), task_id=leader)
-    # Then its redelivered message, skipped as done, releases the three it had not claimed
-    ran = log.wait_len(4, timeout=120)
-    assert ran[0] == "leader" and sorted(ran[1:]) == ["f2", "f3", "f4"]
-    assert released_by_sweep(s.worker) == []
-    # and the sweep republishes the two the dead process left claimed, once they are old
-    wait_for(lambda: oldest_claim_age(s) > 2, 60, "release timeout")
-    assert sweep(s)["released"] == 2
-    ran = log.wait_len(6, timeout=120)
-    assert sorted(ran[4:]) == ["f0", "f1"]
-    assert sorted(released_by_sweep(s.worker)) == [f"{leader}-f0", f"{leader}-f1"]
-    wait_for(lambda: s.store.stats(900) == [], 60, "an empty follower table")
-    time.sleep(0.5)  # a wrong second run of a body would show now
+    # When the leader runs, its SUCCESS is stored, then its done record with the first two
+    # followers claimed, and its process dies before publishing any follower
+    result = s.handle.step.apply_async((log.name, "leader"), task_id=leader)
+    assert result.get(timeout=60) == "leader"
+    wait_for(lambda: "CRASH_AFTER_DONE=1: killing" in s.worker.log_text(), 60, "the kill")
+
+    # Then, with sweeps running as beat runs them, every follower comes back well within
+    # the lookback: the two left claimed once the release timeout passed, and the three
+    # the dead process had not claimed (the leader's message, whose SUCCESS was stored, is
+    # acked rather than redelivered, so no redelivery releases them)
+    def all_ran() -> bool:
+        sweep(s)
+        return len(log.entries()) >= 6
+
+    wait_for(all_ran, 120, "all five followers, long before the lookback")
+    ran = log.entries()
+    assert ran[0] == "leader" and sorted(ran[1:]) == [f"f{i}" for i in range(5)]
+    wait_for(lambda: s.store.stats() == [], 60, "an empty follower table")
+    wait_for(lambda: broker_settled(s), 60, "no message left queued or unacked")
     assert Counter(log.entries()) == Counter(["leader", "f0", "f1", "f2", "f3", "f4"])
     s.worker.stop()
 
@@ -277,35 +310,48 @@ def test_terminated_database_connections_mid_stream_lose_nothing(
         assert [e for e in ran if e.startswith(f"c{c}:")] == [f"c{c}:{i}" for i in range(5)]
 
 
-def _leader_fails(s: Spawned) -> tuple[str, object, object]:
+def _leader_fails(s: Spawned, **follower_options: Any) -> tuple[Log, str, Any, Any]:
+    """A follower and its own follower parked behind a leader that then fails for good."""
     log, leader = s.log("policy"), f"failing-{uuid.uuid4()}"
-    follower = s.handle.step.apply_async((log.name, "follower"), follows=leader)
+    follower = s.handle.step.apply_async((log.name, "follower"), follows=leader, **follower_options)
     grandchild = s.handle.step.apply_async((log.name, "grandchild"), follows=follower)
-    wait_for(lambda: sum(x.waiting for x in s.store.stats(900)) == 2, 60, "parked")
+    wait_for(lambda: sum(x.waiting for x in s.store.stats()) == 2, 60, "parked")
     result = s.handle.broken.apply_async((log.name, "leader"), task_id=leader)
     with pytest.raises(ValueError, match="is broken"):
         result.get(timeout=60)
-    return log.name, follower, grandchild
+    return log, leader, follower, grandchild
 
 
 def test_failed_leader_policy_wait_keeps_followers_parked(
     spawn: Callable[..., Spawned],
 ) -> None:
-    s = spawn()
-    _, follower, _ = _leader_fails(s)
-    time.sleep(1)  # give a wrong release the chance to show
-    assert sum(x.waiting for x in s.store.stats(900)) == 2
-    assert follower.state == "DEFERRED"  # type: ignore[attr-defined]
+    # One pool process: each task starts only once the one before it, including what
+    # runs after its tracer (its outcome's record and releases), has finished
+    s = spawn("-c", "1")
+    log, leader, follower, grandchild = _leader_fails(s)
+    # When a follower arrives after the failure, it parks too: under "wait" no failure is
+    # recorded, and followers wait for their lookback (then the sweep's release)
+    late = s.handle.step.apply_async((log.name, "late"), follows=leader)
+    wait_for(lambda: s.store.count_followers("acc", leader) == 2, 60, "the late one parked")
+    assert sum(x.waiting for x in s.store.stats()) == 3
+    assert s.store.lookup("acc", [leader], 1800).failed == frozenset()
+    assert [r.state for r in (follower, grandchild, late)] == ["DEFERRED"] * 3
+    assert log.entries() == ["leader"]
 
 
 def test_failed_leader_policy_release_runs_followers_at_once(
     spawn: Callable[..., Spawned],
 ) -> None:
     s = spawn(CAUSAL_ON_LEADER_FAILURE="release")
-    log, follower, grandchild = _leader_fails(s)
-    assert follower.get(timeout=60) == "follower"  # type: ignore[attr-defined]
-    assert grandchild.get(timeout=60) == "grandchild"  # type: ignore[attr-defined]
-    assert s.log(log).entries() == ["leader", "follower", "grandchild"]
+    log, leader, follower, grandchild = _leader_fails(s)
+    assert follower.get(timeout=60) == "follower"
+    assert grandchild.get(timeout=60) == "grandchild"
+    assert log.entries() == ["leader", "follower", "grandchild"]
+    # A follower that arrives after the failure runs at once too
+    late = s.handle.step.apply_async((log.name, "late"), follows=leader)
+    assert late.get(timeout=60) == "late"
+    assert log.entries() == ["leader", "follower", "grandchild", "late"]
+    assert s.store.stats() == []
 
 
 def test_failed_leader_policy_fail_marks_followers_failed(
@@ -314,12 +360,67 @@ def test_failed_leader_policy_fail_marks_followers_failed(
     from celery_causal.errors import LeaderFailed
 
     s = spawn(CAUSAL_ON_LEADER_FAILURE="fail")
-    log, follower, grandchild = _leader_fails(s)
-    for result in (follower, grandchild):
-        with pytest.raises(LeaderFailed, match="failed"):
-            result.get(timeout=60)  # type: ignore[attr-defined]
-    assert s.store.stats(900) == []
-    assert s.log(log).entries() == ["leader"]
+    errback = s.handle.ping.si().set(task_id=f"errback-{uuid.uuid4()}")
+    log, leader, follower, grandchild = _leader_fails(s, link_error=errback)
+    # Then the follower ends FAILURE with LeaderFailed through Celery's own failure path
+    # (its errback runs), without its body running
+    with pytest.raises(LeaderFailed, match=leader):
+        follower.get(timeout=60)
+    assert follower.state == "FAILURE"
+    assert s.handle.app.AsyncResult(errback.id).get(timeout=60) == "pong"
+    # and records its own failure in turn, so its follower fails because of it
+    with pytest.raises(LeaderFailed, match=follower.id):
+        grandchild.get(timeout=60)
+    # A follower that arrives after the failure fails too, without parking
+    late = s.handle.step.apply_async((log.name, "late"), follows=leader)
+    with pytest.raises(LeaderFailed, match=leader):
+        late.get(timeout=60)
+    assert s.store.stats() == []
+    assert s.store.lookup("acc", [leader, follower.id, grandchild.id], 1800).failed == {
+        leader,
+        follower.id,
+        grandchild.id,
+    }
+    assert log.entries() == ["leader"]
+
+
+def test_ring_of_followers_is_broken_by_the_sweep_after_the_lookback(
+    spawn: Callable[..., Spawned],
+) -> None:
+    # Given two followers that follow each other (producer-chosen ids): each parks behind
+    # a leader that is parked itself, so neither is lost
+    s = spawn(CAUSAL_LOOKBACK="3", CAUSAL_SEEN_TTL="60")
+    log, run = s.log("ring"), uuid.uuid4().hex[:6]
+    first, second = f"{run}-a", f"{run}-b"
+    base = time.time()
+    for label, task_id, leader, offset in [("b", second, first, 2), ("a", first, second, 1)]:
+        s.handle.step.apply_async(
+            (log.name, label),
+            task_id=task_id,
+            follows=leader,
+            headers={"causal_published_at": base + offset},
+        )
+    wait_for(lambda: sum(x.waiting for x in s.store.stats()) == 2, 60, "both parked")
+    # When a sweep runs before their deadline, the ring stays
+    assert sweep(s) == {"released": 0, "refused": 0, "expired_done": 0, "cycles": 0}
+    with s.store.engine.connect() as conn:
+        due = conn.execute(select(func.max(followers.c.deadline))).scalar()
+    assert due is not None
+    wait_for(lambda: s.store.clock() > due, 60, "both deadlines passed")
+    assert sum(x.overdue for x in s.store.stats()) == 0  # never lost: each leader is parked
+    # Then the sweep after the deadline releases the first of the ring (by occurred time),
+    # only it, marked as a cycle's release; it runs and releases the other
+    report = sweep(s)
+    assert (report["cycles"], report["released"]) == (1, 1)
+    assert log.wait_len(2) == ["a", "b"]
+    released = [
+        line.split("released task ")[1]
+        for line in s.worker.log_text().splitlines()
+        if "released task " in line
+    ]
+    assert [r.split(" ")[0] for r in released] == [first, second]
+    assert released[0].endswith("by cycle") and released[1].endswith("by leader")
+    assert s.store.stats() == []
 
 
 def test_leader_that_fails_twice_then_succeeds_releases_after_the_success(

@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
+from celery_causal.sql_schema import followers
 from celery_causal.sql_store import SQLStore
-from tests.acceptance.conftest import Log, WorkerProcess
+from tests.acceptance.conftest import Log, Spawned, WorkerProcess
 from tests.helpers import wait_for
 
 SEED = {"one": None, "two": "one", "three_a": "two", "three_b": "two"}
@@ -49,16 +52,50 @@ def test_seed_events_respect_causal_order(
     assert ran.index("one") < ran.index("two") < min(ran.index("three_a"), ran.index("three_b"))
 
 
-def test_follower_older_than_lookback_runs_immediately(
-    worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
-) -> None:
-    result = causal_app.step.apply_async(
-        (log.name, "late"),
-        follows=f"never-{uuid.uuid4()}",
-        headers={"causal_published_at": time.time() - 86400},
+def test_an_old_follower_still_waits_for_its_leader(spawn: Callable[..., Spawned]) -> None:
+    # Given a worker whose lookback (2s) is shorter than the age of each follower on arrival
+    s = spawn(CAUSAL_LOOKBACK="2", CAUSAL_SEEN_TTL="60")
+    log, run = s.log("old"), uuid.uuid4().hex[:6]
+    leader, day_old, delayed = f"{run}-leader", f"{run}-day-old", f"{run}-delayed"
+    # When one follower says it was published a day ago, and another is held back by a
+    # countdown longer than the lookback
+    sent = time.time()
+    old = s.handle.step.apply_async(
+        (log.name, "day_old"),
+        task_id=day_old,
+        follows=leader,
+        headers={"causal_published_at": sent - 86400},
     )
-    assert result.get(timeout=60) == "late"
-    assert log.entries() == ["late"]
+    late = s.handle.step.apply_async(
+        (log.name, "delayed"), task_id=delayed, follows=leader, countdown=3
+    )
+    # Then both park, however old: the wait counts from the park, on the store's clock
+    wait_for(lambda: s.store.count_followers("acc", leader) == 2, 60, "both parked")
+    with s.store.engine.connect() as conn:
+        rows = {
+            r.follower_id: r
+            for r in conn.execute(
+                select(
+                    followers.c.follower_id,
+                    followers.c.occurred_at,
+                    followers.c.parked_at,
+                    followers.c.deadline,
+                )
+            )
+        }
+    assert set(rows) == {day_old, delayed}
+    for row in rows.values():
+        assert row.deadline - row.parked_at == pytest.approx(2.0)
+    assert rows[day_old].parked_at - rows[day_old].occurred_at > 86000
+    assert rows[delayed].parked_at - rows[delayed].occurred_at >= 2.0  # older than lookback
+    assert log.entries() == []
+    assert old.state == late.state == "DEFERRED"
+    # When the leader comes, it releases them: neither overtook it
+    s.handle.step.apply_async((log.name, "leader"), task_id=leader)
+    assert old.get(timeout=60) == "day_old" and late.get(timeout=60) == "delayed"
+    ran = log.entries()
+    assert ran[0] == "leader" and sorted(ran[1:]) == ["day_old", "delayed"]
+    assert s.store.stats() == []
 
 
 def test_two_scopes_do_not_interfere(
@@ -99,7 +136,7 @@ def test_fifty_reversed_chains_of_five_run_in_order(
     for c in range(50):
         steps = [int(e.split(":")[1]) for e in ran if e.startswith(f"c{c}:")]
         assert steps == [0, 1, 2, 3, 4], f"chain {c} ran as {steps}"
-    assert sum(s.waiting + s.releasing for s in store.stats(900)) == 0
+    assert sum(s.waiting + s.releasing for s in store.stats()) == 0
 
 
 def test_a_parked_follower_starts_only_once_it_is_released(
@@ -134,7 +171,7 @@ def test_one_leader_releases_a_thousand_followers_exactly_once(
     ran = log.wait_len(1001, timeout=180)
     assert ran[0] == "leader"
     assert Counter(ran[1:]) == Counter(f"f{i}" for i in range(1000))
-    wait_for(lambda: not store.stats(900), 30, "follower table empty")
+    wait_for(lambda: not store.stats(), 30, "follower table empty")
 
 
 def test_async_result_of_a_parked_follower_returns_its_value(
