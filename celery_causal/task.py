@@ -1,4 +1,5 @@
-"""All Celery wiring: the task base class, ``install(app)``, the sweep task and signals."""
+"""Celery wiring: the task base class, ``install(app)``, the worker step, the sweep task and
+its beat entry. The tracer interception lives in ``tracing.py``."""
 
 from __future__ import annotations
 
@@ -10,11 +11,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from celery import Celery, Task, bootsteps, signals
 from celery.app.task import Context
-from celery.app.trace import TraceInfo, trace_ok_t
-from celery.app.trace import logger as trace_logger
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import EagerResult
 from celery.states import FAILURE, IGNORED, SUCCESS
@@ -23,10 +21,18 @@ from kombu.utils.functional import maybe_list
 
 from .core import Action, Arrival
 from .errors import InvalidIdError, LeaderFailed, NotInstalledError, StoreUnavailable
-from .payload import DEPTH, FOLLOWS, PUBLISHED_AT, RELEASED, check_id, leader_id
+from .payload import FOLLOWS, PUBLISHED_AT, check_id, leader_id
 from .runtime import CausalRuntime
 from .settings import CausalSettings
 from .store import CausalStore, ParkOutcome
+from .tracing import (
+    RELEASE_FAILED,
+    arrival_from,
+    check_then_trace,
+    leader_failed_error,
+    pre_checked,
+    record_outcome,
+)
 
 logger = logging.getLogger("celery_causal")
 
@@ -35,21 +41,9 @@ SWEEP_TASK = "celery_causal.sweep"
 DEFERRED = "DEFERRED"
 BEAT_ENTRY = "celery-causal-sweep"
 
-#: The check made before Celery's tracer, for the task the tracer is running in this
-#: thread: (task id, what it found). What it found is True (the body may run), None (check
-#: again inside the tracer, where a failure is recorded), or the exception the task must
-#: end with inside the tracer (StoreUnavailable: a retry; LeaderFailed: a failure). Kept
-#: out of the request, whose fields a retry copies into the new message.
-_pre_checked = threading.local()
-
 #: Store-outage retries do not give up: the task waits for the database rather than
 #: failing or running out of order.
 _STORE_MAX_RETRIES = 10**9
-
-_RELEASE_FAILED = "its followers could not all be released; the sweep releases the rest"
-
-#: Attempts (0.5 s, 1 s, 2 s, ... apart) at recording a finished task while the store is away.
-_AFTER_BODY_ATTEMPTS = 5
 
 _lock = threading.Lock()
 _installed: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
@@ -73,28 +67,6 @@ def runtime_for(app: Any) -> CausalRuntime:
             runtime = CausalRuntime(app, settings, store=options.get("store"))
             _runtimes[app] = runtime
         return runtime
-
-
-def _header(request: Any, name: str) -> Any:
-    headers = request.headers or {}
-    if name in headers:
-        return headers[name]
-    return getattr(request, name, None)
-
-
-def arrival_from(request: Any) -> tuple[Arrival, int]:
-    """The ordering facts a delivered message carries, and its release depth."""
-    published_at = _header(request, PUBLISHED_AT)
-    delivery_info = request.delivery_info or {}
-    released = _header(request, RELEASED)
-    arrival = Arrival(
-        task_id=request.id,
-        follows=_header(request, FOLLOWS),
-        released=str(released) if released else "",
-        published_at=float(published_at) if published_at is not None else None,
-        redelivered=bool(delivery_info.get("redelivered")),
-    )
-    return arrival, int(_header(request, DEPTH) or 0)
 
 
 class CausalTask(Task):  # type: ignore[misc]
@@ -188,7 +160,7 @@ class CausalTask(Task):  # type: ignore[misc]
                 return EagerResult(task_id, None, context.causal_held, name=self.name)
         except LeaderFailed as exc:
             checked = exc  # raised by __call__ inside Celery's eager tracer
-        _pre_checked.note = (task_id, checked)
+        pre_checked.note = (task_id, checked)
         try:
             result = super().apply(
                 args,
@@ -204,12 +176,12 @@ class CausalTask(Task):  # type: ignore[misc]
                 **options,
             )
         except Exception:
-            _record_outcome(runtime, scope, task_id, depth, failed=True)  # propagated
+            record_outcome(runtime, scope, task_id, depth, failed=True)  # propagated
             raise
         finally:
-            _pre_checked.note = None
+            pre_checked.note = None
         if result.state in (SUCCESS, FAILURE):
-            _record_outcome(runtime, scope, task_id, depth, failed=result.state == FAILURE)
+            record_outcome(runtime, scope, task_id, depth, failed=result.state == FAILURE)
         return result
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -218,14 +190,14 @@ class CausalTask(Task):  # type: ignore[misc]
             return super().__call__(*args, **kwargs)
         if request.is_eager:
             # Checked by apply() before Celery's eager tracer; the outcome is recorded there.
-            note = getattr(_pre_checked, "note", None)
+            note = getattr(pre_checked, "note", None)
             if note is not None and note[0] == request.id and isinstance(note[1], BaseException):
                 raise note[1]
             return super().__call__(*args, **kwargs)
         runtime = runtime_for(self.app)
         arrival, depth = arrival_from(request)
         scope = self.scope
-        note = getattr(_pre_checked, "note", None)
+        note = getattr(pre_checked, "note", None)
         traced = note is not None and note[0] == request.id
         try:
             checked = note[1] if note is not None and traced else None
@@ -257,9 +229,9 @@ class CausalTask(Task):  # type: ignore[misc]
         except (Retry, Ignore, Reject):
             raise  # not a final outcome: a retry succeeds later or the message comes back
         except Exception:
-            _record_outcome(runtime, scope, arrival.task_id, depth, failed=True)
+            record_outcome(runtime, scope, arrival.task_id, depth, failed=True)
             raise
-        _record_outcome(runtime, scope, arrival.task_id, depth, failed=False)
+        record_outcome(runtime, scope, arrival.task_id, depth, failed=False)
         return retval
 
     def _may_run(
@@ -271,7 +243,7 @@ class CausalTask(Task):  # type: ignore[misc]
         """
         verdict, now = runtime.check(scope, arrival)
         if verdict.action is Action.FAIL:
-            raise _leader_failed(arrival, scope)
+            raise leader_failed_error(arrival, scope)
         if verdict.action is Action.SKIP_DUPLICATE:
             logger.info(
                 "duplicate skip: task %s (follows %s, scope %r) already done",
@@ -290,7 +262,7 @@ class CausalTask(Task):  # type: ignore[misc]
                 # Any other failure (the broker refused a publish) must not turn the task's
                 # earlier success into a failure: what is left is the sweep's.
                 logger.exception(
-                    "duplicate of task %s (scope %r): %s", arrival.task_id, scope, _RELEASE_FAILED
+                    "duplicate of task %s (scope %r): %s", arrival.task_id, scope, RELEASE_FAILED
                 )
             request.causal_held = IGNORED
             return False
@@ -304,7 +276,7 @@ class CausalTask(Task):  # type: ignore[misc]
             )
             if outcome is ParkOutcome.LEADER_FAILED:
                 if runtime.settings.on_leader_failure == "fail":
-                    raise _leader_failed(arrival, scope)
+                    raise leader_failed_error(arrival, scope)
             elif outcome is ParkOutcome.PARKED:
                 logger.info(
                     "parked task %s: follows %s (scope %r), which has not succeeded yet",
@@ -331,13 +303,12 @@ class CausalTask(Task):  # type: ignore[misc]
             )
         return True
 
-    # Celery's worker gives every task its tracer by assigning ``__trace__`` (in each
-    # prefork pool process; in the consumer for the other pools). Wrapped, the causal check
-    # runs before the tracer starts, so a task that must not run ends without raising
-    # Ignore through the tracer: its exception info would copy the code positions of every
-    # frame on the way, the tracer's own first (about 0.5 ms a parked task, held in
-    # reference cycles until a full collection). Where Celery runs a task without
-    # ``__trace__`` (eager ``apply``), ``__call__`` makes the same check.
+    def causal_runtime(self) -> CausalRuntime:
+        return runtime_for(self.app)
+
+    # The worker's tracer, wrapped: the causal check before it, the record of the outcome
+    # after it (tracing.py says why). Where Celery runs a task without ``__trace__``
+    # (eager ``apply``), apply() and ``__call__`` make the same check.
     @property
     def __trace__(self) -> Any:
         return self.__dict__.get("_causal_tracer")
@@ -345,127 +316,8 @@ class CausalTask(Task):  # type: ignore[misc]
     @__trace__.setter
     def __trace__(self, tracer: Any) -> None:
         self.__dict__["_causal_tracer"] = (
-            None if tracer is None else functools.partial(_check_then_trace, self, tracer)
+            None if tracer is None else functools.partial(check_then_trace, self, tracer)
         )
-
-
-def _check_then_trace(
-    task: CausalTask, tracer: Any, uuid: str, args: Any, kwargs: Any, request: Any = None
-) -> Any:
-    """Celery's tracer between the causal check and the record of the task's outcome.
-
-    A parked or duplicate task ends before the tracer. A task that runs has its outcome
-    recorded (and its followers released) only after the tracer returns: by then Celery
-    stored its SUCCESS, ran ``on_success``, ``after_return`` and the ``task_success`` and
-    ``task_postrun`` handlers, so a follower that reads its leader's result, or relies on a
-    commit made in a post-run hook, finds it.
-    """
-    request = request if request is not None else {}
-    started = time.monotonic()
-    context = Context(request, args=args, called_directly=False, kwargs=kwargs)
-    task.request_stack.push(context)  # as the tracer does: task.request is this context
-    runtime = runtime_for(task.app)
-    checked: bool | BaseException | None
-    depth = 0
-    try:
-        arrival, depth = arrival_from(context)
-        runs = task._may_run(runtime, task.scope, arrival, depth, context)
-        checked = runs
-    except (StoreUnavailable, LeaderFailed) as exc:
-        runs, checked = True, exc  # raised by __call__ inside the tracer
-    except Exception:
-        # Any other failure is reported by the tracer: __call__ checks again and raises
-        # it there, where Celery records the task's failure. Parking is idempotent.
-        runs, checked = True, None
-    finally:
-        task.request_stack.pop()
-    if not runs:
-        return _ignored(task, context, time.monotonic() - started)
-    _pre_checked.note = (uuid, checked)
-    try:
-        traced = tracer(uuid, args, kwargs, request)
-    finally:
-        _pre_checked.note = None
-    retval, info = traced[0], traced[1]
-    if info is None and not isinstance(retval, ExceptionInfo):
-        _record_outcome(runtime, task.scope, context.id, depth, failed=False)
-    elif info is not None and info.state == FAILURE:
-        _record_outcome(runtime, task.scope, context.id, depth, failed=True)
-    return traced
-
-
-def _leader_failed(arrival: Arrival, scope: str) -> LeaderFailed:
-    return LeaderFailed(
-        f"task {arrival.task_id} was not run: the task it follows, {arrival.leader} "
-        f"(scope {scope!r}), failed (causal_on_leader_failure='fail')"
-    )
-
-
-def _record_outcome(
-    runtime: CausalRuntime, scope: str, task_id: str, depth: int, *, failed: bool
-) -> None:
-    """After a task ran: record its outcome and release (or fail) its followers."""
-    if failed:
-        _after_body(
-            "its followers could not be handled after its failure",
-            functools.partial(runtime.leader_failed, scope, task_id, depth),
-            task_id,
-            scope,
-        )
-    else:
-        _after_body(
-            _RELEASE_FAILED,
-            functools.partial(runtime.complete, scope, task_id, depth),
-            task_id,
-            scope,
-        )
-
-
-class _NotRun(ExceptionInfo):  # type: ignore[misc]
-    """The exception info of a delivery that must not run: an Ignore, without a traceback.
-
-    The worker's main process reads only its ``exception`` (an Ignore: it acks the
-    message). Celery's own would format a traceback, and Python 3.11 parses each frame's
-    source line to place its carets: measured as 7 % of a pool process's CPU when most
-    deliveries park. Pickled to the main process, which imports this module with the app.
-    """
-
-    def __init__(self) -> None:  # no super().__init__: it formats sys.exc_info()
-        self.type, self.tb, self.traceback, self.internal = Ignore, None, "", True
-        self.exception = ExceptionWithTraceback(Ignore(), "")
-
-
-def _ignored(task: CausalTask, context: Any, runtime: float) -> Any:
-    """The outcome the tracer gives a task that raised Ignore, and its "ignored" log line."""
-    if trace_logger.isEnabledFor(logging.INFO):
-        trace_logger.info("Task %s[%s] ignored", task.name, context.id)
-    return trace_ok_t(_NotRun(), TraceInfo(IGNORED, Ignore()), runtime, None)
-
-
-def _after_body(problem: str, step: Callable[[], object], task_id: str, scope: str) -> None:
-    """Run a step that follows the body, retrying while the store is unreachable.
-
-    The body already ran, so the task is not retried through Celery (that would run it
-    again); the steps are idempotent, so repeating them here is safe. If the store stays
-    away, the sweep releases the followers after the lookback: late, never lost. Any other
-    failure (the broker refusing a publish after kombu's own retries) is logged and leaves
-    the body's outcome standing: claimed followers are republished by the sweep after
-    ``causal_release_timeout``, waiting ones after the lookback.
-    """
-    delay = 0.5
-    for attempt in range(_AFTER_BODY_ATTEMPTS):
-        try:
-            step()
-            return
-        except StoreUnavailable as exc:
-            if attempt == _AFTER_BODY_ATTEMPTS - 1:
-                logger.error("task %s (scope %r): %s: %s", task_id, scope, problem, exc)
-                return
-            time.sleep(delay)
-            delay *= 2
-        except Exception:
-            logger.exception("task %s (scope %r): %s", task_id, scope, problem)
-            return
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -1,0 +1,195 @@
+"""Celery's tracer with the causal check before it and the record of the outcome after it.
+
+Celery's worker gives every task its tracer by assigning ``task.__trace__`` (in each prefork
+pool process; in the consumer for the other pools). :class:`~celery_causal.task.CausalTask`
+wraps what is assigned with :func:`check_then_trace`:
+
+- before the tracer, the causal check: a task that must not run (parked, or a duplicate)
+  ends there, without raising Ignore through the tracer, whose exception info would copy
+  the code positions of every frame on the way (about 0.5 ms a parked task, held in
+  reference cycles until a full collection);
+- after the tracer, the record of the task's outcome and the release of its followers:
+  by then Celery stored the result and ran ``on_success``, ``after_return`` and the
+  ``task_success`` / ``task_postrun`` handlers, so a follower that reads its leader's result,
+  or relies on a commit made in a post-run hook, finds it.
+
+It relies on these Celery internals, checked against Celery 5.7: ``trace_ok_t`` (what a
+tracer returns: retval, info, runtime, retstr; ``info`` is None on success, a ``TraceInfo``
+with the state otherwise), ``TraceInfo`` and ``ExceptionInfo``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
+from celery.app.task import Context
+from celery.app.trace import TraceInfo, trace_ok_t
+from celery.app.trace import logger as trace_logger
+from celery.exceptions import Ignore
+from celery.states import FAILURE, IGNORED
+
+from .core import Arrival
+from .errors import LeaderFailed, StoreUnavailable
+from .payload import DEPTH, FOLLOWS, PUBLISHED_AT, RELEASED
+from .runtime import CausalRuntime
+
+logger = logging.getLogger("celery_causal")
+
+#: The check made before Celery's tracer, for the task the tracer is running in this
+#: thread: (task id, what it found). What it found is True (the body may run), None (check
+#: again inside the tracer, where a failure is recorded), or the exception the task must
+#: end with inside the tracer (StoreUnavailable: a retry; LeaderFailed: a failure). Kept
+#: out of the request, whose fields a retry copies into the new message.
+pre_checked = threading.local()
+
+RELEASE_FAILED = "its followers could not all be released; the sweep releases the rest"
+
+#: Attempts (0.5 s, 1 s, 2 s, ... apart) at recording a finished task while the store is away.
+_AFTER_BODY_ATTEMPTS = 5
+
+
+def _header(request: Any, name: str) -> Any:
+    headers = request.headers or {}
+    if name in headers:
+        return headers[name]
+    return getattr(request, name, None)
+
+
+def arrival_from(request: Any) -> tuple[Arrival, int]:
+    """The ordering facts a delivered message carries, and its release depth."""
+    published_at = _header(request, PUBLISHED_AT)
+    delivery_info = request.delivery_info or {}
+    released = _header(request, RELEASED)
+    arrival = Arrival(
+        task_id=request.id,
+        follows=_header(request, FOLLOWS),
+        released=str(released) if released else "",
+        published_at=float(published_at) if published_at is not None else None,
+        redelivered=bool(delivery_info.get("redelivered")),
+    )
+    return arrival, int(_header(request, DEPTH) or 0)
+
+
+def check_then_trace(
+    task: Any, tracer: Any, uuid: str, args: Any, kwargs: Any, request: Any = None
+) -> Any:
+    """Celery's tracer between the causal check and the record of the task's outcome.
+
+    A parked or duplicate task ends before the tracer. A task that runs has its outcome
+    recorded (and its followers released) only after the tracer returns: by then Celery
+    stored its SUCCESS, ran ``on_success``, ``after_return`` and the ``task_success`` and
+    ``task_postrun`` handlers, so a follower that reads its leader's result, or relies on a
+    commit made in a post-run hook, finds it.
+    """
+    request = request if request is not None else {}
+    started = time.monotonic()
+    context = Context(request, args=args, called_directly=False, kwargs=kwargs)
+    task.request_stack.push(context)  # as the tracer does: task.request is this context
+    runtime: CausalRuntime = task.causal_runtime()
+    checked: bool | BaseException | None
+    depth = 0
+    try:
+        arrival, depth = arrival_from(context)
+        runs = task._may_run(runtime, task.scope, arrival, depth, context)
+        checked = runs
+    except (StoreUnavailable, LeaderFailed) as exc:
+        runs, checked = True, exc  # raised by __call__ inside the tracer
+    except Exception:
+        # Any other failure is reported by the tracer: __call__ checks again and raises
+        # it there, where Celery records the task's failure. Parking is idempotent.
+        runs, checked = True, None
+    finally:
+        task.request_stack.pop()
+    if not runs:
+        return _ignored(task, context, time.monotonic() - started)
+    pre_checked.note = (uuid, checked)
+    try:
+        traced = tracer(uuid, args, kwargs, request)
+    finally:
+        pre_checked.note = None
+    retval, info = traced[0], traced[1]
+    if info is None and not isinstance(retval, ExceptionInfo):
+        record_outcome(runtime, task.scope, context.id, depth, failed=False)
+    elif info is not None and info.state == FAILURE:
+        record_outcome(runtime, task.scope, context.id, depth, failed=True)
+    return traced
+
+
+def leader_failed_error(arrival: Arrival, scope: str) -> LeaderFailed:
+    return LeaderFailed(
+        f"task {arrival.task_id} was not run: the task it follows, {arrival.leader} "
+        f"(scope {scope!r}), failed (causal_on_leader_failure='fail')"
+    )
+
+
+def record_outcome(
+    runtime: CausalRuntime, scope: str, task_id: str, depth: int, *, failed: bool
+) -> None:
+    """After a task ran: record its outcome and release (or fail) its followers."""
+    if failed:
+        _after_body(
+            "its followers could not be handled after its failure",
+            functools.partial(runtime.leader_failed, scope, task_id, depth),
+            task_id,
+            scope,
+        )
+    else:
+        _after_body(
+            RELEASE_FAILED,
+            functools.partial(runtime.complete, scope, task_id, depth),
+            task_id,
+            scope,
+        )
+
+
+class _NotRun(ExceptionInfo):  # type: ignore[misc]
+    """The exception info of a delivery that must not run: an Ignore, without a traceback.
+
+    The worker's main process reads only its ``exception`` (an Ignore: it acks the
+    message). Celery's own would format a traceback, and Python 3.11 parses each frame's
+    source line to place its carets: measured as 7 % of a pool process's CPU when most
+    deliveries park. Pickled to the main process, which imports this module with the app.
+    """
+
+    def __init__(self) -> None:  # no super().__init__: it formats sys.exc_info()
+        self.type, self.tb, self.traceback, self.internal = Ignore, None, "", True
+        self.exception = ExceptionWithTraceback(Ignore(), "")
+
+
+def _ignored(task: Any, context: Any, runtime: float) -> Any:
+    """The outcome the tracer gives a task that raised Ignore, and its "ignored" log line."""
+    if trace_logger.isEnabledFor(logging.INFO):
+        trace_logger.info("Task %s[%s] ignored", task.name, context.id)
+    return trace_ok_t(_NotRun(), TraceInfo(IGNORED, Ignore()), runtime, None)
+
+
+def _after_body(problem: str, step: Callable[[], object], task_id: str, scope: str) -> None:
+    """Run a step that follows the body, retrying while the store is unreachable.
+
+    The body already ran, so the task is not retried through Celery (that would run it
+    again); the steps are idempotent, so repeating them here is safe. If the store stays
+    away, the sweep releases the followers after the lookback: late, never lost. Any other
+    failure (the broker refusing a publish after kombu's own retries) is logged and leaves
+    the body's outcome standing: claimed followers are republished by the sweep after
+    ``causal_release_timeout``, waiting ones after the lookback.
+    """
+    delay = 0.5
+    for attempt in range(_AFTER_BODY_ATTEMPTS):
+        try:
+            step()
+            return
+        except StoreUnavailable as exc:
+            if attempt == _AFTER_BODY_ATTEMPTS - 1:
+                logger.error("task %s (scope %r): %s: %s", task_id, scope, problem, exc)
+                return
+            time.sleep(delay)
+            delay *= 2
+        except Exception:
+            logger.exception("task %s (scope %r): %s", task_id, scope, problem)
+            return
