@@ -24,6 +24,9 @@ class Action(enum.Enum):
 
 #: Who released a message (header ``causal_released``) when an operator did.
 OPERATOR = "operator"
+#: ... when its leader failed for good under "fail": it fails on arrival, whatever the store
+#: says by then (the failure record may have expired while the message waited in a queue).
+LEADER_FAILED = "leader-failed"
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ def decide(
         return Verdict(Action.RUN, "no leader" if arrival.follows is None else "follows itself")
     if leader in done:
         return Verdict(Action.RUN, "leader done")
+    if arrival.released == LEADER_FAILED:
+        return Verdict(Action.FAIL, "leader failed")
     if leader in failed:
         if on_leader_failure == "fail" and arrival.released != OPERATOR:
             return Verdict(Action.FAIL, "leader failed")

@@ -14,7 +14,7 @@ from typing import Any
 
 from cachetools import TTLCache
 
-from .core import Action, Arrival, Verdict, decide, may_release, needs_store
+from .core import LEADER_FAILED, Action, Arrival, Verdict, decide, may_release, needs_store
 from .eager import apply_released
 from .errors import PayloadError
 from .faults import CRASH_AFTER_DONE, crash_point
@@ -161,7 +161,7 @@ class CausalRuntime:
         # PostgreSQL); a killed process leaves that batch claimed, and the sweep publishes
         # it once causal_release_timeout has passed. A republished follower of a failed
         # leader meets the failure record on arrival, so it still fails.
-        limit = self.settings.batch_size if may_release(depth, self.settings.max_depth) else 0
+        limit = self.settings.batch_size if self._may_release(depth) else 0
         record = self.store.record_done_and_claim(
             scope, task_id, limit, failed=failed, release_timeout=self.settings.release_timeout
         )
@@ -171,21 +171,31 @@ class CausalRuntime:
         if not record.waited:
             return 0  # no follower parked before the record; later ones see it
         released = 0
+        reason = "leader"
+        if failed and self.settings.on_leader_failure == "fail":
+            reason = LEADER_FAILED
         if record.claimed:
-            report = self._publish(record.claimed, reason="leader", depth=depth + 1)
+            report = self._publish(record.claimed, reason=reason, depth=depth + 1)
             released = len(report.published)
         if record.complete:
             return released
-        return released + self.release_after_done(scope, task_id, depth)
+        return released + self.release_after_done(scope, task_id, depth, reason=reason)
 
-    def release_after_done(self, scope: str, task_id: str, depth: int) -> int:
+    def _may_release(self, depth: int) -> bool:
+        # Eager releases run one after the other from a queue, never nested, and no beat
+        # runs a sweep in an eager process: the guard would only strand the chain's rest.
+        return self.app.conf.task_always_eager or may_release(depth, self.settings.max_depth)
+
+    def release_after_done(
+        self, scope: str, task_id: str, depth: int, *, reason: str = "leader"
+    ) -> int:
         """Release the followers of ``task_id``, whose outcome is recorded.
 
         Also called when a finished task is delivered again: its process may have died
         between the done record and the claim, and the redelivery is then the only thing
         left that releases those followers before the sweep.
         """
-        if not may_release(depth, self.settings.max_depth):
+        if not self._may_release(depth):
             # The cascade stops here and goes on from the sweep (at depth 0): the followers
             # are due at once, so the next sweep releases them, not a lookback later.
             waiting = self.store.make_due(scope, task_id)
@@ -200,7 +210,7 @@ class CausalRuntime:
                     self.settings.max_depth,
                 )
             return 0
-        return self.release_followers(scope, task_id, depth + 1)
+        return self.release_followers(scope, task_id, depth + 1, reason=reason)
 
     def leader_failed(self, scope: str, task_id: str, depth: int) -> int:
         """Apply ``causal_on_leader_failure`` to the followers of a task that failed for good."""
@@ -220,11 +230,13 @@ class CausalRuntime:
             )
         return released
 
-    def release_followers(self, scope: str, leader_id: str, depth: int) -> int:
+    def release_followers(
+        self, scope: str, leader_id: str, depth: int, *, reason: str = "leader"
+    ) -> int:
         released = 0
         while True:
             claimed = self.store.claim_followers(scope, leader_id, self.settings.batch_size)
-            report = self._publish(claimed, reason="leader", depth=depth)
+            report = self._publish(claimed, reason=reason, depth=depth)
             released += len(report.published)
             if len(claimed) < self.settings.batch_size:
                 return released

@@ -127,6 +127,7 @@ class CausalTask(Task):  # type: ignore[misc]
         logfile: Any = None,
         loglevel: Any = None,
         headers: Any = None,
+        follows: Any = None,
         **options: Any,
     ) -> Any:
         """Run the task here (``task_always_eager``, or ``.apply()``), in causal order.
@@ -137,6 +138,10 @@ class CausalTask(Task):  # type: ignore[misc]
         A duplicate of a task recorded done is ``IGNORED``.
         """
         task_id = task_id or uuid()
+        headers = dict(headers or {})
+        if follows is not None:
+            headers[FOLLOWS] = leader_id(follows)
+        headers.setdefault(PUBLISHED_AT, time.time())
         runtime = runtime_for(self.app)
         scope = self.scope
         context = Context(

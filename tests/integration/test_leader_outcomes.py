@@ -171,3 +171,43 @@ def test_a_follower_starts_after_its_leaders_success_is_stored_and_post_run_hook
         signals.task_postrun.disconnect(slow_postrun)
     # Then each saw its leader's SUCCESS stored and its post-run hook finished
     assert h.seen == {f"f{i}": "SUCCESS, post-run done" for i in range(5)}
+
+
+def test_a_follower_released_by_a_failed_leader_fails_after_the_record_expired(
+    causal_store: CausalStore,
+) -> None:
+    h = Outcomes(
+        causal_store,
+        causal_on_leader_failure="fail",
+        causal_lookback=60,
+        causal_seen_ttl=120,
+        task_create_missing_queues=True,
+    )
+    # Given a follower bound for queue "slow", parked behind L
+    follower = h.event.apply_async(("f",), task_id=h.id("f"), follows=h.id("L"), queue="slow")
+    with _worker(h, "slow,celery"):
+        wait_for(lambda: causal_store.count_followers("events", h.id("L")) == 1, 30, "park")
+    # When L fails for good, releasing the follower back to "slow"
+    leader = h.send_failing("L")
+    with _worker(h, "celery"):
+        with pytest.raises(RuntimeError):
+            leader.get(timeout=30)
+        wait_for(lambda: causal_store.stats() == [], 30, "the release")
+    # and "slow" stays busy for longer than the seen TTL, while the sweep expires records
+    age(causal_store, 121)
+    runtime_for(h.app).sweep()
+    # Then the follower, delivered at last, still fails without running
+    with _worker(h, "slow"), pytest.raises(LeaderFailed):
+        follower.get(timeout=30)
+    assert h.ran == ["L"]
+
+
+def _worker(h: Outcomes, queues: str) -> Any:
+    return start_worker(
+        h.app,
+        pool="solo",
+        concurrency=1,
+        perform_ping_check=False,
+        shutdown_timeout=30,
+        queues=queues,
+    )

@@ -67,6 +67,11 @@ def test_a_recorded_leader_failure_decides_by_policy(
     assert decide(arrival, set(), {"L"}, policy).action is action
 
 
+def test_a_follower_released_by_its_failed_leader_fails_even_once_the_record_expired() -> None:
+    arrival = Arrival("t", follows="L", released="leader-failed")
+    assert decide(arrival, set(), set(), "fail").action is Action.FAIL
+
+
 def test_a_leader_that_succeeded_after_failing_counts_as_done() -> None:
     assert decide(Arrival("t", follows="L"), {"L"}, {"L"}, "fail").action is Action.RUN
 

@@ -67,3 +67,22 @@ def test_fail_policy_in_eager_mode() -> None:
         late.get()
     assert ran == ["L"]  # neither follower's body ran
     assert store.stats() == []
+
+
+def test_follows_given_to_apply_or_a_signature_is_checked() -> None:
+    _, _, ran, step, _ = eager_app()
+    assert step.s("f").set(follows="L", task_id="f").apply().state == DEFERRED
+    assert step.apply(("g",), task_id="g", follows="L").state == DEFERRED
+    assert ran == []
+    step.apply(("L",), task_id="L")
+    assert ran == ["L", "f", "g"]
+
+
+def test_a_chain_longer_than_the_depth_guard_runs_to_its_end() -> None:
+    # No beat runs a sweep in an eager process: the guard must not stop the chain there.
+    _, store, ran, step, _ = eager_app(causal_max_depth=3)
+    for i in range(10, 0, -1):
+        step.apply_async((f"e{i}",), task_id=f"e{i}", follows=f"e{i - 1}")
+    step.apply_async(("e0",), task_id="e0")
+    assert ran == [f"e{i}" for i in range(11)]
+    assert store.stats() == []
