@@ -225,13 +225,13 @@ class MemoryStore:
             released = set(self._by_row_ids(row_ids))
             for key in released:
                 del self._rows[key]
-            # Their followers start their lookback again: their leader has come.
+            # Their followers start their lookback again: their leader has come. A released
+            # follower that already ran governs its own followers (it claimed them, or the
+            # depth guard made them due): they are left alone.
             now = self.clock()
             for row in self._rows.values():
-                if (
-                    row.claimed_at is None
-                    and (row.follower.scope, row.follower.leader_id) in released
-                ):
+                leader = (row.follower.scope, row.follower.leader_id)
+                if row.claimed_at is None and leader in released and leader not in self._done:
                     row.deadline = now + (row.deadline - row.parked_at)
                     row.parked_at = now
 

@@ -133,13 +133,23 @@ def _restart_lookback(ids: Any) -> Any:
 
 
 def _waiting_behind(released: Any) -> Any:
-    """Ids of the waiting followers of ``released`` rows (their scope and follower id)."""
+    """Ids of the waiting followers of ``released`` rows (their scope and follower id).
+
+    Not those of a released row whose own outcome is recorded already (it ran before its
+    releaser got this far): that outcome governs them (its record claimed them, or the
+    depth guard made them due), and a restart would undo the latter.
+    """
     return (
         select(_leader_row.c.id)
         .where(
             _leader_row.c.scope == released.c.scope,
             _leader_row.c.leader_id == released.c.follower_id,
             _leader_row.c.claimed_at.is_(None),
+            ~exists().where(
+                done.c.scope == released.c.scope,
+                done.c.task_id == released.c.follower_id,
+                or_(done.c.done_at.is_not(None), done.c.failed_at.is_not(None)),
+            ),
         )
         .order_by(_leader_row.c.occurred_at, _leader_row.c.follower_id)
     )

@@ -101,6 +101,9 @@ class Protocol(RuleBasedStateMachine):
     store: CausalStore
     #: Whether the store keeps "waited for" marks that expire_done also counts (SQL).
     marks = True
+    #: Whether a claim restarts the lookback behind the claimed rows (PostgreSQL), or
+    #: their deletion once published does (SQLite, memory).
+    restart_at_claim = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -217,16 +220,24 @@ class Protocol(RuleBasedStateMachine):
             if row.state == "waiting":
                 self.model.grant(c.follower_id, kind)
             row.state, row.claimed_age = "releasing", 0.0
+        fids = [c.follower_id for c in claimed]
+        if self.restart_at_claim:
+            self._restart_behind(fids)
         if claimed and data.draw(st.booleans()):  # published and deleted, or the releaser died
             self.store.finish([c.row_id for c in claimed])
-            self._finished([c.follower_id for c in claimed])
+            for fid in fids:
+                del self.model.rows[fid]
+            if not self.restart_at_claim:
+                self._restart_behind(fids)
 
-    def _finished(self, fids: list[str]) -> None:
-        for fid in fids:
-            del self.model.rows[fid]
-        # Their own waiting followers start their lookback again: their leader has come.
+    def _restart_behind(self, released: list[str]) -> None:
+        """Followers of released rows start their lookback again: their leader has come.
+
+        Not those of a released follower whose outcome is recorded already: it governs them.
+        """
         for f, row in self.model.rows.items():
-            if row.state == "waiting" and FOLLOWERS[f] in fids:
+            leader = FOLLOWERS[f]
+            if row.state == "waiting" and leader in released and leader not in self.model.outcome:
                 row.waited = 0.0
 
     @rule(data=st.data())
@@ -343,6 +354,8 @@ def _on_sql(url: str, examples: int) -> None:
     shared = SQLStore(url)
 
     class OnSQL(Protocol):
+        restart_at_claim = shared.is_postgresql
+
         def __init__(self) -> None:
             super().__init__()
             truncate(shared)

@@ -513,3 +513,21 @@ def test_followers_a_dead_leader_left_unclaimed_are_the_sweeps_after_the_release
     assert [f.follower_id for f in done.claimed] == ["g"]
     age(store, 31)
     assert store.claim_orphans(100) == []
+
+
+def test_followers_made_due_stay_due_when_their_leaders_row_is_deleted_after_it_ran(
+    store: CausalStore,
+) -> None:
+    # Given K <- L <- F parked, and K's releaser that claimed L and is still publishing
+    store.park(follower("L", "K", occurred_at=1.0), LOOKBACK, TTL)
+    store.park(follower("F", "L", occurred_at=2.0), 600, TTL)
+    store.record_done("default", "K")
+    (claimed_l,) = store.claim_followers("default", "K", 10)
+    # When L runs elsewhere before that releaser deletes L's row, and L is at the depth
+    # limit: its follower is made due for the next sweep
+    assert store.record_done_and_claim("default", "L", 0).waited
+    assert store.make_due("default", "L") == 1
+    store.finish([claimed_l.row_id])
+    # Then the delete of L's row does not push F's deadline back: the next sweep takes it
+    age(store, 1)
+    assert [f.follower_id for f in store.claim_lost(600, 10)] == ["F"]
