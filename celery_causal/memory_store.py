@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .core import release_order, rings
 from .store import (
+    DEFAULT_SEEN_TTL,
     ClaimedFollower,
     DoneRecord,
     Follower,
@@ -26,6 +27,7 @@ class _Row:
     row_id: int
     follower: Follower
     parked_at: float
+    lookback: float
     deadline: float
     claimed_at: float | None = None
 
@@ -44,7 +46,7 @@ class MemoryStore:
         self.clock = clock
         self._lock = threading.RLock()
         self._rows: dict[tuple[str, str], _Row] = {}
-        #: (scope, task id) -> (when its outcome was recorded, whether it failed)
+        #: (scope, task id) -> (when its outcome expires, whether it failed)
         self._done: dict[tuple[str, str], tuple[float, bool]] = {}
         self._next_id = 1
         self._dead: dict[int, tuple[Follower, str]] = {}
@@ -54,24 +56,24 @@ class MemoryStore:
     def create_schema(self) -> list[str]:
         return []
 
-    def lookup(self, scope: str, task_ids: Sequence[str], seen_ttl: float) -> Lookup:
+    def lookup(self, scope: str, task_ids: Sequence[str]) -> Lookup:
         with self._lock:
             now = self.clock()
-            outcomes = {t: self._outcome(scope, t, now, seen_ttl) for t in task_ids}
+            outcomes = {t: self._outcome(scope, t, now) for t in task_ids}
             return Lookup(
                 done=frozenset(t for t, o in outcomes.items() if o is False),
                 now=now,
                 failed=frozenset(t for t, o in outcomes.items() if o is True),
             )
 
-    def _outcome(self, scope: str, task_id: str, now: float, seen_ttl: float) -> bool | None:
-        """``None``: no outcome within the TTL; ``False``: done; ``True``: failed."""
+    def _outcome(self, scope: str, task_id: str, now: float) -> bool | None:
+        """``None``: no unexpired outcome; ``False``: done; ``True``: failed."""
         record = self._done.get((scope, task_id))
-        if record is None or record[0] <= now - seen_ttl:
+        if record is None or record[0] <= now:
             return None
         return record[1]
 
-    def park(self, follower: Follower, lookback: float, seen_ttl: float) -> ParkOutcome:
+    def park(self, follower: Follower, lookback: float) -> ParkOutcome:
         key = (follower.scope, follower.follower_id)
         with self._lock:
             now = self.clock()
@@ -79,21 +81,29 @@ class MemoryStore:
                 # An earlier delivery's row: whoever releases it (the leader whose record
                 # found it, or the sweep) publishes it; this copy does not run.
                 return ParkOutcome.PARKED
-            outcome = self._outcome(follower.scope, follower.leader_id, now, seen_ttl)
+            outcome = self._outcome(follower.scope, follower.leader_id, now)
             if outcome is not None:
                 return ParkOutcome.LEADER_FAILED if outcome else ParkOutcome.LEADER_DONE
             # An expired outcome's release is not this one.
             self._release_due.pop((follower.scope, follower.leader_id), None)
-            self._rows[key] = _Row(self._next_id, follower, parked_at=now, deadline=now + lookback)
+            self._rows[key] = _Row(
+                self._next_id, follower, parked_at=now, lookback=lookback, deadline=now + lookback
+            )
             self._next_id += 1
             return ParkOutcome.PARKED
 
     def record_done(
-        self, scope: str, task_id: str, *, failed: bool = False, release_timeout: float = 60.0
+        self,
+        scope: str,
+        task_id: str,
+        *,
+        failed: bool = False,
+        seen_ttl: float = DEFAULT_SEEN_TTL,
+        release_timeout: float = 60.0,
     ) -> bool:
         with self._lock:
             now = self.clock()
-            self._done[(scope, task_id)] = (now, failed)
+            self._done[(scope, task_id)] = (now + seen_ttl, failed)
             waited = bool(self._waiting(scope, task_id))
             if waited:
                 self._release_due[(scope, task_id)] = now + release_timeout
@@ -115,11 +125,18 @@ class MemoryStore:
         limit: int,
         *,
         failed: bool = False,
+        seen_ttl: float = DEFAULT_SEEN_TTL,
         release_timeout: float = 60.0,
     ) -> DoneRecord:
         with self._lock:  # re-entrant: record and claim are one atomic step here
             return record_then_claim(
-                self, scope, task_id, limit, failed=failed, release_timeout=release_timeout
+                self,
+                scope,
+                task_id,
+                limit,
+                failed=failed,
+                seen_ttl=seen_ttl,
+                release_timeout=release_timeout,
             )
 
     def _claim(self, rows: list[_Row], now: float, limit: int) -> list[ClaimedFollower]:
@@ -158,7 +175,7 @@ class MemoryStore:
         # Not lost while its leader is itself parked: that leader came, and waits in turn.
         return self._due(row, now) and not self._leader_parked(row)
 
-    def _ring_firsts(self, now: float, limit: int) -> list[_Row]:
+    def _ring_firsts(self, now: float, limit: int, postpone: bool = False) -> list[_Row]:
         starts = sorted(
             (r for r in self._rows.values() if self._due(r, now) and self._leader_parked(r)),
             key=lambda r: r.deadline,
@@ -170,19 +187,25 @@ class MemoryStore:
                 follower = self._rows[key].follower
                 links[key] = (follower.scope, follower.leader_id)
                 key = links[key]
+        found = rings(links)
+        if postpone:  # as the SQL store's POSTPONE
+            in_rings = {key for ring in found for key in ring}
+            for row in starts:
+                if (row.follower.scope, row.follower.follower_id) not in in_rings:
+                    row.deadline = now + row.lookback
         return [
             min(
                 (self._rows[key] for key in ring),
                 key=lambda r: (r.follower.occurred_at, r.follower.follower_id),
             )
-            for ring in rings(links)
+            for ring in found
         ]
 
     def claim_cycles(self, limit: int) -> list[ClaimedFollower]:
         with self._lock:
             now = self.clock()
             claimed: list[ClaimedFollower] = []
-            for first in self._ring_firsts(now, limit):
+            for first in self._ring_firsts(now, limit, postpone=True):
                 if self._due(first, now):
                     claimed += self._claim([first], now, 1)
             return release_order(claimed)
@@ -232,7 +255,7 @@ class MemoryStore:
             for row in self._rows.values():
                 leader = (row.follower.scope, row.follower.leader_id)
                 if row.claimed_at is None and leader in released and leader not in self._done:
-                    row.deadline = now + (row.deadline - row.parked_at)
+                    row.deadline = now + row.lookback
                     row.parked_at = now
 
     def bury(self, row_id: int, reason: str) -> None:
@@ -256,8 +279,8 @@ class MemoryStore:
     def expire_done(self, seen_ttl: float, limit: int) -> int:
         # No marks here: park and record are one locked step, so nothing needs them.
         with self._lock:
-            cutoff = self.clock() - seen_ttl
-            old = [k for k, (at, _) in self._done.items() if at <= cutoff][:limit]
+            now = self.clock()
+            old = [k for k, (expires, _) in self._done.items() if expires <= now][:limit]
             for key in old:
                 del self._done[key]
                 self._release_due.pop(key, None)

@@ -103,9 +103,7 @@ class CausalRuntime:
         known = {t for t in wanted if self._cached(scope, t)}
         if arrival.task_id in known:
             return decide(arrival, known), 0.0
-        lookup = self.store.lookup(
-            scope, [t for t in wanted if t not in known], self.settings.seen_ttl
-        )
+        lookup = self.store.lookup(scope, [t for t in wanted if t not in known])
         self._remember(scope, lookup.done)
         verdict = decide(
             arrival, known | lookup.done, lookup.failed, self.settings.on_leader_failure
@@ -145,7 +143,7 @@ class CausalRuntime:
             max_bytes=self.settings.max_payload_bytes,
             hostname=request.hostname or "",
         )
-        return self.store.park(follower, self.settings.lookback, self.settings.seen_ttl)
+        return self.store.park(follower, self.settings.lookback)
 
     # -- after the body ----------------------------------------------------------------
 
@@ -163,7 +161,12 @@ class CausalRuntime:
         # leader meets the failure record on arrival, so it still fails.
         limit = self.settings.batch_size if self._may_release(depth) else 0
         record = self.store.record_done_and_claim(
-            scope, task_id, limit, failed=failed, release_timeout=self.settings.release_timeout
+            scope,
+            task_id,
+            limit,
+            failed=failed,
+            seen_ttl=self.settings.seen_ttl,
+            release_timeout=self.settings.release_timeout,
         )
         crash_point(CRASH_AFTER_DONE, "1")
         if not failed:

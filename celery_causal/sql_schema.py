@@ -56,8 +56,10 @@ followers = Table(
     metadata,
     Column("id", _RowId, primary_key=True, autoincrement=True),
     *_message_columns(),
-    #: When the sweep may release the row as lost (store clock): its park time plus the
-    #: lookback of the app that parked it, moved when its lookback restarts.
+    #: How long it waits for its leader: the ``causal_lookback`` of the app that parked it.
+    Column("lookback", Double, nullable=False),
+    #: When the sweep may release the row as lost (store clock): its park time plus its
+    #: lookback, moved when its lookback restarts.
     Column("deadline", Double, nullable=False),
     Column("claimed_at", Double, nullable=True),
     # Parking is idempotent: a redelivered follower hits this key (ON CONFLICT DO NOTHING).
@@ -104,8 +106,8 @@ Index("causal_dead_followers_scope_idx", dead_followers.c.scope)
 
 #: One row per task that succeeded (``done_at``), failed for good (``failed_at``, kept only
 #: under the "fail" and "release" policies), or that a follower waits for (``waited_at``,
-#: the last park). Shared by every worker; an outcome expires after ``causal_seen_ttl``, a
-#: mark once no follower waits behind it. The row is where a leader and its followers meet:
+#: the last park). Shared by every worker; an outcome expires at ``expires_at``, a mark
+#: once no follower waits behind it. The row is where a leader and its followers meet:
 #: both write it with INSERT ... ON CONFLICT, which the database serialises per key (see
 #: ``SQLStore.park``).
 done = Table(
@@ -117,6 +119,10 @@ done = Table(
     Column("done_at", Double, nullable=True),
     #: NULL: not failed for good (or its failure is not recorded under this policy).
     Column("failed_at", Double, nullable=True),
+    #: Until when the outcome answers checks: its record time plus the ``causal_seen_ttl``
+    #: of the app that recorded it (apps sharing a store may keep records for different
+    #: times). NULL for a mark.
+    Column("expires_at", Double, nullable=True),
     #: NULL: no follower ever parked for it, so its outcome has nothing to release.
     Column("waited_at", Double, nullable=True),
     #: Set with an outcome that followers waited for: from then on the sweep takes over
@@ -124,12 +130,11 @@ done = Table(
     Column("release_due_at", Double, nullable=True),
     PrimaryKeyConstraint("scope", "task_id", name="causal_done_pkey"),
 )
-Index("causal_done_done_at_idx", done.c.done_at)
 Index(
-    "causal_done_failed_at_idx",
-    done.c.failed_at,
-    postgresql_where=done.c.failed_at.is_not(None),
-    sqlite_where=done.c.failed_at.is_not(None),
+    "causal_done_expires_idx",
+    done.c.expires_at,
+    postgresql_where=done.c.expires_at.is_not(None),
+    sqlite_where=done.c.expires_at.is_not(None),
 )
 Index(
     "causal_done_release_due_idx",

@@ -49,24 +49,18 @@ FOLLOWER_COLUMNS = (
 TICK = 1e-6
 
 
-def _outcome_within(task_param: str, column: Any) -> Any:
-    return and_(
-        done.c.scope == bindparam("b_scope"),
-        done.c.task_id == bindparam(task_param),
-        column > db_clock() - bindparam("b_ttl", type_=Double),
-    )
-
-
 #: What a lookup answers per task id: succeeded, failed for good, or neither (NULL or 0).
 DONE, FAILED = 1, 2
+
+#: The row holds an outcome that still answers checks (a mark has no expires_at).
+_LIVE = done.c.expires_at > db_clock()
 
 
 def lookup_statement(count: int) -> Any:
     # One row whatever the answer: the clock plus one primary-key probe per asked id.
-    ttl = db_clock() - bindparam("b_ttl", type_=Double)
     state = case(
-        (done.c.done_at > ttl, literal(DONE)),
-        (done.c.failed_at > ttl, literal(FAILED)),
+        (and_(_LIVE, done.c.done_at.is_not(None)), literal(DONE)),
+        (and_(_LIVE, done.c.failed_at.is_not(None)), literal(FAILED)),
         else_=literal(0),
     )
     return select(
@@ -83,10 +77,9 @@ def lookup_statement(count: int) -> Any:
 
 LOOKUPS = {count: lookup_statement(count) for count in (1, 2)}
 
-#: The leader's outcome is recorded (done or failed) within the seen TTL.
-_LEADER_SETTLED = or_(
-    exists().where(_outcome_within("b_leader", done.c.done_at)),
-    exists().where(_outcome_within("b_leader", done.c.failed_at)),
+#: The leader's outcome is recorded (done or failed) and has not expired.
+_LEADER_SETTLED = exists().where(
+    done.c.scope == bindparam("b_scope"), done.c.task_id == bindparam("b_leader"), _LIVE
 )
 
 TAKE_BACK = (
@@ -120,14 +113,14 @@ def _restart_lookback(ids: Any) -> Any:
 
     Without it, a follower whose leader was parked (a chain whose first task never came)
     could be swept as lost while that leader, just released, is still on its way. The
-    deadline moves by the row's own lookback (deadline - parked_at), the one its app set.
+    deadline moves by the row's own lookback, the one its app set.
     """
     return (
         update(followers)
         .where(followers.c.id.in_(ids))
         .values(
             parked_at=db_clock(),
-            deadline=db_clock() + (followers.c.deadline - followers.c.parked_at),
+            deadline=db_clock() + followers.c.lookback,
         )
     )
 
@@ -145,11 +138,13 @@ def _waiting_behind(released: Any) -> Any:
             _leader_row.c.scope == released.c.scope,
             _leader_row.c.leader_id == released.c.follower_id,
             _leader_row.c.claimed_at.is_(None),
-            ~exists().where(
+            ~exists()
+            .where(
                 done.c.scope == released.c.scope,
                 done.c.task_id == released.c.follower_id,
                 or_(done.c.done_at.is_not(None), done.c.failed_at.is_not(None)),
-            ),
+            )
+            .correlate_except(done),  # the released row is the enclosing query's
         )
         .order_by(_leader_row.c.occurred_at, _leader_row.c.follower_id)
     )
@@ -248,7 +243,7 @@ CLAIM_LOST = _claim_statement(and_(_DUE, ~LEADER_PARKED), (followers.c.deadline,
 
 #: Waiting rows past their deadline held back by a parked leader: where a ring starts.
 RING_CANDIDATES = (
-    select(followers.c.id)
+    select(followers.c.id, followers.c.scope, followers.c.follower_id)
     .where(_DUE, LEADER_PARKED)
     .order_by(followers.c.deadline)
     .limit(bindparam("b_limit"))
@@ -285,6 +280,16 @@ CLAIM_DUE_ONE = (
     )
     .values(claimed_at=db_clock())
     .returning(*FOLLOWER_COLUMNS)
+)
+
+#: Due rows behind a parked leader that lead to no ring wait a lookback more before the
+#: ring search looks at them again: their deadline counts for nothing until their leader
+#: leaves the table (a release restarts it then), and the search reaches the rows behind
+#: them in later sweeps instead of the same first ones every time.
+POSTPONE = (
+    update(followers)
+    .where(followers.c.id.in_(bindparam("b_ids", expanding=True)), _DUE)
+    .values(deadline=db_clock() + followers.c.lookback)
 )
 
 #: The depth guard leaves a leader's followers to the sweep: due at once.
@@ -357,8 +362,8 @@ def _older(column: Any) -> Any:
     return column <= db_clock() - bindparam("b_ttl", type_=Double)
 
 
-EXPIRE_DONE = _expire(_older(done.c.done_at), done.c.done_at)
-EXPIRE_FAILED = _expire(_older(done.c.failed_at), done.c.failed_at)
+# An outcome expires when the app that recorded it said (its own causal_seen_ttl).
+EXPIRE_OUTCOMES = _expire(done.c.expires_at <= db_clock(), done.c.expires_at)
 # A mark goes only once no follower row references it: a follower of a parked leader, or
 # one whose lookback restarted, may wait longer than the seen TTL, and its leader's
 # outcome must still find it through the mark (record_done returns waited_at).
@@ -387,6 +392,7 @@ class DialectStatements:
                 task_name=bindparam("b_task"),
                 occurred_at=bindparam("b_occurred"),
                 parked_at=db_clock(),
+                lookback=bindparam("b_lookback", type_=Double),
                 deadline=db_clock() + bindparam("b_lookback", type_=Double),
                 content_type=bindparam("b_ctype"),
                 content_encoding=bindparam("b_cenc"),
@@ -404,6 +410,7 @@ class DialectStatements:
             task_id=bindparam("b_leader"),
             done_at=None,
             failed_at=None,
+            expires_at=None,
             waited_at=db_clock(),
         )
         waited_at: Any = mark.excluded.waited_at
@@ -412,19 +419,16 @@ class DialectStatements:
             # the done record compares the value it read in its snapshot with the latest
             # one to learn whether a park committed while it waited (record_and_claim).
             waited_at = func.greatest(waited_at, done.c.waited_at + TICK)
-        expired = db_clock() - bindparam("b_ttl", type_=Double)
         self.mark = mark.on_conflict_do_update(
             index_elements=["scope", "task_id"],
             set_={
                 "waited_at": waited_at,
                 "done_at": None,
                 "failed_at": None,
+                "expires_at": None,
                 "release_due_at": None,  # an expired outcome's release is not this one
             },
-            where=and_(
-                or_(done.c.done_at.is_(None), done.c.done_at <= expired),
-                or_(done.c.failed_at.is_(None), done.c.failed_at <= expired),
-            ),
+            where=or_(done.c.expires_at.is_(None), done.c.expires_at <= db_clock()),
         ).returning(literal(1))
         self.park_in_one = self._park_statement(insert) if is_postgresql else None
         # PostgreSQL restarts the lookback of claimed rows' followers as it claims; SQLite
@@ -440,6 +444,7 @@ class DialectStatements:
             bindparam("b_task_id"),
             case((failed, null()), else_=db_clock()),
             case((failed, db_clock()), else_=null()),
+            db_clock() + bindparam("b_ttl", type_=Double),
             null(),
         )
         if is_postgresql:
@@ -452,7 +457,7 @@ class DialectStatements:
             local = func.set_config("synchronous_commit", "off", True).label("setting")
             row = row.select_from(select(local).subquery("local_setting"))
         record = insert(done).from_select(
-            ["scope", "task_id", "done_at", "failed_at", "waited_at"], row
+            ["scope", "task_id", "done_at", "failed_at", "expires_at", "waited_at"], row
         )
         # A task run again after its record expired refreshes it; a success after a failure
         # replaces it. RETURNING waited_at tells whether any follower marked the row before
@@ -466,6 +471,7 @@ class DialectStatements:
             set_={
                 "done_at": record.excluded.done_at,
                 "failed_at": record.excluded.failed_at,
+                "expires_at": record.excluded.expires_at,
                 "release_due_at": case(
                     (
                         done.c.waited_at.is_not(None),
@@ -487,6 +493,7 @@ class DialectStatements:
             bindparam("b_task"),
             bindparam("b_occurred", type_=Double),
             db_clock(),
+            bindparam("b_lookback", type_=Double),
             db_clock() + bindparam("b_lookback", type_=Double),
             bindparam("b_ctype"),
             bindparam("b_cenc"),
@@ -503,6 +510,7 @@ class DialectStatements:
                     "task_name",
                     "occurred_at",
                     "parked_at",
+                    "lookback",
                     "deadline",
                     "content_type",
                     "content_encoding",

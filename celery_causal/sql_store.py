@@ -35,9 +35,8 @@ from .sql_statements import (
     CLAIM_DUE_ONE,
     CLEAR_RELEASES,
     DONE,
-    EXPIRE_DONE,
-    EXPIRE_FAILED,
     EXPIRE_MARKS,
+    EXPIRE_OUTCOMES,
     FAILED,
     FINISH_ANY,
     FINISH_IN,
@@ -48,6 +47,7 @@ from .sql_statements import (
     LOOKUPS,
     MAKE_DUE,
     ORPHANED_LEADERS,
+    POSTPONE,
     RESTART_IN,
     RING_CANDIDATES,
     TAKE_BACK,
@@ -55,6 +55,7 @@ from .sql_statements import (
     lookup_statement,
 )
 from .store import (
+    DEFAULT_SEEN_TTL,
     ClaimedFollower,
     DoneRecord,
     Follower,
@@ -168,23 +169,23 @@ class SQLStore:
     # The statements a task runs on every call are built once, with bound parameters, so a
     # call costs one pooled round trip and no statement construction.
 
-    def lookup(self, scope: str, task_ids: Sequence[str], seen_ttl: float) -> Lookup:
+    def lookup(self, scope: str, task_ids: Sequence[str]) -> Lookup:
         stmt = LOOKUPS.get(len(task_ids))
         if stmt is None:
             stmt = lookup_statement(len(task_ids))
-        params: dict[str, Any] = {"b_scope": scope, "b_ttl": seen_ttl}
+        params: dict[str, Any] = {"b_scope": scope}
         params.update((f"t{i}", task_id) for i, task_id in enumerate(task_ids))
         (row,) = self._fetch(stmt, params)
         done_ids = frozenset(t for i, t in enumerate(task_ids) if row[i + 1] == DONE)
         failed_ids = frozenset(t for i, t in enumerate(task_ids) if row[i + 1] == FAILED)
         return Lookup(done=done_ids, now=float(row[0]), failed=failed_ids)
 
-    def _settled(self, scope: str, leader_id: str, seen_ttl: float) -> ParkOutcome:
+    def _settled(self, scope: str, leader_id: str) -> ParkOutcome:
         """Which outcome of the leader a park ran into (one more round trip, rare)."""
-        failed = leader_id in self.lookup(scope, [leader_id], seen_ttl).failed
+        failed = leader_id in self.lookup(scope, [leader_id]).failed
         return ParkOutcome.LEADER_FAILED if failed else ParkOutcome.LEADER_DONE
 
-    def park(self, follower: Follower, lookback: float, seen_ttl: float) -> ParkOutcome:
+    def park(self, follower: Follower, lookback: float) -> ParkOutcome:
         values = {
             "b_scope": follower.scope,
             "b_follower": follower.follower_id,
@@ -195,7 +196,6 @@ class SQLStore:
             "b_cenc": follower.content_encoding,
             "b_payload": follower.payload,
             "b_host": follower.hostname,
-            "b_ttl": seen_ttl,
             "b_lookback": lookback,
         }
 
@@ -211,7 +211,7 @@ class SQLStore:
             ((marked, had_row, _),) = self._fetch(self._sql.park_in_one, values)
             if marked or had_row:
                 return ParkOutcome.PARKED
-            return self._settled(follower.scope, follower.leader_id, seen_ttl)
+            return self._settled(follower.scope, follower.leader_id)
 
         # SQLite cannot put the mark and the row in one statement; the row is committed
         # after the mark, so a leader that saw the mark may claim before the row exists.
@@ -226,15 +226,22 @@ class SQLStore:
 
         if self._run(run_in_three):
             return ParkOutcome.PARKED
-        return self._settled(follower.scope, follower.leader_id, seen_ttl)
+        return self._settled(follower.scope, follower.leader_id)
 
     def record_done(
-        self, scope: str, task_id: str, *, failed: bool = False, release_timeout: float = 60.0
+        self,
+        scope: str,
+        task_id: str,
+        *,
+        failed: bool = False,
+        seen_ttl: float = DEFAULT_SEEN_TTL,
+        release_timeout: float = 60.0,
     ) -> bool:
         params = {
             "b_scope": scope,
             "b_task_id": task_id,
             "b_failed": failed,
+            "b_ttl": seen_ttl,
             "b_timeout": release_timeout,
         }
         ((waited_at,),) = self._fetch(self._sql.record_done, params)
@@ -247,19 +254,27 @@ class SQLStore:
         limit: int,
         *,
         failed: bool = False,
+        seen_ttl: float = DEFAULT_SEEN_TTL,
         release_timeout: float = 60.0,
     ) -> DoneRecord:
         if self._sql.record_and_claim is None:
             # SQLite: the record, then (if a follower marked the row) the claim, each
             # committed on its own; the claim's snapshot follows the record's commit.
             return record_then_claim(
-                self, scope, task_id, limit, failed=failed, release_timeout=release_timeout
+                self,
+                scope,
+                task_id,
+                limit,
+                failed=failed,
+                seen_ttl=seen_ttl,
+                release_timeout=release_timeout,
             )
         params = {
             "b_scope": scope,
             "b_task_id": task_id,
             "b_limit": limit,
             "b_failed": failed,
+            "b_ttl": seen_ttl,
             "b_timeout": release_timeout,
         }
         rows = self._fetch(self._sql.record_and_claim, params)
@@ -289,20 +304,31 @@ class SQLStore:
             claimed += self._claim(self._sql.claim_lost, params)
         return release_order(claimed)
 
-    def _ring_firsts(self, limit: int) -> list[tuple[str, str]]:
-        """(scope, follower id) of the first row of each ring among due rows (see core.rings)."""
-        starts = [row[0] for row in self._fetch(RING_CANDIDATES, {"b_limit": limit})]
+    def _ring_firsts(self, limit: int, postpone: bool = False) -> list[tuple[str, str]]:
+        """(scope, follower id) of the first row of each ring among due rows (see core.rings).
+
+        With ``postpone``, the candidates found in no ring are postponed (POSTPONE).
+        """
+        starts = self._fetch(RING_CANDIDATES, {"b_limit": limit})
         if not starts:
             return []
-        walked = self._run(lambda c: c.execute(LEADER_WALK, {"b_ids": starts}).all())
+        walked = self._run(
+            lambda c: c.execute(LEADER_WALK, {"b_ids": [row[0] for row in starts]}).all()
+        )
         links = {(r[0], r[1]): (r[0], r[2]) for r in walked}
         occurred = {(r[0], r[1]): r[3] for r in walked}
-        return [min(ring, key=lambda key: (occurred[key], key[1])) for ring in rings(links)]
+        found = rings(links)
+        if postpone:
+            in_rings = {key for ring in found for key in ring}
+            free = [row[0] for row in starts if (row[1], row[2]) not in in_rings]
+            if free:
+                self._rowcount(POSTPONE, {"b_ids": free})
+        return [min(ring, key=lambda key: (occurred[key], key[1])) for ring in found]
 
     def claim_cycles(self, limit: int) -> list[ClaimedFollower]:
         claimed: list[ClaimedFollower] = []
         claim = self._sql.restarting(CLAIM_DUE_ONE)
-        for scope, first in self._ring_firsts(limit):
+        for scope, first in self._ring_firsts(limit, postpone=True):
             params = {"b_scope": scope, "b_follower": first}
             claimed += [_claimed(*row) for row in self._fetch(claim, params)]
         return release_order(claimed)
@@ -386,7 +412,7 @@ class SQLStore:
 
     def expire_done(self, seen_ttl: float, limit: int) -> int:
         expired = 0
-        for stmt in (EXPIRE_DONE, EXPIRE_FAILED, EXPIRE_MARKS):
+        for stmt in (EXPIRE_OUTCOMES, EXPIRE_MARKS):
             params = {"b_ttl": seen_ttl, "b_limit": limit - expired}
             expired += self._rowcount(stmt, params)
             if expired >= limit:

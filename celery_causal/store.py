@@ -24,6 +24,9 @@ from typing import Protocol
 #: Longest task id, leader id or scope the store accepts.
 MAX_ID_LENGTH = 255
 
+#: How long an outcome answers checks unless its recorder says otherwise (causal_seen_ttl).
+DEFAULT_SEEN_TTL = 1800.0
+
 
 class ParkOutcome(enum.Enum):
     #: The row is stored; a release (the leader's, one already under way, or the sweep's)
@@ -124,10 +127,10 @@ class CausalStore(Protocol):
     def create_schema(self) -> list[str]:
         """Create missing tables and indexes; return what was created (idempotent)."""
 
-    def lookup(self, scope: str, task_ids: Sequence[str], seen_ttl: float) -> Lookup:
-        """Which of ``task_ids`` were recorded done or failed within ``seen_ttl``; the clock."""
+    def lookup(self, scope: str, task_ids: Sequence[str]) -> Lookup:
+        """Which of ``task_ids`` have an unexpired done or failed record; the store's clock."""
 
-    def park(self, follower: Follower, lookback: float, seen_ttl: float) -> ParkOutcome:
+    def park(self, follower: Follower, lookback: float) -> ParkOutcome:
         """Store ``follower`` as waiting unless its leader's outcome is recorded.
 
         The row's deadline is the store's clock plus ``lookback``: the sweep may release it
@@ -138,11 +141,18 @@ class CausalStore(Protocol):
         """
 
     def record_done(
-        self, scope: str, task_id: str, *, failed: bool = False, release_timeout: float = 60.0
+        self,
+        scope: str,
+        task_id: str,
+        *,
+        failed: bool = False,
+        seen_ttl: float = DEFAULT_SEEN_TTL,
+        release_timeout: float = 60.0,
     ) -> bool:
         """Commit ``task_id``'s outcome (idempotent): done, or with ``failed`` failed for
-        good. Must be committed before claiming. If followers waited, their release is due
-        within ``release_timeout``: :meth:`claim_orphans` takes it over after that.
+        good; it answers checks for ``seen_ttl``, whatever the reader's own setting. Must
+        be committed before claiming. If followers waited, their release is due within
+        ``release_timeout``: :meth:`claim_orphans` takes it over after that.
 
         ``False`` means no follower of ``task_id`` parked before this record, so there is
         nothing to claim: a follower that parks later finds the record and does not park.
@@ -156,6 +166,7 @@ class CausalStore(Protocol):
         limit: int,
         *,
         failed: bool = False,
+        seen_ttl: float = DEFAULT_SEEN_TTL,
         release_timeout: float = 60.0,
     ) -> DoneRecord:
         """:meth:`record_done`, then claim up to ``limit`` of the followers it found waiting.
@@ -218,11 +229,11 @@ class CausalStore(Protocol):
         """How many followers of ``leader_id`` are waiting."""
 
     def expire_done(self, seen_ttl: float, limit: int) -> int:
-        """Delete up to ``limit`` records older than ``seen_ttl``; return how many.
+        """Delete up to ``limit`` records that are over; return how many.
 
-        An outcome (done or failed) goes once it is older than ``seen_ttl``; a mark once it is
-        older and no follower row references it any more. Each row is tested again as it is
-        deleted: a record or a mark written meanwhile stays.
+        An outcome (done or failed) goes once its own expiry passed; a mark once it is older
+        than ``seen_ttl`` and no follower row references it any more. Each row is tested
+        again as it is deleted: a record or a mark written meanwhile stays.
         """
 
     def stats(self, release_timeout: float = 60.0) -> list[ScopeStats]:
@@ -253,6 +264,7 @@ def record_then_claim(
     limit: int,
     *,
     failed: bool = False,
+    seen_ttl: float = DEFAULT_SEEN_TTL,
     release_timeout: float = 60.0,
 ) -> DoneRecord:
     """:meth:`CausalStore.record_done_and_claim` as two steps: the record, then the claim.
@@ -260,7 +272,9 @@ def record_then_claim(
     For a store whose claim, made after the record committed, sees every park that marked
     the leader before it (the memory store; SQLite, where each step commits on its own).
     """
-    if not store.record_done(scope, task_id, failed=failed, release_timeout=release_timeout):
+    if not store.record_done(
+        scope, task_id, failed=failed, seen_ttl=seen_ttl, release_timeout=release_timeout
+    ):
         return DoneRecord(waited=False, claimed=[], complete=True)
     claimed = store.claim_followers(scope, task_id, limit) if limit else []
     return DoneRecord(True, claimed, complete=limit > 0 and len(claimed) < limit)

@@ -61,6 +61,7 @@ def age(store: CausalStore, seconds: float) -> None:
             update(done).values(
                 done_at=done.c.done_at - seconds,
                 failed_at=done.c.failed_at - seconds,
+                expires_at=done.c.expires_at - seconds,
                 waited_at=done.c.waited_at - seconds,
                 release_due_at=done.c.release_due_at - seconds,
             )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from celery import Celery, signals
+from celery import Celery, Task, signals
 
 import celery_causal
 
@@ -33,6 +33,10 @@ class Handle:
     flaky: Any
     broken: Any
     ping: Any
+    #: Causal: logs "<label>:<state of its leader's AsyncResult>" (test_ordering_edges).
+    observe: Any = None
+    #: Plain: sending it takes CAUSAL_TEST_SLOW_SEND seconds (a slow link callback).
+    slow_to_send: Any = None
 
 
 def create(prefix: str | None = None, store_url: str | None = None) -> Handle:
@@ -64,6 +68,7 @@ def create(prefix: str | None = None, store_url: str | None = None) -> Handle:
         causal_store_retry_delay=float(_env("CAUSAL_STORE_RETRY_DELAY", "5")),
         causal_batch_size=int(_env("CAUSAL_BATCH_SIZE", "500")),
         causal_deduplicate=_env("CAUSAL_DEDUPLICATE", "always"),
+        causal_max_depth=int(_env("CAUSAL_MAX_DEPTH", "20")),
     )
     celery_causal.install(app)
     # A user who assigns beat_schedule after install: the sweep's beat entry must survive.
@@ -115,7 +120,28 @@ def create(prefix: str | None = None, store_url: str | None = None) -> Handle:
     def ping() -> str:
         return "pong"
 
-    return Handle(app, prefix, step, other_scope_step, flaky, broken, ping)
+    @celery_causal.causal_task(app, name="acc.observe", scope="acc", shared=False)
+    def observe(log: str, label: str, leader_id: str) -> str:
+        """Log the state of its leader's result as this body sees it."""
+        state: str = app.AsyncResult(leader_id).state
+        _redis.rpush(prefix + log, f"{label}:{state}")
+        return state
+
+    slow_send = float(_env("CAUSAL_TEST_SLOW_SEND", "0.3"))
+
+    class SlowToSend(Task):  # type: ignore[misc]
+        """Sending it takes ``slow_send`` seconds. As a link callback it holds its task
+        between the end of the body and the SUCCESS the tracer stores after sending it."""
+
+        def apply_async(self, *args: Any, **kwargs: Any) -> Any:
+            time.sleep(slow_send)
+            return super().apply_async(*args, **kwargs)
+
+    @app.task(name="acc.slow_to_send", base=SlowToSend, shared=False)
+    def slow_to_send(*_: Any) -> str:
+        return "sent"
+
+    return Handle(app, prefix, step, other_scope_step, flaky, broken, ping, observe, slow_to_send)
 
 
 _default = create()

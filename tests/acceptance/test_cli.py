@@ -127,8 +127,8 @@ def test_sweep_of_many_shows_progress_and_status_counts_dead_rows(
 
     s = spawn(CAUSAL_BATCH_SIZE="100")
     for i in range(250):
-        s.store.park(follower(f"many-{i}", "gone", scope="bulk"), 900, 1800)
-    s.store.park(follower("broken", "gone", scope="bulk"), 900, 1800)
+        s.store.park(follower(f"many-{i}", "gone", scope="bulk"), 900)
+    s.store.park(follower("broken", "gone", scope="bulk"), 900)
     with s.store.engine.connect() as conn:
         from sqlalchemy import update
 

@@ -35,7 +35,7 @@ def test_four_sweeps_release_each_of_2000_lost_followers_exactly_once(
     store = SQLStore(pg_url)
     truncate(store)
     for i in range(2000):
-        store.park(follower(f"lost-{i}", f"gone-{i % 7}", occurred_at=float(i)), 60, 120)
+        store.park(follower(f"lost-{i}", f"gone-{i % 7}", occurred_at=float(i)), 60)
     age(store, 61)
     runtime = runtime_for(app)
     barrier = threading.Barrier(4)

@@ -44,11 +44,11 @@ HOSTILE = [
 def test_hostile_ids_and_scopes_round_trip_and_leave_tables_intact(
     store: CausalStore, value: str
 ) -> None:
-    store.park(follower(value, value, scope=value), LOOKBACK, TTL)
-    store.park(follower(value + "2", value, scope=value), LOOKBACK, TTL)
+    store.park(follower(value, value, scope=value), LOOKBACK)
+    store.park(follower(value + "2", value, scope=value), LOOKBACK)
     assert [i.follower_id for i in store.list_followers(value, value, 10)] == [value, value + "2"]
     store.record_done(value, value)
-    assert store.lookup(value, [value], TTL).done == {value}
+    assert store.lookup(value, [value]).done == {value}
     claimed = store.claim_followers(value, value, 1)
     assert [(f.scope, f.follower_id, f.leader_id) for f in claimed] == [(value, value, value)]
     store.finish([claimed[0].row_id])
@@ -131,7 +131,7 @@ def test_planted_pickle_and_corrupt_rows_are_moved_aside_and_the_rest_released(
     # Given three followers of one leader; one row replaced by a pickle, one corrupted
     app = _app(pg)
     for name in ("pickled", "corrupt", "fine"):
-        pg.park(follower(name, "L"), LOOKBACK, TTL)
+        pg.park(follower(name, "L"), LOOKBACK)
     pickled = pickle.dumps({"args": [], "kwargs": {}, "options": {}})
     with pg.engine.connect() as conn:
         conn.execute(
@@ -165,15 +165,15 @@ def test_statements_the_database_refuses_raise_store_error_not_unavailable(
     pg: SQLStore,
 ) -> None:
     with pytest.raises(StoreError) as info:
-        pg.park(replace(follower("f", "L"), follower_id="a\x00b"), LOOKBACK, TTL)
+        pg.park(replace(follower("f", "L"), follower_id="a\x00b"), LOOKBACK)
     assert type(info.value) is StoreError
 
 
 @pytest.mark.parametrize(
     "operation",
     [
-        lambda s: s.lookup("default", ["a"], TTL),
-        lambda s: s.park(follower("f", "L"), LOOKBACK, TTL),
+        lambda s: s.lookup("default", ["a"]),
+        lambda s: s.park(follower("f", "L"), LOOKBACK),
         lambda s: s.record_done("default", "a"),
         lambda s: s.claim_followers("default", "L", 10),
     ],
@@ -207,10 +207,10 @@ def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
     worker_url = make_url(pg_url).set(username=role).render_as_string(hide_password=False)
     store = SQLStore(worker_url, create_schema=False)
     try:
-        store.park(follower("f1", "L"), LOOKBACK, TTL)
-        store.park(follower("f2", "M"), LOOKBACK, TTL)
+        store.park(follower("f1", "L"), LOOKBACK)
+        store.park(follower("f2", "M"), LOOKBACK)
         store.record_done("default", "L")
-        assert store.lookup("default", ["L"], TTL).done == {"L"}
+        assert store.lookup("default", ["L"]).done == {"L"}
         (claimed,) = store.claim_followers("default", "L", 10)
         store.finish([claimed.row_id])
         age(pg, 2000)

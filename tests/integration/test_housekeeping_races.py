@@ -33,7 +33,7 @@ def store(pg_url: str) -> Iterator[SQLStore]:
 
 def _expired_mark_without_followers(store: SQLStore, leader: str) -> None:
     """A mark of ``leader`` older than the TTL whose follower is gone (released, forgotten)."""
-    store.park(follower("gone", leader), LOOKBACK, TTL)
+    store.park(follower("gone", leader), LOOKBACK)
     assert store.forget("default", "gone")
     age(store, 2 * TTL)
 
@@ -80,10 +80,16 @@ def test_a_done_record_made_while_the_sweep_expires_its_old_mark_survives(
         store,
         pg_url,
         store._sql.record_done,
-        {"b_scope": "default", "b_task_id": "L", "b_failed": False},
+        {
+            "b_scope": "default",
+            "b_task_id": "L",
+            "b_failed": False,
+            "b_ttl": TTL,
+            "b_timeout": 60.0,
+        },
     )
     # Then L's fresh done record is there: a later follower runs, a duplicate is skipped
-    assert store.lookup("default", ["L"], TTL).done == {"L"}
+    assert store.lookup("default", ["L"]).done == {"L"}
 
 
 @pytest.mark.timeout(60)
@@ -120,8 +126,14 @@ def test_a_park_made_while_the_sweep_expires_the_leaders_old_mark_is_released(
 def test_the_sweep_still_expires_what_nobody_holds(store: SQLStore, pg_url: str) -> None:
     # The guard against writers must not keep old records forever.
     _expired_mark_without_followers(store, "L")
-    store.record_done("default", "M")
+    store.record_done("default", "M", seen_ttl=TTL)
     age(store, 2 * TTL)
-    held_values = {"b_scope": "default", "b_task_id": "other", "b_failed": False}
+    held_values = {
+        "b_scope": "default",
+        "b_task_id": "other",
+        "b_failed": False,
+        "b_ttl": TTL,
+        "b_timeout": 60.0,
+    }
     assert _expire_while_held(store, pg_url, store._sql.record_done, held_values) == 2
-    assert store.lookup("default", ["M", "other"], TTL).done == {"other"}
+    assert store.lookup("default", ["M", "other"]).done == {"other"}

@@ -43,13 +43,13 @@ def _run_pair(store: CausalStore, fid: str, leader: str, order: list[str]) -> Co
     follower_parked = threading.Event()
 
     def follower_side() -> None:
-        if leader in store.lookup("default", [leader], TTL).done:
+        if leader in store.lookup("default", [leader]).done:
             runs[fid] += 1
             return
         follower_checked.set()
         if order == ["check", "leader", "park"]:
             assert leader_finished.wait(10)
-        if store.park(follower(fid, leader), LOOKBACK, TTL) is ParkOutcome.LEADER_DONE:
+        if store.park(follower(fid, leader), LOOKBACK) is ParkOutcome.LEADER_DONE:
             runs[fid] += 1
         follower_parked.set()
 
@@ -103,8 +103,8 @@ def test_racing_pairs_released_through_a_barrier(store: CausalStore) -> None:
                     store.finish([claimed.row_id])
                     with lock:
                         runs[claimed.follower_id] += 1
-            elif leader in store.lookup("default", [leader], TTL).done or (
-                store.park(follower(fid, leader), LOOKBACK, TTL) is ParkOutcome.LEADER_DONE
+            elif leader in store.lookup("default", [leader]).done or (
+                store.park(follower(fid, leader), LOOKBACK) is ParkOutcome.LEADER_DONE
             ):
                 with lock:
                     runs[fid] += 1
@@ -186,11 +186,11 @@ def test_every_mark_moves_the_leaders_row_forward_even_when_the_clock_does_not(
     # waited_at in its snapshot with the latest; a mark must never leave it unchanged.
     store = SQLStore(pg_url)
     truncate(store)
-    store.park(follower("f1", "L"), LOOKBACK, TTL)
+    store.park(follower("f1", "L"), LOOKBACK)
     ahead = store.clock() + 3600.0  # as if the next park read an equal or earlier clock
     with store.engine.begin() as conn:
         conn.execute(text("UPDATE causal_done SET waited_at = :w"), {"w": ahead})
-    store.park(follower("f2", "L"), LOOKBACK, TTL)
+    store.park(follower("f2", "L"), LOOKBACK)
     with store.engine.connect() as conn:
         (waited_at,) = conn.execute(text("SELECT waited_at FROM causal_done")).one()
     assert waited_at > ahead
@@ -208,8 +208,8 @@ def test_a_release_in_flight_never_hides_a_waiting_row_from_the_next_leader(
     # f2's row locked, or f1's claim misses f2 and f2 waits for the sweep.
     store = SQLStore(pg_url)
     truncate(store)
-    store.park(follower("f1", "L", occurred_at=1.0), LOOKBACK, TTL)
-    store.park(follower("f2", "f1", occurred_at=2.0), LOOKBACK, TTL)
+    store.park(follower("f1", "L", occurred_at=1.0), LOOKBACK)
+    store.park(follower("f2", "f1", occurred_at=2.0), LOOKBACK)
     (first,) = leader_claims(store, "L")
     assert first.follower_id == "f1"
     finish = store._db.compile(FINISH_ANY)

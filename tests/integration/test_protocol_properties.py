@@ -113,7 +113,7 @@ class Protocol(RuleBasedStateMachine):
     def deliver(self, fid: str) -> None:
         """A worker receives the follower (first or duplicate delivery) and checks."""
         leader = FOLLOWERS[fid]
-        lookup = self.store.lookup("s", [leader], TTL)
+        lookup = self.store.lookup("s", [leader])
         state = self.model.settled(leader)
         assert (leader in lookup.done, leader in lookup.failed) == (
             state is False,
@@ -132,7 +132,7 @@ class Protocol(RuleBasedStateMachine):
     def _park(self, fid: str, lookback: float) -> None:
         self.model.checked.discard(fid)
         leader = FOLLOWERS[fid]
-        outcome = self.store.park(follower(fid, leader, scope="s"), lookback, TTL)
+        outcome = self.store.park(follower(fid, leader, scope="s"), lookback)
         state = self.model.settled(leader)
         if fid in self.model.rows:
             expected = ParkOutcome.PARKED  # an earlier delivery's row is its releaser's
@@ -172,7 +172,7 @@ class Protocol(RuleBasedStateMachine):
 
     def _record(self, leader: str, limit: int, failed: bool, data: st.DataObject) -> None:
         record = self.store.record_done_and_claim(
-            "s", leader, limit, failed=failed, release_timeout=TIMEOUT
+            "s", leader, limit, failed=failed, seen_ttl=TTL, release_timeout=TIMEOUT
         )
         waiting = self._waiting_for(leader)
         if waiting:
@@ -272,6 +272,10 @@ class Protocol(RuleBasedStateMachine):
         in_ring = ring <= set(self.model.rows) and any(self.model.rows[f].due for f in ring)
         expected = ["R0"] if in_ring and self.model.rows["R0"].due else []
         assert [f.follower_id for f in broken] == expected
+        # Due rows held back by a parked leader and in no ring wait a lookback more.
+        for f, r in rows.items():
+            if r.due and FOLLOWERS[f] in rows and not (f in ring and ring <= set(rows)):
+                r.waited = 0.0
         self._take(broken, "ring", data)
 
     @rule(steps=st.integers(1, 4))
@@ -313,7 +317,7 @@ class Protocol(RuleBasedStateMachine):
             assert handed_out <= m.rows_created.get(fid, 0), f"{fid} released twice"
         assert not m.released_early, f"released before their leader: {m.released_early}"
         for task_id in LEADERS + MIDDLE:  # outcomes never resurrected
-            lookup = self.store.lookup("s", [task_id], TTL)
+            lookup = self.store.lookup("s", [task_id])
             state = m.settled(task_id)
             assert (task_id in lookup.done, task_id in lookup.failed) == (
                 state is False,
@@ -331,7 +335,7 @@ class Protocol(RuleBasedStateMachine):
     def teardown(self) -> None:
         # Every follower still parked is released once its leader is done or it is lost.
         for leader in LEADERS + MIDDLE:
-            self.store.record_done("s", leader)
+            self.store.record_done("s", leader, seen_ttl=TTL)
             self.store.finish([c.row_id for c in self.store.claim_followers("s", leader, 100)])
         age(self.store, 10 * max(LOOKBACKS))
         self.store.finish([c.row_id for c in self.store.claim_lost(TIMEOUT, 100)])

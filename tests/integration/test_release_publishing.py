@@ -98,7 +98,7 @@ def park(
             ),
             max_bytes=1 << 20,
         )
-        store.park(follower, 900, 3600)
+        store.park(follower, 900)
     return ids
 
 
@@ -224,7 +224,6 @@ def test_a_released_message_keeps_its_priority_and_its_expiry_counts_from_the_re
             max_bytes=1 << 20,
         ),
         900,
-        3600,
     )
     assert runtime.store.record_done(SCOPE, leader)
     # When its leader releases it

@@ -17,33 +17,45 @@ LOOKBACK = 60.0
 
 
 def test_parking_twice_leaves_one_row(store: CausalStore) -> None:
-    assert store.park(follower("f1", "L"), LOOKBACK, TTL) is ParkOutcome.PARKED
-    assert store.park(follower("f1", "L"), LOOKBACK, TTL) is ParkOutcome.PARKED
+    assert store.park(follower("f1", "L"), LOOKBACK) is ParkOutcome.PARKED
+    assert store.park(follower("f1", "L"), LOOKBACK) is ParkOutcome.PARKED
     assert store.count_followers("default", "L") == 1
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
 
 
 def test_lookup_reports_done_ids_within_the_ttl(store: CausalStore) -> None:
-    store.record_done("default", "a")
-    result = store.lookup("default", ["a", "b"], TTL)
-    assert result.done == {"a"}
+    store.record_done("default", "a", seen_ttl=50)
+    store.record_done("default", "b", seen_ttl=200)
+    result = store.lookup("default", ["a", "b", "c"])
+    assert result.done == {"a", "b"}
     assert result.now > 1_600_000_000  # an epoch-seconds clock
     age(store, 100)
-    assert store.lookup("default", ["a"], 50).done == frozenset()
-    assert store.lookup("default", ["a"], 200).done == {"a"}
+    assert store.lookup("default", ["a", "b"]).done == {"b"}
 
 
 def test_record_done_again_refreshes_an_expired_record(store: CausalStore) -> None:
-    store.record_done("default", "a")
+    store.record_done("default", "a", seen_ttl=50)
     age(store, 100)
-    store.record_done("default", "a")
-    assert store.lookup("default", ["a"], 50).done == {"a"}
+    store.record_done("default", "a", seen_ttl=50)
+    assert store.lookup("default", ["a"]).done == {"a"}
+
+
+def test_each_record_keeps_the_ttl_of_the_app_that_made_it(store: CausalStore) -> None:
+    # Given an app keeping records an hour and one keeping them two minutes, on one store
+    store.record_done("default", "long", seen_ttl=3600)
+    store.record_done("default", "short", seen_ttl=120)
+    age(store, 200)
+    # When the short-lived app's sweep expires records
+    assert store.expire_done(seen_ttl=120, limit=100) == 1
+    # Then the long-lived app's record still answers, for every reader
+    assert store.lookup("default", ["long", "short"]).done == {"long"}
+    assert store.park(follower("f", "long"), LOOKBACK) is ParkOutcome.LEADER_DONE
 
 
 def test_followers_are_claimed_in_occurred_order_ties_by_id(store: CausalStore) -> None:
     for fid, occurred in [("c", 3.0), ("b2", 2.0), ("a", 1.0), ("b1", 2.0)]:
-        store.park(follower(fid, "L", occurred_at=occurred), LOOKBACK, TTL)
-    store.park(follower("other", "M"), LOOKBACK, TTL)
+        store.park(follower(fid, "L", occurred_at=occurred), LOOKBACK)
+    store.park(follower("other", "M"), LOOKBACK)
     claimed = store.claim_followers("default", "L", 10)
     assert [f.follower_id for f in claimed] == ["a", "b1", "b2", "c"]
     assert store.claim_followers("default", "L", 10) == []  # claimed rows are not waiting
@@ -51,7 +63,7 @@ def test_followers_are_claimed_in_occurred_order_ties_by_id(store: CausalStore) 
 
 def test_claim_in_batches_keeps_order(store: CausalStore) -> None:
     for i in range(7):
-        store.park(follower(f"f{i}", "L", occurred_at=float(i)), LOOKBACK, TTL)
+        store.park(follower(f"f{i}", "L", occurred_at=float(i)), LOOKBACK)
     batches = [store.claim_followers("default", "L", 3) for _ in range(3)]
     assert [[f.follower_id for f in b] for b in batches] == [
         ["f0", "f1", "f2"],
@@ -62,7 +74,7 @@ def test_claim_in_batches_keeps_order(store: CausalStore) -> None:
 
 def test_claimed_rows_round_trip_every_field(store: CausalStore) -> None:
     original = follower("f1", "L", scope="s", occurred_at=12.5)
-    store.park(original, LOOKBACK, TTL)
+    store.park(original, LOOKBACK)
     (claimed,) = store.claim_followers("s", "L", 10)
     for name in (
         "scope",
@@ -80,8 +92,8 @@ def test_claimed_rows_round_trip_every_field(store: CausalStore) -> None:
 
 
 def test_finish_deletes_and_unclaim_puts_back(store: CausalStore) -> None:
-    store.park(follower("f1", "L"), LOOKBACK, TTL)
-    store.park(follower("f2", "L"), LOOKBACK, TTL)
+    store.park(follower("f1", "L"), LOOKBACK)
+    store.park(follower("f2", "L"), LOOKBACK)
     first, second = store.claim_followers("default", "L", 10)
     store.finish([first.row_id])
     store.unclaim([second.row_id])
@@ -89,10 +101,10 @@ def test_finish_deletes_and_unclaim_puts_back(store: CausalStore) -> None:
 
 
 def test_scopes_are_isolated(store: CausalStore) -> None:
-    store.park(follower("f1", "L", scope="a"), LOOKBACK, TTL)
-    store.park(follower("f1", "L", scope="b"), LOOKBACK, TTL)  # same ids, other scope: its own row
+    store.park(follower("f1", "L", scope="a"), LOOKBACK)
+    store.park(follower("f1", "L", scope="b"), LOOKBACK)  # same ids, other scope: its own row
     store.record_done("a", "L")
-    assert store.lookup("b", ["L"], TTL).done == frozenset()
+    assert store.lookup("b", ["L"]).done == frozenset()
     assert [f.scope for f in store.claim_followers("a", "L", 10)] == ["a"]
     assert store.count_followers("b", "L") == 1
     assert store.forget("b", "f1") is True
@@ -104,29 +116,29 @@ def test_park_after_leader_done_takes_the_row_back(store: CausalStore) -> None:
     # leader committed and claimed (nothing yet), then the follower parks.
     store.record_done("default", "L")
     assert store.claim_followers("default", "L", 10) == []
-    assert store.park(follower("f1", "L"), LOOKBACK, TTL) is ParkOutcome.LEADER_DONE
+    assert store.park(follower("f1", "L"), LOOKBACK) is ParkOutcome.LEADER_DONE
     assert store.count_followers("default", "L") == 0
 
 
 def test_park_before_leader_done_is_claimed_by_the_leader(store: CausalStore) -> None:
-    assert store.park(follower("f1", "L"), LOOKBACK, TTL) is ParkOutcome.PARKED
+    assert store.park(follower("f1", "L"), LOOKBACK) is ParkOutcome.PARKED
     store.record_done("default", "L")
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
 
 
 def test_duplicate_park_of_a_row_being_released_does_not_run_it(store: CausalStore) -> None:
-    store.park(follower("f1", "L"), LOOKBACK, TTL)
+    store.park(follower("f1", "L"), LOOKBACK)
     store.record_done("default", "L")
     store.claim_followers("default", "L", 10)  # the leader is publishing it
-    assert store.park(follower("f1", "L"), LOOKBACK, TTL) is ParkOutcome.PARKED
+    assert store.park(follower("f1", "L"), LOOKBACK) is ParkOutcome.PARKED
 
 
 def test_record_done_says_whether_a_follower_may_wait(store: CausalStore) -> None:
     # No follower parked before the record: nothing to claim, and one parking later runs
     assert store.record_done("default", "alone") is False
-    assert store.park(follower("late", "alone"), LOOKBACK, TTL) is ParkOutcome.LEADER_DONE
+    assert store.park(follower("late", "alone"), LOOKBACK) is ParkOutcome.LEADER_DONE
     # A follower parked before the record: the leader must claim it
-    store.park(follower("f1", "L"), LOOKBACK, TTL)
+    store.park(follower("f1", "L"), LOOKBACK)
     assert store.record_done("default", "L") is True
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
 
@@ -137,14 +149,14 @@ def test_record_done_and_claim_takes_the_first_batch_with_the_record(
     # A task nobody waited for: recorded, nothing claimed, nothing more to look for
     alone = store.record_done_and_claim("default", "alone", 10)
     assert (alone.waited, alone.claimed, alone.complete) == (False, [], True)
-    assert "alone" in store.lookup("default", ["alone"], TTL).done
+    assert "alone" in store.lookup("default", ["alone"]).done
     # Five followers, claimed three at a time: the first batch comes with the record
     for i, occurred in enumerate([5.0, 1.0, 4.0, 2.0, 3.0]):
-        store.park(follower(f"f{i}", "L", occurred_at=occurred), LOOKBACK, TTL)
+        store.park(follower(f"f{i}", "L", occurred_at=occurred), LOOKBACK)
     first = store.record_done_and_claim("default", "L", 3)
     assert first.waited and not first.complete  # a full batch: more may wait
     assert [f.follower_id for f in first.claimed] == ["f1", "f3", "f4"]
-    assert "L" in store.lookup("default", ["L"], TTL).done
+    assert "L" in store.lookup("default", ["L"]).done
     rest = store.claim_followers("default", "L", 3)
     assert [f.follower_id for f in rest] == ["f2", "f0"]
     # Recorded again (a redelivered leader): nothing left to claim, and that is complete
@@ -154,27 +166,27 @@ def test_record_done_and_claim_takes_the_first_batch_with_the_record(
 
 def test_record_done_and_claim_with_no_limit_claims_nothing(store: CausalStore) -> None:
     # The runtime asks for none when the release depth is exceeded: the rows stay waiting
-    store.park(follower("f1", "L"), LOOKBACK, TTL)
+    store.park(follower("f1", "L"), LOOKBACK)
     record = store.record_done_and_claim("default", "L", 0)
     assert (record.waited, record.claimed, record.complete) == (True, [], False)
     assert store.count_followers("default", "L") == 1
-    assert store.park(follower("late", "L"), LOOKBACK, TTL) is ParkOutcome.LEADER_DONE
+    assert store.park(follower("late", "L"), LOOKBACK) is ParkOutcome.LEADER_DONE
 
 
 def test_duplicate_park_after_the_leader_recorded_done_leaves_it_to_the_claim(
     store: CausalStore,
 ) -> None:
-    store.park(follower("f1", "L"), LOOKBACK, TTL)
+    store.park(follower("f1", "L"), LOOKBACK)
     assert store.record_done("default", "L") is True
     # The same follower delivered again before the leader claimed: not run by this copy
-    assert store.park(follower("f1", "L"), LOOKBACK, TTL) is ParkOutcome.PARKED
+    assert store.park(follower("f1", "L"), LOOKBACK) is ParkOutcome.PARKED
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
 
 
 def test_expired_done_record_counts_as_not_done_for_park(store: CausalStore) -> None:
-    store.record_done("default", "L")
+    store.record_done("default", "L", seen_ttl=50)
     age(store, 100)
-    assert store.park(follower("f1", "L"), LOOKBACK, 50) is ParkOutcome.PARKED
+    assert store.park(follower("f1", "L"), LOOKBACK) is ParkOutcome.PARKED
     # The leader running again releases it
     assert store.record_done("default", "L") is True
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
@@ -183,9 +195,9 @@ def test_expired_done_record_counts_as_not_done_for_park(store: CausalStore) -> 
 def test_claim_lost_waits_for_the_lookback_and_returns_occurred_order(
     store: CausalStore,
 ) -> None:
-    store.park(follower("b", "gone", occurred_at=3.0), LOOKBACK, TTL)
-    store.park(follower("a", "gone", occurred_at=2.0), LOOKBACK, TTL)
-    store.park(follower("c", "also-gone", occurred_at=1.0), LOOKBACK, TTL)
+    store.park(follower("b", "gone", occurred_at=3.0), LOOKBACK)
+    store.park(follower("a", "gone", occurred_at=2.0), LOOKBACK)
+    store.park(follower("c", "also-gone", occurred_at=1.0), LOOKBACK)
     assert store.claim_lost(release_timeout=60, limit=100) == []
     age(store, 61)
     lost = store.claim_lost(release_timeout=60, limit=100)
@@ -195,9 +207,9 @@ def test_claim_lost_waits_for_the_lookback_and_returns_occurred_order(
 
 def test_a_lost_chain_comes_back_in_causal_order(store: CausalStore) -> None:
     # Given the seed's one <- two <- (three_a, three_b), sent backwards, and "one" never comes
-    store.park(follower("three_b", "two", occurred_at=3.0), LOOKBACK, TTL)
-    store.park(follower("three_a", "two", occurred_at=2.0), LOOKBACK, TTL)
-    store.park(follower("two", "one", occurred_at=1.0), LOOKBACK, TTL)
+    store.park(follower("three_b", "two", occurred_at=3.0), LOOKBACK)
+    store.park(follower("three_a", "two", occurred_at=2.0), LOOKBACK)
+    store.park(follower("two", "one", occurred_at=1.0), LOOKBACK)
     age(store, 61)
     # When the lookback has passed, only "two" is lost: the others' leader came (it is
     # parked), so they wait for it instead of running beside it
@@ -218,8 +230,8 @@ def test_a_lost_chain_comes_back_in_causal_order(store: CausalStore) -> None:
 def test_followers_of_a_released_leader_that_never_runs_are_lost_a_lookback_later(
     store: CausalStore,
 ) -> None:
-    store.park(follower("f2", "f1"), LOOKBACK, TTL)
-    store.park(follower("f1", "gone"), LOOKBACK, TTL)
+    store.park(follower("f2", "f1"), LOOKBACK)
+    store.park(follower("f1", "gone"), LOOKBACK)
     age(store, 61)
     store.finish([f.row_id for f in store.claim_lost(600, 100)])  # f1, which then dies
     age(store, 59)
@@ -233,8 +245,8 @@ def test_a_leader_releasing_a_parked_chain_restarts_the_lookback_behind_it(
     store: CausalStore, limit: int
 ) -> None:
     # Given L <- f1 <- f2 parked long ago, L's arrival near the end of the lookback
-    store.park(follower("f2", "f1"), LOOKBACK, TTL)
-    store.park(follower("f1", "L"), LOOKBACK, TTL)
+    store.park(follower("f2", "f1"), LOOKBACK)
+    store.park(follower("f1", "L"), LOOKBACK)
     age(store, 59)
     # When L runs and releases f1 (with its done record, or by a claim after it)
     record = store.record_done_and_claim("default", "L", limit)
@@ -248,7 +260,7 @@ def test_a_leader_releasing_a_parked_chain_restarts_the_lookback_behind_it(
 
 
 def test_claim_lost_republishes_rows_whose_releaser_died(store: CausalStore) -> None:
-    store.park(follower("f1", "L"), LOOKBACK, TTL)
+    store.park(follower("f1", "L"), LOOKBACK)
     store.record_done("default", "L")
     store.claim_followers("default", "L", 10)  # ... and the releasing process dies here
     assert store.claim_lost(release_timeout=30, limit=10) == []
@@ -258,19 +270,19 @@ def test_claim_lost_republishes_rows_whose_releaser_died(store: CausalStore) -> 
 
 def test_expire_done_in_batches(store: CausalStore) -> None:
     for i in range(5):
-        store.record_done("default", f"t{i}")
+        store.record_done("default", f"t{i}", seen_ttl=60)
     assert store.expire_done(seen_ttl=60, limit=10) == 0
     age(store, 61)
-    store.record_done("default", "fresh")
+    store.record_done("default", "fresh", seen_ttl=60)
     assert store.expire_done(seen_ttl=60, limit=3) == 3
     assert store.expire_done(seen_ttl=60, limit=3) == 2
-    assert store.lookup("default", ["fresh"], 60).done == {"fresh"}
+    assert store.lookup("default", ["fresh"]).done == {"fresh"}
 
 
 def test_stats_per_scope(store: CausalStore) -> None:
-    store.park(follower("f1", "L", scope="a"), LOOKBACK, TTL)
-    store.park(follower("f2", "L", scope="a"), LOOKBACK, TTL)
-    store.park(follower("f3", "M", scope="b"), LOOKBACK, TTL)
+    store.park(follower("f1", "L", scope="a"), LOOKBACK)
+    store.park(follower("f2", "L", scope="a"), LOOKBACK)
+    store.park(follower("f3", "M", scope="b"), LOOKBACK)
     store.claim_followers("a", "L", 1)
     age(store, 100)
     stats = {s.scope: s for s in store.stats()}
@@ -282,7 +294,7 @@ def test_stats_per_scope(store: CausalStore) -> None:
 @pytest.mark.timeout(120)
 def test_concurrent_claims_are_disjoint(store: CausalStore) -> None:
     for i in range(400):
-        store.park(follower(f"f{i}", "L", occurred_at=float(i)), LOOKBACK, TTL)
+        store.park(follower(f"f{i}", "L", occurred_at=float(i)), LOOKBACK)
     age(store, 1000)
     barrier = threading.Barrier(4)
     claimed: list[str] = []
@@ -307,9 +319,9 @@ def test_concurrent_claims_are_disjoint(store: CausalStore) -> None:
 
 
 def test_operator_listing_and_single_release(store: CausalStore) -> None:
-    store.park(follower("f1", "L", scope="a"), LOOKBACK, TTL)
-    store.park(follower("f2", "M", scope="a"), LOOKBACK, TTL)
-    store.park(follower("f1", "L", scope="b"), LOOKBACK, TTL)
+    store.park(follower("f1", "L", scope="a"), LOOKBACK)
+    store.park(follower("f2", "M", scope="a"), LOOKBACK)
+    store.park(follower("f1", "L", scope="b"), LOOKBACK)
     assert [(i.scope, i.follower_id) for i in store.list_followers(None, None, 10)] == [
         ("a", "f1"),
         ("a", "f2"),
@@ -329,8 +341,8 @@ def test_operator_listing_and_single_release(store: CausalStore) -> None:
 
 
 def test_bury_moves_a_claimed_row_aside_once(store: CausalStore) -> None:
-    store.park(follower("bad", "L", scope="a"), LOOKBACK, TTL)
-    store.park(follower("good", "L", scope="a"), LOOKBACK, TTL)
+    store.park(follower("bad", "L", scope="a"), LOOKBACK)
+    store.park(follower("good", "L", scope="a"), LOOKBACK)
     store.record_done("a", "L")
     bad, _ = sorted(store.claim_followers("a", "L", 10), key=lambda f: f.follower_id)
     store.bury(bad.row_id, "corrupt payload")
@@ -362,7 +374,7 @@ def test_postgresql_plans_each_statement_of_the_store_once_per_connection(pg_url
     truncate(store)
     try:
         for i in range(12):  # psycopg prepares a statement on its fifth run
-            store.park(follower(f"f{i}", f"L{i}"), LOOKBACK, TTL)
+            store.park(follower(f"f{i}", f"L{i}"), LOOKBACK)
             record = store.record_done_and_claim("default", f"L{i}", 10)
             store.finish([f.row_id for f in record.claimed])
         raw = store.engine.raw_connection()  # the pooled connection those calls used
@@ -385,8 +397,8 @@ def test_postgresql_plans_each_statement_of_the_store_once_per_connection(pg_url
 
 def test_each_row_keeps_the_lookback_of_the_app_that_parked_it(store: CausalStore) -> None:
     # Given two apps sharing one store: one waits 60 s, the other 900 s
-    store.park(follower("short", "gone"), 60, TTL)
-    store.park(follower("long", "gone"), 900, TTL)
+    store.park(follower("short", "gone"), 60)
+    store.park(follower("long", "gone"), 900)
     # When 61 s pass, a sweep (whichever app runs it) takes only the short one
     age(store, 61)
     short = store.claim_lost(600, 100)
@@ -399,8 +411,8 @@ def test_each_row_keeps_the_lookback_of_the_app_that_parked_it(store: CausalStor
 
 
 def test_a_restarted_lookback_is_the_rows_own(store: CausalStore) -> None:
-    store.park(follower("f2", "f1"), 900, TTL)
-    store.park(follower("f1", "gone"), 60, TTL)
+    store.park(follower("f2", "f1"), 900)
+    store.park(follower("f1", "gone"), 60)
     age(store, 901)
     store.finish([f.row_id for f in store.claim_lost(600, 100)])  # f1, which never runs
     age(store, 61)  # f1's lookback is over, not f2's (900 s from f1's release)
@@ -411,8 +423,8 @@ def test_a_restarted_lookback_is_the_rows_own(store: CausalStore) -> None:
 
 def test_a_mark_stays_while_its_followers_wait(store: CausalStore) -> None:
     # Given a chain L <- f1 <- f2 where f1 is parked behind L for longer than the seen TTL
-    store.park(follower("f2", "f1"), LOOKBACK, TTL)
-    store.park(follower("f1", "L"), 10 * TTL, TTL)
+    store.park(follower("f2", "f1"), LOOKBACK)
+    store.park(follower("f1", "L"), 10 * TTL)
     age(store, 2 * TTL)
     # When housekeeping runs, the marks of L and f1 stay: their followers still wait
     assert store.expire_done(seen_ttl=TTL, limit=100) == 0
@@ -429,29 +441,29 @@ def test_a_mark_stays_while_its_followers_wait(store: CausalStore) -> None:
 
 
 def test_a_failure_is_recorded_and_met_by_later_parks(store: CausalStore) -> None:
-    store.park(follower("early", "L"), LOOKBACK, TTL)
+    store.park(follower("early", "L"), LOOKBACK)
     record = store.record_done_and_claim("default", "L", 100, failed=True)
     assert record.waited and [f.follower_id for f in record.claimed] == ["early"]
-    lookup = store.lookup("default", ["L", "other"], TTL)
+    lookup = store.lookup("default", ["L", "other"])
     assert (lookup.done, lookup.failed) == (frozenset(), {"L"})
-    assert store.park(follower("late", "L"), LOOKBACK, TTL) is ParkOutcome.LEADER_FAILED
+    assert store.park(follower("late", "L"), LOOKBACK) is ParkOutcome.LEADER_FAILED
     # A success after the failure (the leader sent again) replaces it
     store.record_done("default", "L")
-    lookup = store.lookup("default", ["L"], TTL)
+    lookup = store.lookup("default", ["L"])
     assert (lookup.done, lookup.failed) == ({"L"}, frozenset())
     # and failure records expire after the seen TTL, as done records do
     store.record_done("default", "M", failed=True)
     age(store, TTL + 1)
     assert store.expire_done(seen_ttl=TTL, limit=100) == 2
-    assert store.lookup("default", ["M"], TTL).failed == frozenset()
+    assert store.lookup("default", ["M"]).failed == frozenset()
 
 
 def test_a_ring_of_followers_is_broken_at_its_first_member(store: CausalStore) -> None:
     # Given A follows B, B follows A, and C follows A: nobody's leader will ever come
-    store.park(follower("B", "A", occurred_at=2.0), LOOKBACK, TTL)
-    store.park(follower("A", "B", occurred_at=1.0), LOOKBACK, TTL)
-    store.park(follower("C", "A", occurred_at=3.0), LOOKBACK, TTL)
-    store.park(follower("D", "gone", occurred_at=4.0), LOOKBACK, TTL)
+    store.park(follower("B", "A", occurred_at=2.0), LOOKBACK)
+    store.park(follower("A", "B", occurred_at=1.0), LOOKBACK)
+    store.park(follower("C", "A", occurred_at=3.0), LOOKBACK)
+    store.park(follower("D", "gone", occurred_at=4.0), LOOKBACK)
     assert store.claim_cycles(100) == []  # not before their deadline
     age(store, LOOKBACK + 1)
     # When the sweep runs: each of them waits for a parked leader, so none is lost ...
@@ -470,9 +482,9 @@ def test_a_ring_of_followers_is_broken_at_its_first_member(store: CausalStore) -
 
 
 def test_make_due_leaves_followers_to_the_next_sweep(store: CausalStore) -> None:
-    store.park(follower("f1", "L"), 900, TTL)
-    store.park(follower("f2", "L"), 900, TTL)
-    store.park(follower("g", "M"), 900, TTL)
+    store.park(follower("f1", "L"), 900)
+    store.park(follower("f2", "L"), 900)
+    store.park(follower("g", "M"), 900)
     store.record_done("default", "L")
     assert store.make_due("default", "L") == 2
     age(store, 1)
@@ -483,12 +495,12 @@ def test_make_due_leaves_followers_to_the_next_sweep(store: CausalStore) -> None
 def test_row_ids_are_never_reused(store: CausalStore) -> None:
     # A releaser that stalled past its claim deletes by row id: the id must not belong to
     # a newer follower by then (SQLite reuses plain rowids after a delete).
-    store.park(follower("old", "L"), LOOKBACK, TTL)
+    store.park(follower("old", "L"), LOOKBACK)
     (stalled,) = store.claim_followers("default", "L", 10)
     age(store, 61)
     (republished,) = store.claim_lost(60, 10)  # the sweep takes it over ...
     store.finish([republished.row_id])  # ... and publishes it
-    store.park(follower("new", "L"), LOOKBACK, TTL)  # a newer follower parks
+    store.park(follower("new", "L"), LOOKBACK)  # a newer follower parks
     store.finish([stalled.row_id])  # the stalled releaser wakes up and deletes "its" row
     assert [i.follower_id for i in store.list_followers(None, None, 10)] == ["new"]
 
@@ -498,7 +510,7 @@ def test_followers_a_dead_leader_left_unclaimed_are_the_sweeps_after_the_release
 ) -> None:
     # Given three followers, and a leader that recorded done, claimed one, and died
     for i in range(3):
-        store.park(follower(f"f{i}", "L", occurred_at=float(i)), 900, TTL)
+        store.park(follower(f"f{i}", "L", occurred_at=float(i)), 900)
     record = store.record_done_and_claim("default", "L", 1, release_timeout=30)
     assert [f.follower_id for f in record.claimed] == ["f0"]
     # When less than the release timeout has passed, the release is still the leader's
@@ -508,7 +520,7 @@ def test_followers_a_dead_leader_left_unclaimed_are_the_sweeps_after_the_release
     assert [f.follower_id for f in store.claim_orphans(100)] == ["f1", "f2"]
     assert store.claim_orphans(100) == []
     # and a leader whose release finished is left alone
-    store.park(follower("g", "M"), 900, TTL)
+    store.park(follower("g", "M"), 900)
     done = store.record_done_and_claim("default", "M", 10, release_timeout=30)
     assert [f.follower_id for f in done.claimed] == ["g"]
     age(store, 31)
@@ -519,8 +531,8 @@ def test_followers_made_due_stay_due_when_their_leaders_row_is_deleted_after_it_
     store: CausalStore,
 ) -> None:
     # Given K <- L <- F parked, and K's releaser that claimed L and is still publishing
-    store.park(follower("L", "K", occurred_at=1.0), LOOKBACK, TTL)
-    store.park(follower("F", "L", occurred_at=2.0), 600, TTL)
+    store.park(follower("L", "K", occurred_at=1.0), LOOKBACK)
+    store.park(follower("F", "L", occurred_at=2.0), 600)
     store.record_done("default", "K")
     (claimed_l,) = store.claim_followers("default", "K", 10)
     # When L runs elsewhere before that releaser deletes L's row, and L is at the depth
@@ -531,3 +543,24 @@ def test_followers_made_due_stay_due_when_their_leaders_row_is_deleted_after_it_
     # Then the delete of L's row does not push F's deadline back: the next sweep takes it
     age(store, 1)
     assert [f.follower_id for f in store.claim_lost(600, 10)] == ["F"]
+
+
+def test_a_ring_is_found_behind_more_older_chains_than_one_search_looks_at(
+    store: CausalStore,
+) -> None:
+    # Given chains P1 <- P2 ... whose heads wait for leaders that never come, parked first,
+    # and then a ring A <-> B, all past their deadlines
+    for chain in range(3):
+        store.park(follower(f"P{chain}-1", f"gone-{chain}", occurred_at=1.0), LOOKBACK)
+        for i in range(2, 5):
+            store.park(follower(f"P{chain}-{i}", f"P{chain}-{i - 1}", occurred_at=i), LOOKBACK)
+    age(store, 10)
+    store.park(follower("A", "B", occurred_at=10.0), LOOKBACK)
+    store.park(follower("B", "A", occurred_at=11.0), LOOKBACK)
+    age(store, LOOKBACK + 1)
+    # When sweeps search for rings two candidates at a time (the earliest deadlines first)
+    found: list[str] = []
+    for _ in range(6):
+        found += [f.follower_id for f in store.claim_cycles(2)]
+    # Then the candidates that lead to no ring make room, and the ring is found
+    assert found == ["A"]

@@ -122,14 +122,14 @@ def test_engines_are_not_shared_across_fork(pg_url: str) -> None:
     if pid == 0:  # child: must open its own connection and leave the parent's alone
         try:
             store.record_done("default", "child")
-            ok = store.lookup("default", ["child", "parent-before-fork"], 60).done
+            ok = store.lookup("default", ["child", "parent-before-fork"]).done
             os._exit(0 if ok == {"child", "parent-before-fork"} else 1)
         except BaseException:
             os._exit(2)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     # The parent's pooled connection still works after the child exited.
-    assert store.lookup("default", ["child"], 60).done == {"child"}
+    assert store.lookup("default", ["child"]).done == {"child"}
     truncate(store)
     store.close()
 
