@@ -346,11 +346,11 @@ def _insert_lost(b: Bench, n: int, queue: str) -> None:
         conn.execute(
             text(
                 "INSERT INTO causal_followers (scope, follower_id, leader_id, task_name, "
-                "occurred_at, parked_at, deadline, content_type, content_encoding, payload, "
-                "hostname) "
+                "occurred_at, parked_at, lookback, deadline, content_type, content_encoding, "
+                "payload, hostname) "
                 "SELECT 'bench-lost', 'lost-' || g, 'gone-' || (g % 100), 'bench.causal', g, "
-                "extract(epoch from now()) - 100000, extract(epoch from now()) - 100000 "
-                "+ :lookback, 'application/json', 'utf-8', "
+                "extract(epoch from now()) - 100000, :lookback, extract(epoch from now()) "
+                "- 100000 + :lookback, 'application/json', 'utf-8', "
                 "convert_to(replace(convert_from(:p, 'UTF8'), '@ID@', 'lost-' || g), 'UTF8'), "
                 "'' FROM generate_series(1, :n) g"
             ),
@@ -419,7 +419,7 @@ def _latency(b: Bench, ops: int) -> tuple[float, float]:
             "utf-8",
         )
         t0 = time.perf_counter()
-        b.store.park(f, settings.lookback, settings.seen_ttl)
+        b.store.park(f, settings.lookback)
         t1 = time.perf_counter()
         b.store.record_done("bench-w6", f.leader_id)
         claimed = b.store.claim_followers("bench-w6", f.leader_id, 500)
@@ -454,11 +454,12 @@ def _insert_background(b: Bench, n: int) -> None:
         conn.execute(
             text(
                 "INSERT INTO causal_followers (scope, follower_id, leader_id, task_name, "
-                "occurred_at, parked_at, deadline, content_type, content_encoding, payload, "
-                "hostname) "
+                "occurred_at, parked_at, lookback, deadline, content_type, content_encoding, "
+                "payload, hostname) "
                 "SELECT 'bench-bg', 'bg-' || md5(random()::text), 'bg-leader-' || (g % 50000), "
-                "'bench.causal', g, extract(epoch from now()), extract(epoch from now()) "
-                "+ :lookback, 'application/json', 'utf-8', :p, '' FROM generate_series(1, :n) g"
+                "'bench.causal', g, extract(epoch from now()), :lookback, "
+                "extract(epoch from now()) + :lookback, 'application/json', 'utf-8', :p, '' "
+                "FROM generate_series(1, :n) g"
             ),
             {"n": n, "p": payload, "lookback": _settings(b).lookback},
         )
