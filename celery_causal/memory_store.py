@@ -262,6 +262,7 @@ class MemoryStore:
         with self._lock:
             for key in self._by_row_ids([row_id]):
                 self._dead.setdefault(row_id, (self._rows.pop(key).follower, reason))
+                self._unpostpone(*key)
 
     def unclaim(self, row_ids: Sequence[int]) -> None:
         with self._lock:
@@ -270,7 +271,15 @@ class MemoryStore:
 
     def forget(self, scope: str, follower_id: str) -> bool:
         with self._lock:
-            return self._rows.pop((scope, follower_id), None) is not None
+            row = self._rows.pop((scope, follower_id), None)
+            if row is not None:
+                self._unpostpone(scope, follower_id)
+            return row is not None
+
+    def _unpostpone(self, scope: str, leader_id: str) -> None:
+        # As the SQL store's UNPOSTPONE: the leader left without a release.
+        for row in self._waiting(scope, leader_id):
+            row.deadline = row.parked_at + row.lookback
 
     def count_followers(self, scope: str, leader_id: str) -> int:
         with self._lock:

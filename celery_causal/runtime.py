@@ -336,6 +336,21 @@ class CausalRuntime:
     def _sweep_publish(
         self, claimed: list[ClaimedFollower], reason: str, report: SweepReport
     ) -> None:
-        published = self._publish(claimed, reason=reason, depth=0)
-        report.released += len(published.published)
-        report.refused += len(published.refused)
+        # Under "fail", a follower of a leader whose failure is recorded (the depth guard
+        # left it, its releaser died) is released as its failed leader releases it: it then
+        # fails on arrival even if the record has expired by then.
+        failing: set[int] = set()
+        if self.settings.on_leader_failure == "fail":
+            by_scope: dict[str, set[str]] = {}
+            for follower in claimed:
+                by_scope.setdefault(follower.scope, set()).add(follower.leader_id)
+            for scope, leaders in by_scope.items():
+                failed = self.store.lookup(scope, sorted(leaders)).failed
+                failing |= {f.row_id for f in claimed if f.scope == scope and f.leader_id in failed}
+        for batch, stamp in (
+            ([f for f in claimed if f.row_id not in failing], reason),
+            ([f for f in claimed if f.row_id in failing], LEADER_FAILED),
+        ):
+            published = self._publish(batch, reason=stamp, depth=0)
+            report.released += len(published.published)
+            report.refused += len(published.refused)

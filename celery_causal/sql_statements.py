@@ -292,6 +292,18 @@ POSTPONE = (
     .values(deadline=db_clock() + followers.c.lookback)
 )
 
+#: A row that leaves the table without a release (forgotten, buried): its waiting
+#: followers' deadlines are their own again (parked_at + lookback), whatever POSTPONE did.
+UNPOSTPONE = (
+    update(followers)
+    .where(
+        followers.c.scope == bindparam("b_scope"),
+        followers.c.leader_id == bindparam("b_leader"),
+        followers.c.claimed_at.is_(None),
+    )
+    .values(deadline=followers.c.parked_at + followers.c.lookback)
+)
+
 #: The depth guard leaves a leader's followers to the sweep: due at once.
 MAKE_DUE = (
     update(followers)

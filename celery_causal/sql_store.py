@@ -51,6 +51,7 @@ from .sql_statements import (
     RESTART_IN,
     RING_CANDIDATES,
     TAKE_BACK,
+    UNPOSTPONE,
     DialectStatements,
     lookup_statement,
 )
@@ -180,12 +181,21 @@ class SQLStore:
         failed_ids = frozenset(t for i, t in enumerate(task_ids) if row[i + 1] == FAILED)
         return Lookup(done=done_ids, now=float(row[0]), failed=failed_ids)
 
-    def _settled(self, scope: str, leader_id: str) -> ParkOutcome:
-        """Which outcome of the leader a park ran into (one more round trip, rare)."""
-        failed = leader_id in self.lookup(scope, [leader_id]).failed
-        return ParkOutcome.LEADER_FAILED if failed else ParkOutcome.LEADER_DONE
+    def _settled(self, scope: str, leader_id: str) -> ParkOutcome | None:
+        """Which outcome of the leader a park ran into (one more round trip, rare); ``None``
+        if it expired meanwhile, and the park must be made again."""
+        lookup = self.lookup(scope, [leader_id])
+        if leader_id in lookup.done:
+            return ParkOutcome.LEADER_DONE
+        return ParkOutcome.LEADER_FAILED if leader_id in lookup.failed else None
 
     def park(self, follower: Follower, lookback: float) -> ParkOutcome:
+        while True:
+            outcome = self._park(follower, lookback)
+            if outcome is not None:
+                return outcome
+
+    def _park(self, follower: Follower, lookback: float) -> ParkOutcome | None:
         values = {
             "b_scope": follower.scope,
             "b_follower": follower.follower_id,
@@ -377,13 +387,18 @@ class SQLStore:
             .from_select([*columns, "died_at", "reason"], source)
             .on_conflict_do_nothing(index_elements=["id"])
         )
-        remove = delete(followers).where(followers.c.id == row_id)
+        remove = (
+            delete(followers)
+            .where(followers.c.id == row_id)
+            .returning(followers.c.scope, followers.c.follower_id)
+        )
 
         # Copy, then delete: a crash in between leaves the row claimed, the sweep claims
         # it again, and the copy's ON CONFLICT makes the second burial a no-op.
         def run(conn: Any) -> None:
             conn.execute(copy)
-            conn.execute(remove)
+            for scope, follower_id in conn.execute(remove).all():
+                conn.execute(UNPOSTPONE, {"b_scope": scope, "b_leader": follower_id})
 
         self._run(run)
 
@@ -400,7 +415,14 @@ class SQLStore:
             .where(followers.c.scope == scope, followers.c.follower_id == follower_id)
             .returning(followers.c.id)
         )
-        return self._run(lambda c: c.execute(stmt).first()) is not None
+
+        def run(conn: Any) -> bool:
+            if conn.execute(stmt).first() is None:
+                return False
+            conn.execute(UNPOSTPONE, {"b_scope": scope, "b_leader": follower_id})
+            return True
+
+        return self._run(run)
 
     def count_followers(self, scope: str, leader_id: str) -> int:
         stmt = select(func.count()).where(

@@ -211,3 +211,31 @@ def _worker(h: Outcomes, queues: str) -> Any:
         shutdown_timeout=30,
         queues=queues,
     )
+
+
+def test_a_follower_the_sweep_releases_behind_a_failed_leader_fails_after_the_record_expired(
+    causal_store: CausalStore,
+) -> None:
+    # Given a follower parked behind L, whose process died right after recording its
+    # failure, before claiming the follower
+    h = Outcomes(
+        causal_store,
+        causal_on_leader_failure="fail",
+        causal_release_timeout=30,
+        causal_lookback=60,
+        causal_seen_ttl=120,
+    )
+    follower = h.send("f", "L")
+    h.run_until(lambda: causal_store.count_followers("events", h.id("L")) == 1, "park")
+    assert causal_store.record_done(
+        "events", h.id("L"), failed=True, seen_ttl=120, release_timeout=30
+    )
+    # When the sweep takes over the release, and the message then waits in a busy queue
+    # until the failure record expired
+    age(causal_store, 31)
+    assert runtime_for(h.app).sweep().released == 1
+    age(causal_store, 121)
+    # Then the follower still fails without running
+    with h.worker(), pytest.raises(LeaderFailed):
+        follower.get(timeout=30)
+    assert h.ran == []

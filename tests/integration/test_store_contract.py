@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -564,3 +566,39 @@ def test_a_ring_is_found_behind_more_older_chains_than_one_search_looks_at(
         found += [f.follower_id for f in store.claim_cycles(2)]
     # Then the candidates that lead to no ring make room, and the ring is found
     assert found == ["A"]
+
+
+def test_a_follower_postponed_by_the_ring_search_is_due_again_once_its_leader_is_forgotten(
+    store: CausalStore,
+) -> None:
+    # Given B behind A, and A behind L, which never comes; B parked first, long ago
+    store.park(follower("B", "A"), LOOKBACK)
+    age(store, LOOKBACK + 1)
+    store.park(follower("A", "L"), LOOKBACK)
+    # When a sweep's ring search finds B in no ring (and postpones it)
+    assert store.claim_lost(600, 100) == []
+    assert store.claim_cycles(100) == []
+    # and an operator forgets A
+    assert store.forget("default", "A")
+    # Then B, whose own lookback is over and whose leader is gone, is overdue and swept
+    assert store.stats()[0].overdue == 1
+    assert [f.follower_id for f in store.claim_lost(600, 100)] == ["B"]
+
+
+def test_a_park_whose_leaders_failure_expires_meanwhile_parks(
+    store: CausalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a failure record about to expire, and a park whose look at the record is late
+    store.record_done("default", "L", failed=True, seen_ttl=0.3)
+    late_lookup = store.lookup
+
+    def lookup(scope: str, ids: Any) -> Any:
+        time.sleep(0.5)
+        return late_lookup(scope, ids)
+
+    monkeypatch.setattr(store, "lookup", lookup)
+    # When the park meets the failure but the record has expired by its second look
+    outcome = store.park(follower("F", "L"), LOOKBACK)
+    # Then it parks rather than report a success that never happened
+    assert outcome in (ParkOutcome.PARKED, ParkOutcome.LEADER_FAILED)
+    assert outcome is ParkOutcome.LEADER_FAILED or store.count_followers("default", "L") == 1
