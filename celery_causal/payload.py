@@ -252,18 +252,8 @@ def unpack(app: Any, follower: Follower, accept: Collection[str]) -> Message:
             accept=accept,
         )
         serializer = registry.type_to_name[follower.content_type]
-        if "message" not in stored:
-            # Parked by a version that stored arguments and options, not the message.
-            return build_message(
-                app,
-                follower.task_name,
-                stored["args"],
-                stored["kwargs"],
-                {"task_id": follower.follower_id, **stored["options"]},
-                serializer,
-            )
         fields = stored["message"]
-        encoded = "encoded_body" in fields  # else a row parked before bodies were encoded
+        encoded = "encoded_body" in fields  # JSON; other serializers store the body as a value
         return Message(
             headers=dict(fields["headers"]),
             properties=dict(fields["properties"]),

@@ -104,8 +104,8 @@ def test_a_json_body_is_stored_encoded_and_published_as_those_bytes() -> None:
     assert stored.decoded_body() == list(message.body)  # a JSON array comes back as a list
 
 
-def test_a_row_of_the_second_layout_is_released_as_its_message() -> None:
-    # Rows parked before bodies were stored encoded: the body is a value, encoded at release
+def test_a_row_whose_body_is_stored_as_a_value_is_released_as_its_message() -> None:
+    # Bodies of serializers other than JSON are stored as values, encoded at release
     message = _message([2], {"x": 1})
     fields = {
         "headers": message.headers,
@@ -123,19 +123,6 @@ def test_a_row_of_the_second_layout_is_released_as_its_message() -> None:
     assert stored.headers["id"] == "f"
 
 
-def test_a_row_of_the_first_layout_is_released_as_a_message() -> None:
-    # Rows parked by a version that stored arguments and options, not the message
-    old = replace(
-        _pack(),
-        payload=b'{"args": [2], "kwargs": {"x": 1}, "options": {"task_id": "f", "queue": "q"}}',
-    )
-    message = unpack(APP, old, JSON)
-    assert message.body[0] == [2]
-    assert message.body[1] == {"x": 1}
-    assert message.headers["id"] == "f"
-    assert message.routing_key == "q"
-
-
 def test_unserializable_argument_is_a_clear_error() -> None:
     with pytest.raises(PayloadError, match="does not serialize with 'json'"):
         _pack(_message(args=[object()]))
@@ -147,12 +134,10 @@ def test_payload_over_the_limit_is_refused() -> None:
 
 
 def test_pickle_rows_are_refused_unless_accepted() -> None:
-    planted = replace(
-        _pack(),
-        payload=pickle.dumps({"args": [], "kwargs": {}, "options": {"task_id": "f"}}),
-        content_type="application/x-python-serialize",
-        content_encoding="binary",
-    )
+    message = build_message(APP, "t", [], {}, {"task_id": "f", "queue": "q"}, "pickle")
+    planted = _pack(message)
+    assert planted.content_type == "application/x-python-serialize"
+    assert planted.payload.startswith(pickle.dumps(0)[:2])  # a pickle, not JSON
     with pytest.raises(PayloadError, match="not accepted"):
         unpack(APP, planted, JSON)
     accepted = unpack(APP, planted, JSON | {"application/x-python-serialize"})
