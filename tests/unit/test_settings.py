@@ -55,3 +55,14 @@ def test_mask_url_hides_the_password() -> None:
     assert mask_url("postgresql+psycopg://bob:s3cret@db:5432/x") == (
         "postgresql+psycopg://bob:***@db:5432/x"
     )
+
+
+def test_an_error_across_settings_never_prints_the_store_password() -> None:
+    url = "postgresql+psycopg://app:hunter2@db:5432/app"
+    with pytest.raises(ConfigurationError) as info:
+        CausalSettings.from_conf(
+            {"causal_store_url": url, "causal_seen_ttl": 10, "causal_lookback": 60}
+        )
+    message = str(info.value)
+    assert "causal_seen_ttl (10s) must be at least causal_lookback (60s)" in message
+    assert "hunter2" not in message
