@@ -10,7 +10,6 @@ chain cannot exhaust the stack.
 from __future__ import annotations
 
 import functools
-import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -18,9 +17,8 @@ from typing import Any
 
 from .errors import PayloadError
 from .payload import DEPTH, RELEASED, unpack
+from .release import bury_unreadable
 from .store import CausalStore, ClaimedFollower
-
-logger = logging.getLogger("celery_causal")
 
 #: Per thread: the released followers waiting to be applied, while a drain is under way.
 _local = threading.local()
@@ -48,14 +46,7 @@ def apply_released(
             message = unpack(app, follower, accept)
             args, kwargs, embed = message.decoded_body()
         except (PayloadError, TypeError, ValueError) as exc:
-            logger.error(
-                "not releasing task %s (follows %s, scope %r): %s; moved to causal_dead_followers",
-                follower.follower_id,
-                follower.leader_id,
-                follower.scope,
-                exc,
-            )
-            store.bury(follower.row_id, str(exc))
+            bury_unreadable(store, follower, exc)
             continue
         options = {
             "task_id": follower.follower_id,

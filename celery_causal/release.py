@@ -128,16 +128,7 @@ class _Release:
             if message.queue is not None:
                 self.declare(message.queue)
         except PayloadError as exc:
-            # Moved aside for an operator (causal_dead_followers), never deleted unseen and
-            # never run; the other followers go on instead of waiting behind it forever.
-            logger.error(
-                "not releasing task %s (follows %s, scope %r): %s; moved to causal_dead_followers",
-                follower.follower_id,
-                follower.leader_id,
-                follower.scope,
-                exc,
-            )
-            self.store.bury(follower.row_id, str(exc))
+            bury_unreadable(self.store, follower, exc)
             self.report.refused.append(follower.follower_id)
             return False
         properties = dict(message.properties)
@@ -169,6 +160,22 @@ class _Release:
             self.reason,
         )
         return True
+
+
+def bury_unreadable(store: CausalStore, follower: ClaimedFollower, exc: Exception) -> None:
+    """Move a follower whose message cannot be released to causal_dead_followers.
+
+    Set aside for an operator, never deleted unseen and never run; the other followers go
+    on instead of waiting behind it forever.
+    """
+    logger.error(
+        "not releasing task %s (follows %s, scope %r): %s; moved to causal_dead_followers",
+        follower.follower_id,
+        follower.leader_id,
+        follower.scope,
+        exc,
+    )
+    store.bury(follower.row_id, str(exc))
 
 
 def _queue(app: Any, name: str) -> Any:

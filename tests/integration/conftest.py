@@ -28,3 +28,16 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CausalStor
     finally:
         truncate(sql)
         sql.close()
+
+
+@pytest.fixture(params=["memory", "postgresql"])
+def causal_store(request: pytest.FixtureRequest) -> Iterator[CausalStore]:
+    """The store an in-process worker uses: the memory store, or PostgreSQL."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    store = SQLStore(request.getfixturevalue("pg_url"))
+    truncate(store)
+    yield store
+    truncate(store)
+    store.close()

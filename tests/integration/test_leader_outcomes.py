@@ -9,7 +9,6 @@ guard.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,24 +17,10 @@ from celery.contrib.testing.worker import start_worker
 
 import celery_causal
 from celery_causal import LeaderFailed
-from celery_causal.memory_store import MemoryStore
-from celery_causal.sql_store import SQLStore
 from celery_causal.store import CausalStore
 from celery_causal.task import runtime_for
-from tests.helpers import age, truncate, wait_for
+from tests.helpers import age, wait_for
 from tests.integration.test_ordering_in_process import Harness
-
-
-@pytest.fixture(params=["memory", "postgresql"])
-def causal_store(request: pytest.FixtureRequest) -> Iterator[CausalStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    store = SQLStore(request.getfixturevalue("pg_url"))
-    truncate(store)
-    yield store
-    truncate(store)
-    store.close()
 
 
 class Outcomes(Harness):

@@ -18,23 +18,9 @@ from celery.contrib.testing.worker import start_worker
 from kombu import Producer
 
 import celery_causal
-from celery_causal.memory_store import MemoryStore
-from celery_causal.sql_store import SQLStore
 from celery_causal.store import CausalStore
 from celery_causal.task import runtime_for
-from tests.helpers import age, truncate, wait_for
-
-
-@pytest.fixture(params=["memory", "postgresql"])
-def causal_store(request: pytest.FixtureRequest) -> Iterator[CausalStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    store = SQLStore(request.getfixturevalue("pg_url"))
-    truncate(store)
-    yield store
-    truncate(store)
-    store.close()
+from tests.helpers import age, wait_for
 
 
 class Harness:
