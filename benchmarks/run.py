@@ -80,9 +80,9 @@ class Bench:
         self.mod = bench_app
         self.redis = redis.Redis.from_url(REDIS_URL)
         self.log_path = log_dir / f"bench-worker-{run}.log"
-        from celery_causal.sql_store import SQLStore
+        from celery_causal.sql import open_store
 
-        self.store = SQLStore(db_url)
+        self.store = open_store(db_url)
         self.worker: subprocess.Popen[bytes] | None = None
 
     def start_worker(self) -> None:

@@ -18,7 +18,6 @@ from .store import (
     Lookup,
     ParkOutcome,
     ScopeStats,
-    record_then_claim,
 )
 
 
@@ -129,15 +128,12 @@ class MemoryStore:
         release_timeout: float = 60.0,
     ) -> DoneRecord:
         with self._lock:  # re-entrant: record and claim are one atomic step here
-            return record_then_claim(
-                self,
-                scope,
-                task_id,
-                limit,
-                failed=failed,
-                seen_ttl=seen_ttl,
-                release_timeout=release_timeout,
-            )
+            if not self.record_done(
+                scope, task_id, failed=failed, seen_ttl=seen_ttl, release_timeout=release_timeout
+            ):
+                return DoneRecord(waited=False, claimed=[], complete=True)
+            claimed = self.claim_followers(scope, task_id, limit) if limit else []
+            return DoneRecord(True, claimed, complete=limit > 0 and len(claimed) < limit)
 
     def _claim(self, rows: list[_Row], now: float, limit: int) -> list[ClaimedFollower]:
         ordered = release_order(r.claimed() for r in rows)[:limit]

@@ -21,7 +21,6 @@ from .faults import CRASH_AFTER_DONE, crash_point
 from .payload import build_message, execution_options, pack
 from .release import ReleaseReport, publish
 from .settings import CausalSettings
-from .sql_store import SQLStore
 from .store import CausalStore, ClaimedFollower, ParkOutcome
 
 logger = logging.getLogger("celery_causal")
@@ -44,13 +43,13 @@ class CausalRuntime:
         self,
         app: Any,
         settings: CausalSettings,
-        store: CausalStore | None = None,
+        store: CausalStore,
     ) -> None:
         from kombu.serialization import prepare_accept_content
 
         self.app = app
         self.settings = settings
-        self.store: CausalStore = store if store is not None else SQLStore(settings.store_url)
+        self.store = store
         self.accept = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
         # Positive answers only: a leader seen done stays done for the TTL, so a stale
         # entry can never hold a follower back; a negative answer is always re-asked.

@@ -1,17 +1,20 @@
 """The storage contract: a handful of atomic operations every store implements.
 
-Two stores implement it: :class:`~celery_causal.sql_store.SQLStore` (PostgreSQL and SQLite,
-SQLAlchemy Core) and :class:`~celery_causal.memory_store.MemoryStore` (tests). Each method's
-docstring says what is atomic. Timestamps are epoch seconds taken from the store's own clock,
-so a worker with a wrong clock cannot release or hold work early.
+Three stores implement it: :class:`~celery_causal.sql.PostgresStore` and
+:class:`~celery_causal.sql.SQLiteStore` (SQLAlchemy Core) and
+:class:`~celery_causal.testing.MemoryStore` (tests). Each method's docstring says what is
+atomic. Timestamps are epoch seconds taken from the store's own clock, so a worker with a
+wrong clock cannot release or hold work early.
 
-How park and release avoid stranding a follower (the seed's park/complete race): a leader
-*commits* its done record no later than it claims its followers (:meth:`record_done_and_claim`,
-then :meth:`claim_followers` while more may wait). A follower's :meth:`park` commits
-its row and re-checks the leader. Whichever commits second sees the other's commit: either
-the leader's claim sees the row, or the follower's park sees the done record and does not
-leave a row waiting. A claim and a take-back both move a row out of ``waiting`` in one
-statement, so exactly one wins. ``SQLStore.park`` says how the SQL store orders this.
+Why a park and a release never strand a follower: a leader *commits* its outcome record no
+later than it claims its followers (:meth:`~CausalStore.record_done_and_claim`, then
+:meth:`~CausalStore.claim_followers` while more may wait). A follower's
+:meth:`~CausalStore.park` marks the leader's record and commits its row, then re-checks
+the leader. Whichever commits second sees the other's commit: either the leader's claim
+sees the row, or the follower's park sees the outcome and leaves no row waiting. A claim
+and a take-back both move a row out of ``waiting`` in one statement, so exactly one wins.
+Each SQL dialect argues how its statements keep this in its own module
+(``sql/postgresql.py``, ``sql/sqlite.py``).
 """
 
 from __future__ import annotations
@@ -255,26 +258,3 @@ class CausalStore(Protocol):
 
     def close(self) -> None:
         """Release connections."""
-
-
-def record_then_claim(
-    store: CausalStore,
-    scope: str,
-    task_id: str,
-    limit: int,
-    *,
-    failed: bool = False,
-    seen_ttl: float = DEFAULT_SEEN_TTL,
-    release_timeout: float = 60.0,
-) -> DoneRecord:
-    """:meth:`CausalStore.record_done_and_claim` as two steps: the record, then the claim.
-
-    For a store whose claim, made after the record committed, sees every park that marked
-    the leader before it (the memory store; SQLite, where each step commits on its own).
-    """
-    if not store.record_done(
-        scope, task_id, failed=failed, seen_ttl=seen_ttl, release_timeout=release_timeout
-    ):
-        return DoneRecord(waited=False, claimed=[], complete=True)
-    claimed = store.claim_followers(scope, task_id, limit) if limit else []
-    return DoneRecord(True, claimed, complete=limit > 0 and len(claimed) < limit)

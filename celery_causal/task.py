@@ -24,6 +24,7 @@ from .errors import InvalidIdError, LeaderFailed, NotInstalledError, StoreUnavai
 from .payload import FOLLOWS, PUBLISHED_AT, check_id, leader_id
 from .runtime import CausalRuntime
 from .settings import CausalSettings
+from .sql import open_store
 from .store import CausalStore, ParkOutcome
 from .tracing import (
     RELEASE_FAILED,
@@ -64,7 +65,10 @@ def runtime_for(app: Any) -> CausalRuntime:
                     f"celery_causal.install(app) was not called for app {app.main!r}"
                 )
             settings = CausalSettings.from_conf(app.conf)
-            runtime = CausalRuntime(app, settings, store=options.get("store"))
+            store = options.get("store")
+            if store is None:
+                store = open_store(settings.store_url)
+            runtime = CausalRuntime(app, settings, store)
             _runtimes[app] = runtime
         return runtime
 

@@ -11,8 +11,8 @@ from sqlalchemy import text, update
 
 from celery_causal.memory_store import MemoryStore
 from celery_causal.payload import build_message, pack
-from celery_causal.sql_schema import done, followers
-from celery_causal.sql_store import SQLStore
+from celery_causal.sql import SQLStore
+from celery_causal.sql.schema import done, followers
 from celery_causal.store import CausalStore, Follower
 
 _APP = Celery("tests-helpers", set_as_current=False)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from celery_causal.sql_store import SQLStore
+from celery_causal.sql import SQLStore, open_store
 from tests.conftest import fresh_database
 from tests.helpers import truncate, wait_for
 
@@ -137,7 +137,7 @@ def worker(
 
 @pytest.fixture
 def store(pg_url: str) -> Iterator[SQLStore]:
-    sql = SQLStore(pg_url)
+    sql = open_store(pg_url)
     yield sql
     truncate(sql)
     sql.close()
@@ -202,7 +202,7 @@ def spawn(
         for key, value in overrides.items():  # the producer's app sees the same settings
             monkeypatch.setenv(key, value)
         handle = module.create(prefix, store_url=db_url)
-        store = SQLStore(db_url)
+        store = open_store(db_url)
         cleanup.callback(store.close)
         worker = WorkerProcess(
             env, tmp_path / f"worker-{suffix}.log", f"w{suffix}", tuple(worker_args)

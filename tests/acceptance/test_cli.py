@@ -132,7 +132,7 @@ def test_sweep_of_many_shows_progress_and_status_counts_dead_rows(
     with s.store.engine.connect() as conn:
         from sqlalchemy import update
 
-        from celery_causal.sql_schema import followers
+        from celery_causal.sql.schema import followers
 
         conn.execute(
             update(followers)

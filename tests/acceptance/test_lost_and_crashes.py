@@ -19,7 +19,7 @@ import pytest
 import redis
 from sqlalchemy import create_engine, func, select, text
 
-from celery_causal.sql_schema import followers
+from celery_causal.sql.schema import followers
 from celery_causal.task import SWEEP_TASK
 from tests.acceptance.conftest import CeleryProcess, Log, Spawned, WorkerProcess
 from tests.conftest import PG_ADMIN_URL

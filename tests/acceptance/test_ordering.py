@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from celery_causal.sql_schema import followers
-from celery_causal.sql_store import SQLStore
+from celery_causal.sql import SQLStore
+from celery_causal.sql.schema import followers
 from tests.acceptance.conftest import Log, Spawned, WorkerProcess
 from tests.helpers import wait_for
 

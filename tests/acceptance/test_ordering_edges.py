@@ -23,7 +23,7 @@ from celery.exceptions import ChordError
 from sqlalchemy import create_engine, func, select, text
 
 from celery_causal import LeaderFailed
-from celery_causal.sql_schema import followers
+from celery_causal.sql.schema import followers
 from tests.acceptance import causal_app
 from tests.acceptance.conftest import CeleryProcess, Log, Spawned, WorkerProcess
 from tests.conftest import PG_ADMIN_URL

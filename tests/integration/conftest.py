@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from celery_causal.memory_store import MemoryStore
-from celery_causal.sql_store import SQLStore
+from celery_causal.sql import open_store
 from celery_causal.store import CausalStore
 from tests.helpers import truncate
 
@@ -21,7 +21,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CausalStor
         url = f"sqlite:///{tmp_path / 'causal.sqlite3'}"
     else:
         url = request.getfixturevalue("pg_url")
-    sql = SQLStore(url)
+    sql = open_store(url)
     truncate(sql)
     try:
         yield sql
@@ -36,7 +36,7 @@ def causal_store(request: pytest.FixtureRequest) -> Iterator[CausalStore]:
     if request.param == "memory":
         yield MemoryStore()
         return
-    store = SQLStore(request.getfixturevalue("pg_url"))
+    store = open_store(request.getfixturevalue("pg_url"))
     truncate(store)
     yield store
     truncate(store)

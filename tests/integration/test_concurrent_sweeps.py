@@ -12,7 +12,7 @@ import redis
 from celery import Celery
 
 import celery_causal
-from celery_causal.sql_store import SQLStore
+from celery_causal.sql import open_store
 from celery_causal.task import runtime_for
 from tests.helpers import age, follower, truncate
 
@@ -32,7 +32,7 @@ def test_four_sweeps_release_each_of_2000_lost_followers_exactly_once(
         causal_batch_size=50,
     )
     celery_causal.install(app, beat=False)
-    store = SQLStore(pg_url)
+    store = open_store(pg_url)
     truncate(store)
     for i in range(2000):
         store.park(follower(f"lost-{i}", f"gone-{i % 7}", occurred_at=float(i)), 60)

@@ -22,8 +22,8 @@ from celery_causal.errors import (
     StoreUnavailable,
 )
 from celery_causal.memory_store import MemoryStore
-from celery_causal.sql_schema import followers
-from celery_causal.sql_store import SQLStore
+from celery_causal.sql import SQLStore, open_store
+from celery_causal.sql.schema import followers
 from celery_causal.store import CausalStore
 from celery_causal.task import runtime_for
 from tests.helpers import age, follower, truncate
@@ -116,7 +116,7 @@ def test_arguments_the_serializer_cannot_carry_are_refused_at_send_time() -> Non
 
 @pytest.fixture
 def pg(pg_url: str) -> Iterator[SQLStore]:
-    store = SQLStore(pg_url)
+    store = open_store(pg_url)
     truncate(store)
     yield store
     truncate(store)
@@ -182,7 +182,7 @@ def test_statements_the_database_refuses_raise_store_error_not_unavailable(
 def test_unreachable_database_raises_store_unavailable_with_the_password_masked(
     operation: Any,
 ) -> None:
-    store = SQLStore("postgresql+psycopg://causal:hunter2@127.0.0.1:1/nowhere")
+    store = open_store("postgresql+psycopg://causal:hunter2@127.0.0.1:1/nowhere")
     try:
         with pytest.raises(StoreUnavailable) as info:
             operation(store)
@@ -205,7 +205,7 @@ def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
         for statement in grants:
             conn.execute(text(statement))
     worker_url = make_url(pg_url).set(username=role).render_as_string(hide_password=False)
-    store = SQLStore(worker_url, create_schema=False)
+    store = open_store(worker_url, create_schema=False)
     try:
         store.park(follower("f1", "L"), LOOKBACK)
         store.park(follower("f2", "M"), LOOKBACK)

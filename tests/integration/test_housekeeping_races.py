@@ -15,7 +15,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from celery_causal.sql_store import SQLStore
+from celery_causal.sql import SQLStore, open_store
+from celery_causal.sql.postgresql import PARK
 from tests.helpers import age, follower, truncate
 
 TTL = 1800.0
@@ -24,7 +25,7 @@ LOOKBACK = 900.0
 
 @pytest.fixture
 def store(pg_url: str) -> Iterator[SQLStore]:
-    sql = SQLStore(pg_url)
+    sql = open_store(pg_url)
     truncate(sql)
     yield sql
     truncate(sql)
@@ -79,7 +80,7 @@ def test_a_done_record_made_while_the_sweep_expires_its_old_mark_survives(
     _expire_while_held(
         store,
         pg_url,
-        store._sql.record_done,
+        store.record_sql,
         {
             "b_scope": "default",
             "b_task_id": "L",
@@ -113,8 +114,7 @@ def test_a_park_made_while_the_sweep_expires_the_leaders_old_mark_is_released(
         "b_lookback": LOOKBACK,
     }
     # When f2 parks behind L (its mark refreshed, transaction open) while the sweep runs
-    assert store._sql.park_in_one is not None
-    _expire_while_held(store, pg_url, store._sql.park_in_one, values)
+    _expire_while_held(store, pg_url, PARK, values)
     # Then L's success still finds f2 through the mark, at once
     record = store.record_done_and_claim("default", "L", 100)
     assert record.waited
@@ -135,5 +135,5 @@ def test_the_sweep_still_expires_what_nobody_holds(store: SQLStore, pg_url: str)
         "b_ttl": TTL,
         "b_timeout": 60.0,
     }
-    assert _expire_while_held(store, pg_url, store._sql.record_done, held_values) == 2
+    assert _expire_while_held(store, pg_url, store.record_sql, held_values) == 2
     assert store.lookup("default", ["M", "other"]).done == {"other"}

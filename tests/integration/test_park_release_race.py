@@ -17,8 +17,8 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from celery_causal.sql_statements import FINISH_ANY
-from celery_causal.sql_store import SQLStore
+from celery_causal.sql import open_store
+from celery_causal.sql.postgresql import FINISH, PARK
 from celery_causal.store import CausalStore, ClaimedFollower, DoneRecord, ParkOutcome
 from tests.helpers import follower, truncate
 
@@ -123,10 +123,9 @@ def test_racing_pairs_released_through_a_barrier(store: CausalStore) -> None:
 def test_a_park_committed_while_the_done_record_waits_is_not_missed(pg_url: str) -> None:
     # PostgreSQL claims with the done record, in the snapshot the statement took before it
     # waited for the leader's row: a park that commits during that wait is not in it.
-    store = SQLStore(pg_url)
+    store = open_store(pg_url)
     truncate(store)
-    assert store._sql.park_in_one is not None
-    compiled = store._db.compile(store._sql.park_in_one)
+    compiled = store._db.compile(PARK)
     parked_row = follower("f1", "L")
     values = {
         "b_scope": "default",
@@ -184,7 +183,7 @@ def test_every_mark_moves_the_leaders_row_forward_even_when_the_clock_does_not(
 ) -> None:
     # The done record learns that a park committed during its lock wait by comparing
     # waited_at in its snapshot with the latest; a mark must never leave it unchanged.
-    store = SQLStore(pg_url)
+    store = open_store(pg_url)
     truncate(store)
     store.park(follower("f1", "L"), LOOKBACK)
     ahead = store.clock() + 3600.0  # as if the next park read an equal or earlier clock
@@ -206,13 +205,13 @@ def test_a_release_in_flight_never_hides_a_waiting_row_from_the_next_leader(
     # f1, then deletes f1's row. f1 can run on another worker before that delete commits;
     # its claim skips rows another transaction holds locked, so the release must not hold
     # f2's row locked, or f1's claim misses f2 and f2 waits for the sweep.
-    store = SQLStore(pg_url)
+    store = open_store(pg_url)
     truncate(store)
     store.park(follower("f1", "L", occurred_at=1.0), LOOKBACK)
     store.park(follower("f2", "f1", occurred_at=2.0), LOOKBACK)
     (first,) = leader_claims(store, "L")
     assert first.follower_id == "f1"
-    finish = store._db.compile(FINISH_ANY)
+    finish = store._db.compile(FINISH)
     release_conn = psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"))
     try:
         # Given L's release of f1 deleting its row, the transaction not yet committed
@@ -234,7 +233,7 @@ def test_the_handshake_holds_on_a_server_whose_default_is_repeatable_read() -> N
 
     with fresh_database("_rr") as url:
         # Given a database whose default isolation is REPEATABLE READ
-        admin = SQLStore(url, create_schema=False)
+        admin = open_store(url, create_schema=False)
         with admin.engine.connect() as conn:
             name = conn.execute(text("SELECT current_database()")).scalar_one()
             conn.execute(
@@ -244,7 +243,7 @@ def test_the_handshake_holds_on_a_server_whose_default_is_repeatable_read() -> N
                 )
             )
         admin.close()
-        store = SQLStore(url)
+        store = open_store(url)
         try:
             # Then the store's own connections still run READ COMMITTED
             with store.engine.connect() as conn:

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from celery_causal.memory_store import MemoryStore
-from celery_causal.sql_store import SQLStore
+from celery_causal.sql import PostgresStore, open_store
 from celery_causal.store import CausalStore, ClaimedFollower, ParkOutcome
 from tests.helpers import age, follower, truncate
 
@@ -355,10 +355,10 @@ def test_protocol_on_the_memory_store() -> None:
 
 
 def _on_sql(url: str, examples: int) -> None:
-    shared = SQLStore(url)
+    shared = open_store(url)
 
     class OnSQL(Protocol):
-        restart_at_claim = shared.is_postgresql
+        restart_at_claim = isinstance(shared, PostgresStore)
 
         def __init__(self) -> None:
             super().__init__()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from celery_causal.sql_store import SQLStore
+from celery_causal.sql import open_store
 from celery_causal.store import CausalStore, ParkOutcome
 from tests.helpers import age, follower, truncate
 
@@ -360,7 +360,7 @@ def test_postgresql_connections_of_the_store_run_without_jit_or_sequential_scans
     # Skewed statistics can give a short statement a high cost estimate, and JIT then
     # compiles it for far longer than it runs (150 ms on a 2 ms release, measured); a
     # plan made while a table was nearly empty scanned it whole as it grew (W3)
-    store = SQLStore(pg_url)
+    store = open_store(pg_url)
     try:
         with store.engine.connect() as conn:
             assert conn.execute(text("SHOW jit")).scalar() == "off"
@@ -372,7 +372,7 @@ def test_postgresql_connections_of_the_store_run_without_jit_or_sequential_scans
 def test_postgresql_plans_each_statement_of_the_store_once_per_connection(pg_url: str) -> None:
     # Left to choose, PostgreSQL planned the claim anew on every run once the table had the
     # statistics of a million rows, at three times the cost of running it
-    store = SQLStore(pg_url)
+    store = open_store(pg_url)
     truncate(store)
     try:
         for i in range(12):  # psycopg prepares a statement on its fifth run

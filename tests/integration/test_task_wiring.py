@@ -15,7 +15,7 @@ from celery import Celery, signals
 import celery_causal
 from celery_causal.errors import NotInstalledError
 from celery_causal.memory_store import MemoryStore
-from celery_causal.sql_store import SQLStore
+from celery_causal.sql import SQLStore, open_store
 from tests.helpers import truncate, wait_for
 from tests.integration.test_ordering_in_process import Harness
 
@@ -64,7 +64,7 @@ def test_parked_and_duplicate_deliveries_end_before_the_body_starts() -> None:
 
 
 def test_parked_message_keeps_argument_types_headers_and_callbacks(pg_url: str) -> None:
-    store = SQLStore(pg_url)
+    store = open_store(pg_url)
     truncate(store)
     h = Harness(store)
     received: list[Any] = []
@@ -116,7 +116,7 @@ def test_a_task_of_an_app_without_install_is_a_clear_error() -> None:
 
 
 def test_engines_are_not_shared_across_fork(pg_url: str) -> None:
-    store = SQLStore(pg_url)
+    store = open_store(pg_url)
     store.record_done("default", "parent-before-fork")  # the parent holds a pooled connection
     pid = os.fork()
     if pid == 0:  # child: must open its own connection and leave the parent's alone
@@ -145,7 +145,7 @@ def test_a_task_that_follows_itself_runs_at_once() -> None:
 def test_an_oversized_follower_fails_loudly_at_park_time_and_is_not_lost(pg_url: str) -> None:
     from celery_causal.errors import PayloadError
 
-    store = SQLStore(pg_url)
+    store = open_store(pg_url)
     truncate(store)
     h = Harness(store, causal_max_payload_bytes=2048)
     result = h.event.apply_async(("x" * 5000,), task_id=h.id("big"), follows=h.id("L"))

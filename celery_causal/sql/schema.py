@@ -21,7 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
-from .store import MAX_ID_LENGTH
+from ..store import MAX_ID_LENGTH
 
 metadata = MetaData()
 
@@ -109,7 +109,7 @@ Index("causal_dead_followers_scope_idx", dead_followers.c.scope)
 #: the last park). Shared by every worker; an outcome expires at ``expires_at``, a mark
 #: once no follower waits behind it. The row is where a leader and its followers meet:
 #: both write it with INSERT ... ON CONFLICT, which the database serialises per key (see
-#: ``SQLStore.park``).
+#: ``postgresql.py`` and ``sqlite.py``).
 done = Table(
     "causal_done",
     metadata,

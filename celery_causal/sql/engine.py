@@ -1,7 +1,8 @@
 """Connections of the SQL store: one engine per process, autocommit, errors mapped.
 
-Kept apart from the statements (``sql_statements.py``, run by ``sql_store.py``): this
-module knows how to reach the database and what its failures mean, not what is asked of it.
+Kept apart from the statements (``statements.py``, run by the stores): this module knows
+how to reach the database and what its failures mean, not what is asked of it. It is the
+only reader of the URL's dialect (:func:`dialect_of`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,18 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
-from .errors import CausalError, StoreError, StoreUnavailable
-from .settings import mask_url
+from ..errors import CausalError, StoreError, StoreUnavailable
+from ..settings import mask_url
 
 T = TypeVar("T")
+
+#: The databases the store runs on, by SQLAlchemy dialect name.
+POSTGRESQL, SQLITE = "postgresql", "sqlite"
+
+
+def dialect_of(url: str) -> str:
+    """:data:`POSTGRESQL` or :data:`SQLITE`: which database ``url`` names."""
+    return make_url(url).get_backend_name()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -87,8 +96,7 @@ class Database:
 
     def __init__(self, url: str, on_new_engine: Callable[[], object] | None = None) -> None:
         self.url = url
-        self.is_postgresql = url.startswith("postgresql")
-        self.is_sqlite = url.startswith("sqlite")
+        self.dialect = dialect_of(url)
         self._on_new_engine = on_new_engine
         self._engine: Engine | None = None
         self._pid = 0
@@ -115,7 +123,7 @@ class Database:
     def _make_engine(self) -> Engine:
         # Every statement runs in autocommit, so a returned connection has no transaction
         # to roll back: skipping the reset saves a round of pool work on every call.
-        if self.is_sqlite:
+        if self.dialect == SQLITE:
             engine = create_engine(
                 self.url,
                 isolation_level="AUTOCOMMIT",
@@ -137,7 +145,7 @@ class Database:
             # needs no statement of its own.
             connect_args={"options": _with_read_committed(self.url)},
         )
-        if self.is_postgresql:
+        if self.dialect == POSTGRESQL:
             event.listen(engine, "connect", _postgresql_session)
         return engine
 

@@ -1,0 +1,218 @@
+"""The SQL store's statements for housekeeping: the sweep's ring search, orphaned
+releases and expiry, and the operators' queries. The protocol's own statements, and the
+definitions of waiting, due, lost and stuck these share, are in ``statements.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    Double,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    select,
+    tuple_,
+    update,
+)
+
+from .schema import db_clock, dead_followers, done, followers
+from .statements import DUE, LEADER_PARKED, LOST, STUCK, WAITING, Insert
+
+# -- rings ---------------------------------------------------------------------------------
+
+#: Due rows held back by a parked leader: where a ring starts.
+RING_CANDIDATES = (
+    select(followers.c.id, followers.c.scope, followers.c.follower_id)
+    .where(DUE, LEADER_PARKED)
+    .order_by(followers.c.deadline)
+    .limit(bindparam("b_limit"))
+)
+
+
+def _leader_walk() -> Any:
+    """The rows reachable from ``b_ids`` by following leader links through parked rows.
+
+    UNION (not UNION ALL) drops rows already reached, so the walk ends on a ring.
+    """
+    link = (followers.c.scope, followers.c.follower_id, followers.c.leader_id)
+    start = select(*link, followers.c.occurred_at).where(
+        followers.c.id.in_(bindparam("b_ids", expanding=True))
+    )
+    walk = start.cte("walk", recursive=True)
+    step = select(*link, followers.c.occurred_at).join(
+        walk,
+        and_(followers.c.scope == walk.c.scope, followers.c.follower_id == walk.c.leader_id),
+    )
+    walk = walk.union(step)
+    return select(walk.c.scope, walk.c.follower_id, walk.c.leader_id, walk.c.occurred_at)
+
+
+LEADER_WALK = _leader_walk()
+
+#: Due rows behind a parked leader that lead to no ring wait a lookback more before the
+#: ring search looks at them again: their deadline counts for nothing until their leader
+#: leaves the table (a release restarts it then), and the search reaches the rows behind
+#: them in later sweeps instead of the same first ones every time.
+POSTPONE = (
+    update(followers)
+    .where(followers.c.id.in_(bindparam("b_ids", expanding=True)), DUE)
+    .values(deadline=db_clock() + followers.c.lookback)
+)
+
+#: A row that leaves the table without a release (forgotten, buried): its waiting
+#: followers' deadlines are their own again (parked_at + lookback), whatever POSTPONE did.
+UNPOSTPONE = (
+    update(followers)
+    .where(
+        followers.c.scope == bindparam("b_scope"),
+        followers.c.leader_id == bindparam("b_leader"),
+        WAITING,
+    )
+    .values(deadline=followers.c.parked_at + followers.c.lookback)
+)
+
+# -- orphaned releases ---------------------------------------------------------------------
+
+#: Nothing waits any more for these leaders: their release is over (most of them).
+_RELEASED = and_(
+    done.c.release_due_at < db_clock(),
+    ~exists().where(
+        followers.c.scope == done.c.scope,
+        followers.c.leader_id == done.c.task_id,
+        WAITING,
+    ),
+)
+CLEAR_RELEASES = (
+    update(done)
+    .where(
+        tuple_(done.c.scope, done.c.task_id).in_(
+            select(done.c.scope, done.c.task_id)
+            .where(_RELEASED)
+            .order_by(done.c.release_due_at)
+            .limit(bindparam("b_limit"))
+            .with_for_update(skip_locked=True)
+        ),
+        _RELEASED,
+    )
+    .values(release_due_at=None)
+)
+#: Leaders whose release is overdue and that followers still wait for: their releaser died
+#: after the record (Celery acks a task whose success is stored even when its worker is
+#: lost, so no redelivery finishes the release).
+ORPHANED_LEADERS = (
+    select(done.c.scope, done.c.task_id)
+    .where(done.c.release_due_at < db_clock())
+    .order_by(done.c.release_due_at)
+    .limit(bindparam("b_limit"))
+)
+
+# -- expiry --------------------------------------------------------------------------------
+
+
+def _expire(where: Any, order_by: Any) -> Any:
+    """Delete up to ``b_limit`` rows of causal_done matching ``where``, oldest first.
+
+    ``where`` is tested twice: in the subquery that picks the rows (locked, skipping rows
+    another transaction holds), and again on each row as it is deleted. Under READ
+    COMMITTED a DELETE that waited for a row lock goes on with the row's newest version; a
+    test made only in the subquery would delete a done record or a mark written meanwhile
+    (a leader's record, a follower's park) because an older version of it was expired.
+    """
+    old = (
+        select(done.c.scope, done.c.task_id)
+        .where(where)
+        .order_by(order_by)
+        .limit(bindparam("b_limit"))
+        .with_for_update(skip_locked=True)
+    )
+    return delete(done).where(tuple_(done.c.scope, done.c.task_id).in_(old), where)
+
+
+# An outcome expires when the app that recorded it said (its own causal_seen_ttl).
+EXPIRE_OUTCOMES = _expire(done.c.expires_at <= db_clock(), done.c.expires_at)
+# A mark goes only once no follower row references it: a follower of a parked leader, or
+# one whose lookback restarted, may wait longer than the seen TTL, and its leader's
+# outcome must still find it through the mark (the record returns waited_at).
+EXPIRE_MARKS = _expire(
+    and_(
+        done.c.done_at.is_(None),
+        done.c.failed_at.is_(None),
+        done.c.waited_at <= db_clock() - bindparam("b_ttl", type_=Double),
+        ~exists().where(followers.c.scope == done.c.scope, followers.c.leader_id == done.c.task_id),
+    ),
+    done.c.waited_at,
+)
+
+# -- operators -----------------------------------------------------------------------------
+
+#: Follower ids of the parked rows it removes: their followers get UNPOSTPONE.
+FORGET = (
+    delete(followers)
+    .where(
+        followers.c.scope == bindparam("b_scope"),
+        followers.c.follower_id == bindparam("b_follower"),
+    )
+    .returning(followers.c.id)
+)
+_DEAD_COPIED = [c.name for c in dead_followers.c if c.name not in ("died_at", "reason")]
+
+
+def bury_statement(insert: Insert) -> Any:
+    """Copy a follower row (``b_id``) aside with ``b_reason``; a second copy is a no-op."""
+    source = select(
+        *(followers.c[name] for name in _DEAD_COPIED),
+        db_clock().label("died_at"),
+        bindparam("b_reason").label("reason"),
+    ).where(followers.c.id == bindparam("b_id"))
+    return (
+        insert(dead_followers)
+        .from_select([*_DEAD_COPIED, "died_at", "reason"], source)
+        .on_conflict_do_nothing(index_elements=["id"])
+    )
+
+
+REMOVE_ROW = (
+    delete(followers)
+    .where(followers.c.id == bindparam("b_id"))
+    .returning(followers.c.scope, followers.c.follower_id)
+)
+COUNT_WAITING = select(func.count()).where(
+    followers.c.scope == bindparam("b_scope"),
+    followers.c.leader_id == bindparam("b_leader"),
+    WAITING,
+)
+#: Per scope: waiting, releasing, oldest waiting park, overdue (lost), stuck.
+STATS = (
+    select(
+        followers.c.scope,
+        func.sum(case((WAITING, 1), else_=0)),
+        func.sum(case((WAITING, 0), else_=1)),
+        func.min(case((WAITING, followers.c.parked_at), else_=None)),
+        func.sum(case((LOST, 1), else_=0)),
+        func.sum(case((STUCK, 1), else_=0)),
+    )
+    .group_by(followers.c.scope)
+    .order_by(followers.c.scope)
+)
+DEAD_PER_SCOPE = select(dead_followers.c.scope, func.count()).group_by(dead_followers.c.scope)
+SCOPES_OF = (
+    select(followers.c.scope)
+    .where(followers.c.follower_id == bindparam("b_follower"))
+    .order_by(followers.c.scope)
+)
+CLOCK = select(db_clock())
+
+
+def list_statement(columns: list[str], *, by_scope: bool, by_leader: bool) -> Any:
+    """Rows, oldest parked first, filtered by ``b_scope`` and/or ``b_leader``."""
+    stmt = select(*(followers.c[name] for name in columns))
+    if by_scope:
+        stmt = stmt.where(followers.c.scope == bindparam("b_scope"))
+    if by_leader:
+        stmt = stmt.where(followers.c.leader_id == bindparam("b_leader"))
+    return stmt.order_by(followers.c.parked_at, followers.c.id).limit(bindparam("b_limit"))

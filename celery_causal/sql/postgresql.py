@@ -1,0 +1,244 @@
+"""The store on PostgreSQL (psycopg 3): a park, a record-and-claim, each one statement.
+
+How a follower and its leader never strand each other
+-----------------------------------------------------
+A follower that found its leader not done parks; the leader, once it succeeded, records
+its outcome and claims the followers waiting for it. The interleaving to close: the
+follower read "not done", then the leader committed its record and looked for followers
+before the follower's row existed.
+
+Both sides write the leader's row in ``causal_done`` with INSERT ... ON CONFLICT, which
+PostgreSQL serialises per key and which (under READ COMMITTED, pinned by ``engine.py``)
+reads the newest committed version of the row, not a snapshot.
+
+- The **park** (:data:`PARK`) is one statement: the mark on the leader's row (unless an
+  outcome is recorded there) and the follower's row, inserted only if the mark was made.
+  Both commit together.
+- The **record** (:data:`RECORD_AND_CLAIM`) writes the outcome and returns the row's
+  ``waited_at``; the same statement claims the waiting followers it sees.
+
+If the mark commits first, the record returns its ``waited_at``, and the follower's row,
+committed with the mark, is there to claim. If the record commits first, the mark's WHERE
+finds the outcome and does nothing, so no row is inserted and the follower runs (or, for
+a failure, meets it).
+
+One gap is left inside the record-and-claim statement: its claim reads the statement's
+snapshot, taken before the record waited for the row lock of a park in flight. Such a
+park commits a newer ``waited_at`` (every mark moves it strictly forward, see
+:func:`~.statements.mark_statement`) whose row is not in that snapshot. The statement
+returns both values; when they differ, or a batch came back full, the caller claims again
+in a statement of its own, whose snapshot has the row (``runtime`` loops on ``complete``).
+
+Claims use ``FOR UPDATE SKIP LOCKED`` and move a row out of waiting in one UPDATE, so two
+claimers (a leader, a sweep) take disjoint rows and each row is released once.
+
+Releases restart the lookback of the released rows' own followers **when the rows are
+claimed** (:func:`restarting`), not when they are deleted after their publish. A released
+follower can run on another worker before its releaser deletes its row, and that
+follower's own claim skips rows another transaction holds locked: a restart made by the
+delete would hold its followers' rows just then, and the claim would miss them. At claim
+time the claimed rows are not yet published: nobody else has a reason to claim their
+followers. Until the delete, the claimed row itself keeps its followers from being swept
+(``LEADER_PARKED``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    BigInteger,
+    Double,
+    LargeBinary,
+    bindparam,
+    delete,
+    exists,
+    func,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql
+
+from ..core import release_order
+from ..store import DEFAULT_SEEN_TTL, DoneRecord, Follower, ParkOutcome
+from . import housekeeping as hk
+from . import statements as sql
+from .schema import db_clock, done, followers
+from .store import SQLStore, claimed_row, park_values
+
+# Any constant: serialises concurrent CREATE TABLE from many processes starting at once.
+_SCHEMA_LOCK_KEY = 0x636175736C
+
+_MARK = sql.mark_statement(postgresql.insert, strictly_later=True)
+_RECORD = sql.record_statement(postgresql.insert, relaxed_commit=True)
+
+
+def _restart_behind(claimed: Any) -> Any:
+    """A CTE restarting the lookback of the waiting followers of ``claimed`` rows."""
+    # OFFSET 0 keeps the planner from flattening the LATERAL into a hash join over the
+    # table; with the leader index's order (waiting_behind) the index stays its cheapest
+    # path, whatever statistics the table has.
+    behind = sql.waiting_behind(claimed).offset(0).lateral("behind")
+    return sql.restart_lookback(
+        select(behind.c.id).select_from(claimed.join(behind, literal(True)))
+    ).cte("restarted")
+
+
+def restarting(claim: Any) -> Any:
+    """``claim`` (an UPDATE ... RETURNING the follower columns), which also restarts the
+    lookback of the claimed rows' waiting followers, in the same statement."""
+    claimed = claim.cte("claimed")
+    return select(*claimed.c).add_cte(_restart_behind(claimed))
+
+
+def _park_statement() -> Any:
+    """Mark the leader's row and insert the follower, only if marked, in one statement."""
+    mark = _MARK.cte("mark")
+    row = select(
+        bindparam("b_scope"),
+        bindparam("b_follower"),
+        bindparam("b_leader"),
+        bindparam("b_task"),
+        bindparam("b_occurred", type_=Double),
+        db_clock(),
+        bindparam("b_lookback", type_=Double),
+        db_clock() + bindparam("b_lookback", type_=Double),
+        bindparam("b_ctype"),
+        bindparam("b_cenc"),
+        bindparam("b_payload", type_=LargeBinary),
+        bindparam("b_host"),
+    ).where(exists(select(mark)))
+    columns = ["scope", "follower_id", "leader_id", "task_name", "occurred_at", "parked_at"]
+    columns += ["lookback", "deadline", "content_type", "content_encoding", "payload"]
+    parked = (
+        postgresql.insert(followers)
+        .from_select([*columns, "hostname"], row)
+        .on_conflict_do_nothing(index_elements=["scope", "follower_id"])
+        .returning(followers.c.id)
+        .cte("parked")
+    )
+    # The statement's snapshot predates its own insert: "had_row" is a row parked by an
+    # earlier delivery of the same follower.
+    had_row = exists().where(
+        followers.c.scope == bindparam("b_scope"),
+        followers.c.follower_id == bindparam("b_follower"),
+    )
+    return select(
+        exists(select(mark)).label("marked"),
+        had_row.label("had_row"),
+        exists(select(parked)).label("inserted"),
+    )
+
+
+def _record_and_claim_statement() -> Any:
+    """The outcome record, the row's ``waited_at`` as the snapshot saw it, and the claim of
+    the first waiting followers (restarting their own followers' lookback)."""
+    record = _RECORD.cte("record")
+    snapshot = select(done.c.waited_at).where(
+        done.c.scope == bindparam("b_scope"), done.c.task_id == bindparam("b_task_id")
+    )
+    ids = (
+        select(followers.c.id)
+        .where(
+            followers.c.scope == bindparam("b_scope"),
+            followers.c.leader_id == bindparam("b_task_id"),
+            sql.WAITING,
+            # Nothing to look for when no follower ever marked the row (most tasks).
+            exists().where(record.c.waited_at.is_not(None)),
+        )
+        .order_by(followers.c.occurred_at, followers.c.follower_id)
+        .limit(bindparam("b_limit"))
+        .with_for_update(skip_locked=True, of=followers)
+    )
+    claimed = (
+        update(followers)
+        .where(followers.c.id.in_(ids.scalar_subquery()))
+        .values(claimed_at=db_clock())
+        .returning(*sql.FOLLOWER_COLUMNS)
+        .cte("claimed")
+    )
+    return (
+        select(
+            record.c.waited_at,
+            snapshot.scalar_subquery().label("seen_waited_at"),
+            *claimed.c,
+        )
+        .select_from(record.outerjoin(claimed, literal(True)))
+        .add_cte(_restart_behind(claimed))
+    )
+
+
+PARK = _park_statement()
+RECORD_AND_CLAIM = _record_and_claim_statement()
+#: Released rows go once published: one prebuilt statement whatever the batch size (an
+#: array parameter). Their followers' lookback restarted when the rows were claimed.
+FINISH = delete(followers).where(
+    followers.c.id == func.any(bindparam("b_ids", type_=postgresql.ARRAY(BigInteger)))
+)
+
+
+class PostgresStore(SQLStore):
+    """The store on PostgreSQL; the module's docstring argues its safety."""
+
+    insert: ClassVar[Any] = postgresql.insert
+    record_sql: ClassVar[Any] = _RECORD
+    claim_followers_sql: ClassVar[Any] = restarting(sql.CLAIM_FOLLOWERS)
+    claim_lost_sql: ClassVar[Any] = restarting(sql.CLAIM_LOST)
+    claim_stuck_sql: ClassVar[Any] = restarting(sql.CLAIM_STUCK)
+    claim_due_one_sql: ClassVar[Any] = restarting(sql.CLAIM_DUE_ONE)
+    claim_one_sql: ClassVar[Any] = restarting(sql.CLAIM_ONE)
+    bury_sql: ClassVar[Any] = hk.bury_statement(postgresql.insert)
+
+    @contextlib.contextmanager
+    def _schema_lock(self, conn: Any) -> Iterator[None]:
+        conn.execute(select(func.pg_advisory_lock(_SCHEMA_LOCK_KEY)))
+        try:
+            yield
+        finally:
+            conn.execute(select(func.pg_advisory_unlock(_SCHEMA_LOCK_KEY)))
+
+    def park(self, follower: Follower, lookback: float) -> ParkOutcome:
+        values = park_values(follower, lookback)
+        while True:
+            ((marked, had_row, _),) = self._fetch(PARK, values)
+            if marked or had_row:
+                return ParkOutcome.PARKED
+            # The leader's outcome was there. None: it expired meanwhile; park again.
+            outcome = self._settled(follower.scope, follower.leader_id)
+            if outcome is not None:
+                return outcome
+
+    def record_done_and_claim(
+        self,
+        scope: str,
+        task_id: str,
+        limit: int,
+        *,
+        failed: bool = False,
+        seen_ttl: float = DEFAULT_SEEN_TTL,
+        release_timeout: float = 60.0,
+    ) -> DoneRecord:
+        params = {
+            "b_scope": scope,
+            "b_task_id": task_id,
+            "b_limit": limit,
+            "b_failed": failed,
+            "b_ttl": seen_ttl,
+            "b_timeout": release_timeout,
+        }
+        rows = self._fetch(RECORD_AND_CLAIM, params)
+        waited_at, seen_waited_at = rows[0][0], rows[0][1]
+        if waited_at is None:
+            return DoneRecord(waited=False, claimed=[], complete=True)
+        claimed = release_order(claimed_row(row[2:]) for row in rows if row[2] is not None)
+        # Complete only if no park committed after the snapshot the claim read, and the
+        # batch was not cut short by the limit.
+        complete = waited_at == seen_waited_at and limit > 0 and len(claimed) < limit
+        return DoneRecord(True, claimed, complete)
+
+    def finish(self, row_ids: Sequence[int]) -> None:
+        if row_ids:
+            self._fetch(FINISH, {"b_ids": list(row_ids)})

@@ -1,0 +1,135 @@
+"""The store on SQLite, the embedded default: a park in three steps, a record then a claim.
+
+How a follower and its leader never strand each other
+-----------------------------------------------------
+The interleaving to close is PostgreSQL's (see ``postgresql.py``): the follower read "not
+done", then the leader recorded its outcome and looked for followers before the
+follower's row existed. Both sides write the leader's row in ``causal_done`` with INSERT
+... ON CONFLICT; SQLite runs one writer at a time over the whole file (WAL,
+``busy_timeout``), so each statement sees every commit before it.
+
+SQLite cannot put the mark and the follower's row in one statement, so a park is three
+statements on one connection, each committed on its own:
+
+1. the **mark** on the leader's row, unless an outcome is recorded there (then nothing is
+   written and the follower runs, or meets its leader's failure);
+2. the follower's **row**;
+3. the **take-back**: if the leader's outcome is recorded by now, the follower deletes
+   its own row again (if still waiting) and runs instead.
+
+A leader's **record** returns the row's ``waited_at``; if a follower marked it, the
+leader's **claim** follows in a statement of its own, committed after the record.
+
+- Mark before record: the record returns ``waited_at`` and the leader claims. If the
+  follower's row committed before that claim, the claim takes it. If not, the row
+  commits after the record, so the take-back (after the row) sees the record and takes
+  the row back: the follower runs.
+- Record before mark: the mark finds the outcome and the follower does not park.
+
+``claimed_at IS NULL`` in both the claim and the take-back makes them exclusive: exactly
+one moves the row out of waiting.
+
+A release restarts the lookback of the released rows' own followers just before the rows
+are deleted once published (:meth:`SQLiteStore.finish`): SQLite has no row locks for a
+concurrent claim to skip. A crash between restart and delete leaves the rows claimed (the
+sweep republishes them) and their followers waiting a little longer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from sqlalchemy import bindparam, delete, literal, select
+from sqlalchemy.dialects import sqlite
+
+from ..store import DEFAULT_SEEN_TTL, DoneRecord, Follower, ParkOutcome
+from . import housekeeping as hk
+from . import statements as sql
+from .schema import followers
+from .store import SQLStore, park_values
+
+_MARK = sql.mark_statement(sqlite.insert, strictly_later=False)
+_PARK_ROW = sql.park_insert(sqlite.insert)
+HAS_ROW = select(literal(1)).where(
+    followers.c.scope == bindparam("b_scope"),
+    followers.c.follower_id == bindparam("b_follower"),
+)
+TAKE_BACK = (
+    delete(followers)
+    .where(
+        followers.c.scope == bindparam("b_scope"),
+        followers.c.follower_id == bindparam("b_follower"),
+        sql.WAITING,
+        sql.LEADER_SETTLED,
+    )
+    .returning(followers.c.id)
+)
+_released_rows = (
+    select(followers.c.scope, followers.c.follower_id)
+    .where(followers.c.id.in_(bindparam("b_ids", expanding=True)))
+    .subquery("released")
+)
+RESTART_BEHIND = sql.restart_lookback(sql.waiting_behind(_released_rows))
+FINISH = delete(followers).where(followers.c.id.in_(bindparam("b_ids", expanding=True)))
+
+
+class SQLiteStore(SQLStore):
+    """The store on SQLite; the module's docstring argues its safety."""
+
+    insert: ClassVar[Any] = sqlite.insert
+    record_sql: ClassVar[Any] = sql.record_statement(sqlite.insert, relaxed_commit=False)
+    claim_followers_sql: ClassVar[Any] = sql.CLAIM_FOLLOWERS
+    claim_lost_sql: ClassVar[Any] = sql.CLAIM_LOST
+    claim_stuck_sql: ClassVar[Any] = sql.CLAIM_STUCK
+    claim_due_one_sql: ClassVar[Any] = sql.CLAIM_DUE_ONE
+    claim_one_sql: ClassVar[Any] = sql.CLAIM_ONE
+    bury_sql: ClassVar[Any] = hk.bury_statement(sqlite.insert)
+
+    def park(self, follower: Follower, lookback: float) -> ParkOutcome:
+        values = park_values(follower, lookback)
+
+        def mark_row_take_back(conn: Any) -> bool:
+            if conn.execute(_MARK, values).first() is None:
+                # An outcome is recorded, or a redelivery finds the row it parked before.
+                return conn.execute(HAS_ROW, values).first() is not None
+            conn.execute(_PARK_ROW, values)
+            return conn.execute(TAKE_BACK, values).first() is None
+
+        while True:
+            if self._run(mark_row_take_back):
+                return ParkOutcome.PARKED
+            # The leader's outcome was there. None: it expired meanwhile; park again.
+            outcome = self._settled(follower.scope, follower.leader_id)
+            if outcome is not None:
+                return outcome
+
+    def record_done_and_claim(
+        self,
+        scope: str,
+        task_id: str,
+        limit: int,
+        *,
+        failed: bool = False,
+        seen_ttl: float = DEFAULT_SEEN_TTL,
+        release_timeout: float = 60.0,
+    ) -> DoneRecord:
+        # The claim's statement starts after the record committed: it sees every row whose
+        # mark the record found (the module's docstring).
+        if not self.record_done(
+            scope, task_id, failed=failed, seen_ttl=seen_ttl, release_timeout=release_timeout
+        ):
+            return DoneRecord(waited=False, claimed=[], complete=True)
+        claimed = self.claim_followers(scope, task_id, limit) if limit else []
+        return DoneRecord(True, claimed, complete=limit > 0 and len(claimed) < limit)
+
+    def finish(self, row_ids: Sequence[int]) -> None:
+        if not row_ids:
+            return
+        ids = {"b_ids": list(row_ids)}
+
+        def run(conn: Any) -> None:
+            conn.execute(RESTART_BEHIND, ids)
+            conn.execute(FINISH, ids)
+
+        self._run(run)

@@ -1,0 +1,370 @@
+"""What the PostgreSQL and SQLite stores share: running named statements, mapping rows,
+the sweep's and the operators' queries.
+
+Every operation is one or a few single-statement autocommit transactions, so no lock is
+held across a round trip. How each dialect parks a follower and records a leader without
+stranding either is argued in ``postgresql.py`` and ``sqlite.py``, the only places that
+differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, TypeVar
+
+from sqlalchemy import Engine, inspect
+
+from ..core import release_order, rings
+from ..errors import StoreError
+from ..settings import mask_url
+from ..store import (
+    DEFAULT_SEEN_TTL,
+    ClaimedFollower,
+    DoneRecord,
+    Follower,
+    FollowerInfo,
+    Lookup,
+    ParkOutcome,
+    ScopeStats,
+)
+from . import housekeeping as hk
+from . import statements as sql
+from .engine import Compiled, Database
+from .schema import metadata
+
+T = TypeVar("T")
+
+#: Due rows held back by a parked leader that ``stats`` walks looking for rings.
+_STATS_RING_LIMIT = 10_000
+
+
+def claimed_row(row: Sequence[Any]) -> ClaimedFollower:
+    """A row of :data:`~.statements.FOLLOWER_COLUMNS` (positional: from the bare cursor)."""
+    (row_id, scope, follower_id, leader_id, task_name, occurred_at, parked_at) = row[:7]
+    content_type, content_encoding, payload, hostname = row[7:11]
+    return ClaimedFollower(
+        scope=scope,
+        follower_id=follower_id,
+        leader_id=leader_id,
+        task_name=task_name,
+        occurred_at=occurred_at,
+        payload=bytes(payload),
+        content_type=content_type,
+        content_encoding=content_encoding,
+        hostname=hostname,
+        row_id=row_id,
+        parked_at=parked_at,
+    )
+
+
+def park_values(follower: Follower, lookback: float) -> dict[str, Any]:
+    return {
+        "b_scope": follower.scope,
+        "b_follower": follower.follower_id,
+        "b_leader": follower.leader_id,
+        "b_task": follower.task_name,
+        "b_occurred": follower.occurred_at,
+        "b_ctype": follower.content_type,
+        "b_cenc": follower.content_encoding,
+        "b_payload": follower.payload,
+        "b_host": follower.hostname,
+        "b_lookback": lookback,
+    }
+
+
+class SQLStore:
+    """:class:`~celery_causal.store.CausalStore` on SQLAlchemy Core; one subclass per
+    dialect (:func:`celery_causal.sql.open_store` picks it)."""
+
+    #: This dialect's INSERT (both have ON CONFLICT).
+    insert: ClassVar[Callable[..., Any]]
+    #: The claims of waiting rows as this dialect runs them.
+    claim_followers_sql: ClassVar[Any]
+    claim_lost_sql: ClassVar[Any]
+    claim_stuck_sql: ClassVar[Any]
+    claim_due_one_sql: ClassVar[Any]
+    claim_one_sql: ClassVar[Any]
+    record_sql: ClassVar[Any]
+    bury_sql: ClassVar[Any]
+
+    def __init__(self, url: str, *, create_schema: bool = True) -> None:
+        self.url = url
+        self._creating = False
+        #: Statements compiled for this URL's dialect, by id of the prebuilt statement.
+        self._compiled: dict[int, Compiled] = {}
+        # With create_schema, each process creates missing tables when it first connects.
+        self._db = Database(url, on_new_engine=self._create_quietly if create_schema else None)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({mask_url(self.url)!r})"
+
+    @property
+    def engine(self) -> Engine:
+        return self._db.engine
+
+    # -- running statements ------------------------------------------------------------
+    # The statements a task runs on every call are built once, with bound parameters, so a
+    # call costs one pooled round trip and no statement construction.
+
+    def _run(self, operation: Callable[[Any], T]) -> T:
+        return self._db.run(operation)
+
+    def _fetch(self, statement: Any, params: dict[str, Any]) -> list[Any]:
+        """Run a prebuilt statement on the fast path (see ``Database.fetch``)."""
+        compiled = self._compiled.get(id(statement))
+        if compiled is None:
+            compiled = self._compiled[id(statement)] = self._db.compile(statement)
+        return self._db.fetch(compiled, params)
+
+    def _rowcount(self, stmt: Any, params: dict[str, Any]) -> int:
+        return int(self._run(lambda c: c.execute(stmt, params).rowcount))
+
+    def _claim(self, stmt: Any, params: dict[str, Any]) -> list[ClaimedFollower]:
+        return release_order(claimed_row(row) for row in self._fetch(stmt, params))
+
+    # -- schema --------------------------------------------------------------------------
+
+    def _schema_lock(self, conn: Any) -> contextlib.AbstractContextManager[None]:
+        """Held while the schema is created (PostgreSQL: many processes start at once)."""
+        return contextlib.nullcontext()
+
+    def create_schema(self) -> list[str]:
+        def create(conn: Any) -> list[str]:
+            with self._schema_lock(conn):
+                before = _schema_objects(conn)
+                metadata.create_all(conn, checkfirst=True)
+                return sorted(_schema_objects(conn) - before)
+
+        self._creating = True  # the engine this may build must not create it first
+        try:
+            return self._run(create)
+        finally:
+            self._creating = False
+
+    def _create_quietly(self) -> None:
+        # Called as a new engine appears; an unreachable database is reported by the
+        # operation that follows, with the error mapping of run().
+        if not self._creating:
+            with contextlib.suppress(StoreError):
+                self.create_schema()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- the protocol: what differs per dialect ------------------------------------------
+
+    def park(self, follower: Follower, lookback: float) -> ParkOutcome:
+        raise NotImplementedError
+
+    def record_done_and_claim(
+        self,
+        scope: str,
+        task_id: str,
+        limit: int,
+        *,
+        failed: bool = False,
+        seen_ttl: float = DEFAULT_SEEN_TTL,
+        release_timeout: float = 60.0,
+    ) -> DoneRecord:
+        raise NotImplementedError
+
+    def finish(self, row_ids: Sequence[int]) -> None:
+        raise NotImplementedError
+
+    # -- the protocol: shared ------------------------------------------------------------
+
+    def lookup(self, scope: str, task_ids: Sequence[str]) -> Lookup:
+        stmt = sql.LOOKUPS.get(len(task_ids))
+        if stmt is None:
+            stmt = sql.lookup_statement(len(task_ids))
+        params: dict[str, Any] = {"b_scope": scope}
+        params.update((f"t{i}", task_id) for i, task_id in enumerate(task_ids))
+        (row,) = self._fetch(stmt, params)
+        done_ids = frozenset(t for i, t in enumerate(task_ids) if row[i + 1] == sql.DONE)
+        failed_ids = frozenset(t for i, t in enumerate(task_ids) if row[i + 1] == sql.FAILED)
+        return Lookup(done=done_ids, now=float(row[0]), failed=failed_ids)
+
+    def _settled(self, scope: str, leader_id: str) -> ParkOutcome | None:
+        """Which outcome of the leader a park ran into (one more round trip, rare); ``None``
+        if it expired meanwhile, and the park must be made again."""
+        lookup = self.lookup(scope, [leader_id])
+        if leader_id in lookup.done:
+            return ParkOutcome.LEADER_DONE
+        return ParkOutcome.LEADER_FAILED if leader_id in lookup.failed else None
+
+    def record_done(
+        self,
+        scope: str,
+        task_id: str,
+        *,
+        failed: bool = False,
+        seen_ttl: float = DEFAULT_SEEN_TTL,
+        release_timeout: float = 60.0,
+    ) -> bool:
+        params = {
+            "b_scope": scope,
+            "b_task_id": task_id,
+            "b_failed": failed,
+            "b_ttl": seen_ttl,
+            "b_timeout": release_timeout,
+        }
+        ((waited_at,),) = self._fetch(self.record_sql, params)
+        return waited_at is not None
+
+    def claim_followers(self, scope: str, leader_id: str, limit: int) -> list[ClaimedFollower]:
+        params = {"b_scope": scope, "b_leader": leader_id, "b_limit": limit}
+        return self._claim(self.claim_followers_sql, params)
+
+    def make_due(self, scope: str, leader_id: str) -> int:
+        return self._rowcount(sql.MAKE_DUE, {"b_scope": scope, "b_leader": leader_id})
+
+    def count_followers(self, scope: str, leader_id: str) -> int:
+        params = {"b_scope": scope, "b_leader": leader_id}
+        return int(self._run(lambda c: c.execute(hk.COUNT_WAITING, params).scalar_one()))
+
+    def clock(self) -> float:
+        """The database's clock, epoch seconds."""
+        return float(self._run(lambda c: c.execute(hk.CLOCK).scalar_one()))
+
+    # -- the sweep -----------------------------------------------------------------------
+
+    def claim_lost(self, release_timeout: float, limit: int) -> list[ClaimedFollower]:
+        params: dict[str, Any] = {"b_timeout": release_timeout, "b_limit": limit}
+        claimed = [
+            dataclasses.replace(c, stuck=True) for c in self._claim(self.claim_stuck_sql, params)
+        ]
+        if len(claimed) < limit:
+            claimed += self._claim(self.claim_lost_sql, {"b_limit": limit - len(claimed)})
+        return release_order(claimed)
+
+    def _ring_firsts(self, limit: int, postpone: bool = False) -> list[tuple[str, str]]:
+        """(scope, follower id) of the first row of each ring among due rows (see core.rings).
+
+        With ``postpone``, the candidates found in no ring are postponed (POSTPONE).
+        """
+        starts = self._fetch(hk.RING_CANDIDATES, {"b_limit": limit})
+        if not starts:
+            return []
+        ids = {"b_ids": [row[0] for row in starts]}
+        walked = self._run(lambda c: c.execute(hk.LEADER_WALK, ids).all())
+        links = {(r[0], r[1]): (r[0], r[2]) for r in walked}
+        occurred = {(r[0], r[1]): r[3] for r in walked}
+        found = rings(links)
+        if postpone:
+            in_rings = {key for ring in found for key in ring}
+            free = [row[0] for row in starts if (row[1], row[2]) not in in_rings]
+            if free:
+                self._rowcount(hk.POSTPONE, {"b_ids": free})
+        return [min(ring, key=lambda key: (occurred[key], key[1])) for ring in found]
+
+    def claim_cycles(self, limit: int) -> list[ClaimedFollower]:
+        claimed: list[ClaimedFollower] = []
+        for scope, first in self._ring_firsts(limit, postpone=True):
+            params = {"b_scope": scope, "b_follower": first}
+            claimed += [claimed_row(row) for row in self._fetch(self.claim_due_one_sql, params)]
+        return release_order(claimed)
+
+    def claim_orphans(self, limit: int) -> list[ClaimedFollower]:
+        while self._rowcount(hk.CLEAR_RELEASES, {"b_limit": limit}) == limit:
+            pass  # each round clears a batch of finished releases
+        claimed: list[ClaimedFollower] = []
+        for scope, leader in self._fetch(hk.ORPHANED_LEADERS, {"b_limit": limit}):
+            if len(claimed) >= limit:
+                break
+            claimed += self.claim_followers(scope, leader, limit - len(claimed))
+        return release_order(claimed)
+
+    def expire_done(self, seen_ttl: float, limit: int) -> int:
+        expired = 0
+        for stmt in (hk.EXPIRE_OUTCOMES, hk.EXPIRE_MARKS):
+            expired += self._rowcount(stmt, {"b_ttl": seen_ttl, "b_limit": limit - expired})
+            if expired >= limit:
+                break
+        return expired
+
+    # -- operators -----------------------------------------------------------------------
+
+    def bury(self, row_id: int, reason: str) -> None:
+        # Copy, then delete: a crash in between leaves the row claimed, the sweep claims
+        # it again, and the copy's ON CONFLICT makes the second burial a no-op.
+        def run(conn: Any) -> None:
+            conn.execute(self.bury_sql, {"b_id": row_id, "b_reason": reason[:2000]})
+            for scope, follower_id in conn.execute(hk.REMOVE_ROW, {"b_id": row_id}).all():
+                conn.execute(hk.UNPOSTPONE, {"b_scope": scope, "b_leader": follower_id})
+
+        self._run(run)
+
+    def unclaim(self, row_ids: Sequence[int]) -> None:
+        if row_ids:
+            self._rowcount(sql.UNCLAIM, {"b_ids": list(row_ids)})
+
+    def forget(self, scope: str, follower_id: str) -> bool:
+        key = {"b_scope": scope, "b_follower": follower_id}
+
+        def run(conn: Any) -> bool:
+            if conn.execute(hk.FORGET, key).first() is None:
+                return False
+            conn.execute(hk.UNPOSTPONE, {"b_scope": scope, "b_leader": follower_id})
+            return True
+
+        return self._run(run)
+
+    def claim_one(self, scope: str, follower_id: str) -> ClaimedFollower | None:
+        rows = self._fetch(self.claim_one_sql, {"b_scope": scope, "b_follower": follower_id})
+        return claimed_row(rows[0]) if rows else None
+
+    def stats(self, release_timeout: float = 60.0) -> list[ScopeStats]:
+        def run(conn: Any) -> tuple[list[Any], dict[str, int]]:
+            rows = conn.execute(hk.STATS, {"b_timeout": release_timeout}).all()
+            return rows, dict(conn.execute(hk.DEAD_PER_SCOPE).all())
+
+        rows, dead = self._run(run)
+        # The first of each ring is overdue too: the next sweep releases it.
+        rings_of = Counter(scope for scope, _ in self._ring_firsts(_STATS_RING_LIMIT))
+        for scope in sorted(set(dead) - {r[0] for r in rows}):
+            rows.append((scope, 0, 0, None, 0, 0))
+        rows.sort(key=lambda r: r[0])
+        return [
+            ScopeStats(
+                scope=r[0],
+                waiting=int(r[1] or 0),
+                releasing=int(r[2] or 0),
+                oldest_parked_at=None if r[3] is None else float(r[3]),
+                overdue=int(r[4] or 0) + rings_of[r[0]],
+                stuck=int(r[5] or 0),
+                dead=dead.get(r[0], 0),
+            )
+            for r in rows
+        ]
+
+    def list_followers(
+        self, scope: str | None, leader_id: str | None, limit: int
+    ) -> list[FollowerInfo]:
+        columns = [f.name for f in dataclasses.fields(FollowerInfo)]
+        stmt = hk.list_statement(
+            columns, by_scope=scope is not None, by_leader=leader_id is not None
+        )
+        params: dict[str, Any] = {"b_limit": limit}
+        if scope is not None:
+            params["b_scope"] = scope
+        if leader_id is not None:
+            params["b_leader"] = leader_id
+        rows = self._run(lambda c: c.execute(stmt, params).all())
+        return [FollowerInfo(*row) for row in rows]
+
+    def scopes_of(self, follower_id: str) -> list[str]:
+        params = {"b_follower": follower_id}
+        return list(self._run(lambda c: c.execute(hk.SCOPES_OF, params).scalars().all()))
+
+
+def _schema_objects(conn: Any) -> set[str]:
+    inspector = inspect(conn)
+    found: set[str] = set()
+    for table in metadata.tables.values():
+        if inspector.has_table(table.name):
+            found.add(f"table {table.name}")
+            found.update(f"index {ix['name']}" for ix in inspector.get_indexes(table.name))
+    return found
