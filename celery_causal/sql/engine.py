@@ -44,25 +44,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _postgresql_session(dbapi_connection: Any, _record: Any) -> None:
-    # Every statement of the store touches a handful of rows through an index, so the
-    # session is set up for that, whatever the tables' statistics say (none at all on a
-    # server without autovacuum, or those of a million rows):
-    # - no JIT: a high cost estimate made it compile a statement for far longer than it
-    #   runs (measured 150 ms added to a 2 ms release of 500 rows);
-    # - one generic plan per statement and connection: left to choose, PostgreSQL planned
-    #   the claim anew on every run once the table had a million rows' statistics, and
-    #   planning cost three times the claim (W6);
-    # - index paths over sequential scans: a plan made while the table was nearly empty
-    #   (cheapest to scan whole) was kept as it grew (W3: 4,700 scans, PostgreSQL CPU
-    #   18.8 s against 12.0 s).
-    # The settings apply to this connection only.
-    with dbapi_connection.cursor() as cursor:
-        cursor.execute("SET jit = off")
-        cursor.execute("SET plan_cache_mode = force_generic_plan")
-        cursor.execute("SET enable_seqscan = off")
-
-
 def _with_read_committed(url: str) -> str:
     """libpq start-up ``options`` pinning READ COMMITTED, after any the URL carries."""
     given = make_url(url).query.get("options") or ""
@@ -145,8 +126,6 @@ class Database:
             # needs no statement of its own.
             connect_args={"options": _with_read_committed(self.url)},
         )
-        if self.dialect == POSTGRESQL:
-            event.listen(engine, "connect", _postgresql_session)
         return engine
 
     def run(self, operation: Callable[[Any], T]) -> T:
