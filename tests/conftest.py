@@ -22,6 +22,8 @@ PG_ADMIN_URL = os.environ.get(
 REDIS_URL = os.environ.get("CAUSAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN_ID = uuid.uuid4().hex[:10]
 
+pytest_plugins = ["pytester"]
+
 
 def service_missing(what: str, error: BaseException) -> None:
     message = f"{what} is not reachable ({error!r}); start it or set its CAUSAL_TEST_* URL"

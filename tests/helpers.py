@@ -9,11 +9,11 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import text, update
 
-from celery_causal.memory_store import MemoryStore
 from celery_causal.payload import build_message, pack
 from celery_causal.sql import SQLStore
 from celery_causal.sql.schema import done, followers
 from celery_causal.store import CausalStore, Follower
+from celery_causal.testing import MemoryStore
 
 _APP = Celery("tests-helpers", set_as_current=False)
 

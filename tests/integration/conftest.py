@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from celery_causal.memory_store import MemoryStore
 from celery_causal.sql import open_store
 from celery_causal.store import CausalStore
+from celery_causal.testing import MemoryStore
 from tests.helpers import truncate
 
 

@@ -21,11 +21,11 @@ from celery_causal.errors import (
     StoreError,
     StoreUnavailable,
 )
-from celery_causal.memory_store import MemoryStore
 from celery_causal.sql import SQLStore, open_store
 from celery_causal.sql.schema import followers
 from celery_causal.store import CausalStore
 from celery_causal.task import runtime_for
+from celery_causal.testing import MemoryStore
 from tests.helpers import age, follower, truncate
 
 TTL = 1800.0

@@ -20,7 +20,7 @@ from celery_causal import LeaderFailed
 from celery_causal.store import CausalStore
 from celery_causal.task import runtime_for
 from tests.helpers import age, wait_for
-from tests.integration.test_ordering_in_process import Harness
+from tests.integration.harness import Harness
 
 
 class Outcomes(Harness):

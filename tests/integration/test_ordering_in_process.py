@@ -7,79 +7,15 @@ which messages are sent and the bodies' order can be asserted exactly, as the se
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from celery import Celery
-from celery.contrib.testing.worker import start_worker
 from kombu import Producer
 
-import celery_causal
 from celery_causal.store import CausalStore
 from celery_causal.task import runtime_for
 from tests.helpers import age, wait_for
-
-
-class Harness:
-    def __init__(self, store: CausalStore, **conf: Any) -> None:
-        self.app = Celery(f"inproc{id(self)}", broker="memory://", backend="cache+memory://")
-        self.app.conf.update(
-            broker_transport_options={"polling_interval": 0.02},
-            worker_hijack_root_logger=False,  # keep pytest's log capture
-            **conf,
-        )
-        celery_causal.install(self.app, store=store, beat=False)
-        self.store = store
-        self.ran: list[str] = []
-        # Task ids are unique per harness: results of earlier tests (the in-memory result
-        # backend is shared by the whole process) must not answer this test's AsyncResults.
-        self.tag = uuid.uuid4().hex[:8]
-
-        @celery_causal.causal_task(self.app, name="tests.event", scope="events", shared=False)
-        def event(label: str) -> str:
-            self.ran.append(label)
-            return label
-
-        @celery_causal.causal_task(self.app, name="tests.other", scope="other", shared=False)
-        def other(label: str) -> str:
-            self.ran.append(label)
-            return label
-
-        self.event, self.other = event, other
-
-    def send(
-        self,
-        label: str,
-        follows: str | None = None,
-        *,
-        task: Any = None,
-        occurred: float | None = None,
-    ) -> Any:
-        headers = {"causal_published_at": occurred} if occurred is not None else None
-        return (task or self.event).apply_async(
-            (label,),
-            task_id=self.id(label),
-            follows=follows and self.id(follows),
-            headers=headers,
-        )
-
-    def id(self, label: str) -> str:
-        return f"{self.tag}-{label}"
-
-    @contextmanager
-    def worker(self) -> Iterator[None]:
-        with start_worker(
-            self.app, pool="solo", concurrency=1, perform_ping_check=False, shutdown_timeout=30
-        ):
-            yield
-
-    def run_until(self, condition: Callable[[], bool], what: str) -> None:
-        with self.worker():
-            wait_for(condition, 30, what)
-
+from tests.integration.harness import Harness
 
 SEED = {"one": None, "two": "one", "three_a": "two", "three_b": "two"}
 

@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from celery_causal.memory_store import MemoryStore
 from celery_causal.sql import PostgresStore, open_store
 from celery_causal.store import CausalStore, ClaimedFollower, ParkOutcome
+from celery_causal.testing import MemoryStore
 from tests.helpers import age, follower, truncate
 
 LEADERS = [f"L{i}" for i in range(3)]

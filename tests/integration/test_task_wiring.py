@@ -14,10 +14,10 @@ from celery import Celery, signals
 
 import celery_causal
 from celery_causal.errors import NotInstalledError
-from celery_causal.memory_store import MemoryStore
 from celery_causal.sql import SQLStore, open_store
+from celery_causal.testing import MemoryStore
 from tests.helpers import truncate, wait_for
-from tests.integration.test_ordering_in_process import Harness
+from tests.integration.harness import Harness
 
 
 def test_base_class_form_parks_and_releases_in_the_default_scope() -> None:

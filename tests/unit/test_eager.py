@@ -9,7 +9,7 @@ from celery import Celery
 
 import celery_causal
 from celery_causal import DEFERRED, LeaderFailed
-from celery_causal.memory_store import MemoryStore
+from celery_causal.testing import MemoryStore
 
 
 def eager_app(**conf: Any) -> tuple[Celery, MemoryStore, list[str], Any, Any]:

@@ -1,4 +1,4 @@
-"""An in-memory store with the same atomicity as the SQL store, for tests (one process)."""
+"""An in-memory store with the same atomicity as the SQL stores, under one lock."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .core import release_order, rings
-from .store import (
+from ..core import release_order, rings
+from ..store import (
     DEFAULT_SEEN_TTL,
     ClaimedFollower,
     DoneRecord,
