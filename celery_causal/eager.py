@@ -43,8 +43,8 @@ def apply_released(
     rows: list[int] = []
     for follower in claimed:
         try:
-            message = unpack(app, follower, accept)
-            args, kwargs, embed = message.decoded_body()
+            message = unpack(follower, accept)
+            args, kwargs, embed = message.decoded_body(accept)
         except (PayloadError, TypeError, ValueError) as exc:
             bury_unreadable(store, follower, exc)
             continue

@@ -1,21 +1,24 @@
 """Turning a task's request into a storable message, and back into a publish call.
 
-A parked follower is stored as the Celery message its release will publish (headers,
-properties, body, routing), built once at park time, serialized by the task's own serializer
-(JSON by default, whose Celery extensions keep datetime, UUID, Decimal and bytes), so a
-released task receives exactly the arguments it would have received. Reading it back goes
-through kombu with an explicit list of accepted content types: a row whose content type is
-not accepted (pickle, unless the app accepts it) is refused, never deserialized.
+A parked follower is stored as the Celery message its release will publish, built once at
+park time. One shape for every serializer: the row's payload is the message's envelope
+(headers, properties, routing) as JSON, a newline, then the body exactly as the task's own
+serializer encoded it (JSON by default, whose Celery extensions keep datetime, UUID,
+Decimal and bytes); the row's content type and encoding are the body's. A release
+publishes those bytes unread, so a released task receives exactly the arguments it would
+have received. A row whose content type the app does not accept (pickle, unless it does)
+is refused, never published or deserialized.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from kombu.exceptions import ContentDisallowed, DecodeError, EncodeError
-from kombu.serialization import dumps, loads, registry
+from kombu.serialization import dumps, loads
+from kombu.utils import json
 from kombu.utils.functional import maybe_list
 
 from .errors import InvalidIdError, InvalidLeaderError, PayloadError
@@ -58,41 +61,28 @@ def leader_id(follows: object) -> str:
 
 @dataclass(frozen=True)
 class Message:
-    """A stored follower, decoded: the Celery task message to publish again.
+    """A follower's Celery task message, as its release publishes it.
 
-    ``headers``, ``properties`` and ``body`` are what ``send_task`` would publish; the
-    routing is the one the message was delivered with. Publishing it needs no router, no
-    argument repr and no message building, which is most of ``send_task``'s cost.
+    ``headers`` and ``properties`` are what ``send_task`` would publish, the routing the
+    one the message was delivered with, and ``body`` the bytes the task's serializer made.
+    Publishing it needs no router, no argument repr, no message building and no encoding,
+    which is most of ``send_task``'s cost.
     """
 
     headers: dict[str, Any]
     properties: dict[str, Any]
-    #: The task's arguments, callbacks and chain; already encoded when ``content_type`` is
-    #: set (then published as these exact bytes, not serialized again).
-    body: Any
     exchange: str
     routing_key: str
     #: Declared before publishing through the default exchange, as ``send_task`` does.
     queue: str | None
     delivery_mode: Any
-    serializer: str
-    content_type: str | None = None
-    content_encoding: str | None = None
+    body: bytes
+    content_type: str
+    content_encoding: str
 
-    def encoded(self) -> Message:
-        """This message with its body serialized, as it will be stored (JSON bodies only)."""
-        if self.content_type is not None or self.serializer != "json":
-            return self
-        content_type, content_encoding, data = dumps(self.body, serializer=self.serializer)  # type: ignore[no-untyped-call]
-        return replace(
-            self, body=data, content_type=content_type, content_encoding=content_encoding
-        )
-
-    def decoded_body(self) -> Any:
-        """The body as the task will receive it."""
-        if self.content_type is None:
-            return self.body
-        return loads(self.body, self.content_type, self.content_encoding)  # type: ignore[no-untyped-call]
+    def decoded_body(self, accept: Collection[str]) -> Any:
+        """The body as the task will receive it: ``(args, kwargs, embed)``."""
+        return loads(self.body, self.content_type, self.content_encoding, accept=accept)  # type: ignore[no-untyped-call]
 
 
 def execution_options(request: Any) -> dict[str, Any]:
@@ -164,6 +154,14 @@ def build_message(
         **options,
     )
     headers.update(custom_headers)
+    try:
+        content_type, content_encoding, data = dumps(body, serializer=serializer)  # type: ignore[no-untyped-call]
+    except (EncodeError, TypeError, ValueError) as exc:
+        raise PayloadError(
+            f"cannot store follower {task_id} of {task_name}: its message does not serialize "
+            f"with {serializer!r}: {exc}"
+        ) from exc
+    encoding = content_encoding or "binary"
     if priority is not None:
         properties["priority"] = priority
     delivery_mode = None
@@ -177,17 +175,20 @@ def build_message(
     return Message(
         headers=headers,
         properties=properties,
-        body=body,
         exchange=exchange or "",
         routing_key=routing_key or "",
         queue=queue,
         delivery_mode=delivery_mode or app.conf.task_default_delivery_mode,
-        serializer=serializer,
+        body=data.encode(encoding) if isinstance(data, str) else bytes(data),
+        content_type=content_type,
+        content_encoding=encoding,
     )
 
 
-#: The stored fields of a :class:`Message`; its serializer is the row's content type.
-_STORED = ("headers", "properties", "exchange", "routing_key", "queue", "delivery_mode")
+#: The envelope's fields: everything of a :class:`Message` but its body.
+_ENVELOPE = ("headers", "properties", "exchange", "routing_key", "queue", "delivery_mode")
+#: Ends the JSON envelope, which never contains a raw newline.
+_END_OF_ENVELOPE = b"\n"
 
 
 def pack(
@@ -201,29 +202,15 @@ def pack(
     max_bytes: int,
     hostname: str = "",
 ) -> Follower:
-    """Serialize a follower's message; raise :class:`PayloadError` if it cannot be stored.
-
-    A JSON body is stored already encoded (``encoded_body``): its release publishes those
-    bytes instead of decoding the body and encoding it again, which was about a tenth of
-    a release's time. Other serializers store the body as a value (``body``).
-    """
+    """The row of a follower; raise :class:`PayloadError` if it cannot be stored."""
     try:
-        message = message.encoded()
-        fields = {name: getattr(message, name) for name in _STORED}
-        if message.content_type is None:
-            fields["body"] = message.body
-        else:
-            fields["encoded_body"] = message.body
-            fields["body_content_type"] = message.content_type
-            fields["body_content_encoding"] = message.content_encoding
-        stored = {"message": fields}
-        content_type, content_encoding, data = dumps(stored, serializer=message.serializer)  # type: ignore[no-untyped-call]
-    except (EncodeError, TypeError, ValueError) as exc:
+        envelope = json.dumps({name: getattr(message, name) for name in _ENVELOPE})  # type: ignore[no-untyped-call]
+    except (TypeError, ValueError) as exc:
         raise PayloadError(
-            f"cannot store follower {task_id} of {task_name}: its message does not serialize "
-            f"with {message.serializer!r}: {exc}"
+            f"cannot store follower {task_id} of {task_name}: its headers do not serialize "
+            f"as JSON: {exc}"
         ) from exc
-    payload = data.encode(content_encoding or "utf-8") if isinstance(data, str) else bytes(data)
+    payload = envelope.encode("utf-8") + _END_OF_ENVELOPE + message.body
     if len(payload) > max_bytes:
         raise PayloadError(
             f"cannot park follower {task_id} of {task_name}: its message is {len(payload)} "
@@ -236,40 +223,32 @@ def pack(
         task_name=task_name,
         occurred_at=occurred_at,
         payload=payload,
-        content_type=content_type,
-        content_encoding=content_encoding or "binary",
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
         hostname=hostname,
     )
 
 
-def unpack(app: Any, follower: Follower, accept: Collection[str]) -> Message:
-    """Decode a stored follower; only content types in ``accept`` are deserialized."""
-    try:
-        stored = loads(  # type: ignore[no-untyped-call]
-            follower.payload,
-            follower.content_type,
-            follower.content_encoding,
-            accept=accept,
+def unpack(follower: Follower, accept: Collection[str]) -> Message:
+    """A stored follower's message; only content types in ``accept`` are let through."""
+    if follower.content_type not in accept:
+        raise PayloadError(
+            f"refusing stored follower {follower.follower_id}: content type "
+            f"{follower.content_type!r} is not accepted"
         )
-        serializer = registry.type_to_name[follower.content_type]
-        fields = stored["message"]
-        encoded = "encoded_body" in fields  # JSON; other serializers store the body as a value
+    try:
+        envelope, _, body = bytes(follower.payload).partition(_END_OF_ENVELOPE)
+        fields = json.loads(envelope)  # type: ignore[no-untyped-call]
         return Message(
             headers=dict(fields["headers"]),
             properties=dict(fields["properties"]),
-            body=fields["encoded_body"] if encoded else fields["body"],
             exchange=str(fields["exchange"]),
             routing_key=str(fields["routing_key"]),
             queue=fields["queue"],
             delivery_mode=fields["delivery_mode"],
-            serializer=serializer,
-            content_type=str(fields["body_content_type"]) if encoded else None,
-            content_encoding=str(fields["body_content_encoding"]) if encoded else None,
+            body=body,
+            content_type=follower.content_type,
+            content_encoding=follower.content_encoding,
         )
-    except ContentDisallowed as exc:
-        raise PayloadError(
-            f"refusing stored follower {follower.follower_id}: content type "
-            f"{follower.content_type!r} is not accepted ({exc})"
-        ) from exc
-    except (DecodeError, KeyError, TypeError, ValueError) as exc:
+    except (ContentDisallowed, DecodeError, KeyError, TypeError, ValueError) as exc:
         raise PayloadError(f"stored follower {follower.follower_id} is corrupt: {exc!r}") from exc

@@ -124,7 +124,7 @@ class _Release:
     def send(self, follower: ClaimedFollower) -> bool:
         """Publish one follower's message; ``False`` if it was refused and moved aside."""
         try:
-            message = unpack(self.app, follower, self.accept)
+            message = unpack(follower, self.accept)
             if message.queue is not None:
                 self.declare(message.queue)
         except PayloadError as exc:
@@ -141,8 +141,7 @@ class _Release:
             message.body,
             exchange=message.exchange,
             routing_key=message.routing_key,
-            serializer=message.serializer,
-            # Set for a stored encoded body: kombu then publishes it as it is.
+            # With a content type, kombu publishes the encoded body as it is.
             content_type=message.content_type,
             content_encoding=message.content_encoding,
             headers={**message.headers, **self.stamp},

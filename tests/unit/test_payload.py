@@ -16,6 +16,11 @@ from celery_causal.payload import Message, build_message, leader_id, pack, unpac
 from celery_causal.store import Follower
 
 JSON = {"application/json"}
+ACCEPT_ALL = {
+    "application/json",
+    "application/x-python-serialize",
+    "application/x-yaml",
+}
 APP = Celery("payload-tests", set_as_current=False)
 
 
@@ -48,14 +53,14 @@ def test_json_round_trip_keeps_celery_types() -> None:
         datetime.date(2026, 5, 1),
     ]
     follower = _pack(_message(args=values, kwargs={"k": values[2]}))
-    message = unpack(APP, follower, JSON)
-    args, kwargs, _embed = message.decoded_body()
+    message = unpack(follower, JSON)
+    args, kwargs, _embed = message.decoded_body(JSON)
     assert args == values
     assert kwargs == {"k": decimal.Decimal("1.10")}
     assert message.headers["id"] == "f"
     assert message.headers["task"] == "t"
     assert (message.exchange, message.routing_key, message.queue) == ("", "q", "q")
-    assert message.serializer == "json"
+    assert message.content_type == "application/json"
 
 
 def test_the_stored_message_is_the_one_send_task_builds() -> None:
@@ -71,14 +76,14 @@ def test_the_stored_message_is_the_one_send_task_builds() -> None:
         "headers": {"custom": "kept"},
         "argsrepr": "(<secret>,)",
     }
-    message = unpack(APP, _pack(_message([1], {}, **options)), JSON)
+    message = unpack(_pack(_message([1], {}, **options)), JSON)
     # Then the message carries them as Celery's own publish would
     assert message.headers["root_id"] == "r"
     assert message.headers["parent_id"] == "p"
     assert message.headers["timelimit"] == [30, 20]
     assert message.headers["custom"] == "kept"
     assert message.headers["argsrepr"] == "(<secret>,)"
-    assert message.decoded_body()[2]["callbacks"] == options["link"]
+    assert message.decoded_body(JSON)[2]["callbacks"] == options["link"]
     assert message.properties["priority"] == 7
     assert message.properties["reply_to"] == "reply-queue"
     assert message.delivery_mode == APP.conf.task_default_delivery_mode
@@ -91,36 +96,27 @@ def test_a_delivery_through_a_named_exchange_keeps_its_routing() -> None:
     assert (message.exchange, message.routing_key, message.queue) == ("ex", "rk", None)
 
 
-def test_a_json_body_is_stored_encoded_and_published_as_those_bytes() -> None:
-    message = _message([1, "two"], {"k": decimal.Decimal("3.5")})
-    stored = unpack(APP, _pack(message), JSON)
-    # The body is the exact text kombu's JSON serializer makes of it, not re-encoded later
-    content_type, content_encoding, data = dumps(message.body, serializer="json")
+@pytest.mark.parametrize("serializer", ["json", "pickle", "yaml"])
+def test_every_serializer_stores_the_body_as_the_bytes_it_encoded(serializer: str) -> None:
+    args, kwargs = [1, "two"], {"k": 3}
+    message = build_message(APP, "t", args, kwargs, {"task_id": "f", "queue": "q"}, serializer)
+    row = _pack(message)
+    # The row's content type is the body's, and the payload ends with the body's bytes
+    content_type, content_encoding, data = dumps(
+        (args, kwargs, message.decoded_body(ACCEPT_ALL)[2]), serializer=serializer
+    )
+    assert (row.content_type, row.content_encoding) == (content_type, content_encoding)
+    encoded = data.encode(content_encoding) if isinstance(data, str) else data
+    assert row.payload.endswith(encoded)
+    stored = unpack(row, ACCEPT_ALL)
+    # Released unread: the same bytes, content type and encoding go to the broker
     assert (stored.body, stored.content_type, stored.content_encoding) == (
-        data,
+        encoded,
         content_type,
         content_encoding,
     )
-    assert stored.decoded_body() == list(message.body)  # a JSON array comes back as a list
-
-
-def test_a_row_whose_body_is_stored_as_a_value_is_released_as_its_message() -> None:
-    # Bodies of serializers other than JSON are stored as values, encoded at release
-    message = _message([2], {"x": 1})
-    fields = {
-        "headers": message.headers,
-        "properties": message.properties,
-        "body": message.body,
-        "exchange": message.exchange,
-        "routing_key": message.routing_key,
-        "queue": message.queue,
-        "delivery_mode": message.delivery_mode,
-    }
-    _, _, data = dumps({"message": fields}, serializer="json")
-    stored = unpack(APP, replace(_pack(), payload=data.encode()), JSON)
-    assert stored.content_type is None  # kombu serializes it when it is published
-    assert stored.body == list(message.body) and stored.decoded_body()[0] == [2]
-    assert stored.headers["id"] == "f"
+    assert list(stored.decoded_body(ACCEPT_ALL)[:2]) == [args, kwargs]
+    assert stored.headers == message.headers
 
 
 def test_unserializable_argument_is_a_clear_error() -> None:
@@ -137,21 +133,20 @@ def test_pickle_rows_are_refused_unless_accepted() -> None:
     message = build_message(APP, "t", [], {}, {"task_id": "f", "queue": "q"}, "pickle")
     planted = _pack(message)
     assert planted.content_type == "application/x-python-serialize"
-    assert planted.payload.startswith(pickle.dumps(0)[:2])  # a pickle, not JSON
+    assert list(pickle.loads(planted.payload.partition(b"\n")[2])[0]) == []  # pickled body
     with pytest.raises(PayloadError, match="not accepted"):
-        unpack(APP, planted, JSON)
-    accepted = unpack(APP, planted, JSON | {"application/x-python-serialize"})
-    assert list(accepted.body[0]) == []
-    assert accepted.serializer == "pickle"
+        unpack(planted, JSON)
+    accepted = unpack(planted, JSON | {"application/x-python-serialize"})
+    assert list(accepted.decoded_body({"application/x-python-serialize"})[0]) == []
 
 
 def test_corrupt_rows_are_reported() -> None:
     broken = replace(_pack(), payload=b"{not json")
     with pytest.raises(PayloadError, match="corrupt"):
-        unpack(APP, broken, JSON)
+        unpack(broken, JSON)
     missing = replace(_pack(), payload=b'{"message": {"headers": {}}}')
     with pytest.raises(PayloadError, match="corrupt"):
-        unpack(APP, missing, JSON)
+        unpack(missing, JSON)
 
 
 def test_leader_id_accepts_ids_and_async_results() -> None:
