@@ -17,8 +17,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
-from .errors import CausalError, StoreError, StoreUnavailable
-from .settings import mask_url
+from .errors import CausalError, ConfigurationError, StoreError, StoreUnavailable
+from .settings import engine_url, mask_url
 
 T = TypeVar("T")
 
@@ -87,8 +87,13 @@ class Database:
 
     def __init__(self, url: str, on_new_engine: Callable[[], object] | None = None) -> None:
         self.url = url
-        self.is_postgresql = url.startswith("postgresql")
-        self.is_sqlite = url.startswith("sqlite")
+        try:
+            # The dialect is read from the parsed URL: "postgresql+asyncpg" starts like ours.
+            self._engine_url = engine_url(url)
+        except ValueError as exc:
+            raise ConfigurationError(f"causal_store_url: {exc} (got {mask_url(url)!r})") from None
+        self.is_postgresql = self._engine_url.get_backend_name() == "postgresql"
+        self.is_sqlite = self._engine_url.get_backend_name() == "sqlite"
         self._on_new_engine = on_new_engine
         self._engine: Engine | None = None
         self._pid = 0
@@ -117,7 +122,7 @@ class Database:
         # to roll back: skipping the reset saves a round of pool work on every call.
         if self.is_sqlite:
             engine = create_engine(
-                self.url,
+                self._engine_url,
                 isolation_level="AUTOCOMMIT",
                 connect_args={"timeout": 30},
                 pool_reset_on_return=None,
@@ -125,7 +130,7 @@ class Database:
             event.listen(engine, "connect", _sqlite_pragmas)
             return engine
         engine = create_engine(
-            self.url,
+            self._engine_url,
             isolation_level="AUTOCOMMIT",
             pool_size=5,
             max_overflow=10,

@@ -116,7 +116,7 @@ class SQLStore:
         # With create_schema, each process creates missing tables when it first connects.
         self._db = Database(url, on_new_engine=self._create_quietly if create_schema else None)
         self._insert: Callable[..., Any] = (
-            sqlite.insert if url.startswith("sqlite") else postgresql.insert
+            sqlite.insert if self._db.is_sqlite else postgresql.insert
         )
         self.is_postgresql = self._db.is_postgresql
         self._sql = DialectStatements(self.is_postgresql)

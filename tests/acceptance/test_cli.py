@@ -107,8 +107,10 @@ def test_migrate_creates_then_reports_up_to_date(acceptance_env: dict[str, str])
     [
         ("postgresql+psycopg://causal:hunter2@127.0.0.1:1/nowhere", 69, "failed"),
         ("mysql://causal:hunter2@127.0.0.1/x", 78, "unsupported scheme"),
+        ("postgresql+psycopg2://causal:hunter2@127.0.0.1/x", 78, "postgresql+psycopg://"),
+        ("postgresql+asyncpg://causal:hunter2@127.0.0.1/x", 78, "causal_store_url"),
     ],
-    ids=["unreachable", "wrong-scheme"],
+    ids=["unreachable", "wrong-scheme", "psycopg2", "asyncpg"],
 )
 def test_bad_store_url_is_a_one_line_error_with_the_password_masked(
     acceptance_env: dict[str, str], url: str, code: int, expected: str
@@ -119,6 +121,24 @@ def test_bad_store_url_is_a_one_line_error_with_the_password_masked(
     assert "hunter2" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_worker_given_another_postgresql_driver_stops_on_the_settings_error(
+    acceptance_env: dict[str, str],
+) -> None:
+    env = dict(acceptance_env, CAUSAL_STORE_URL="postgresql+psycopg2://causal:hunter2@db/x")
+    worker = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.acceptance.causal_app", "worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert worker.returncode != 0
+    assert "ConfigurationError" in worker.stderr and "causal_store_url" in worker.stderr
+    assert "postgresql+psycopg://" in worker.stderr
+    assert "ModuleNotFoundError" not in worker.stderr and "hunter2" not in worker.stderr
 
 
 def test_sweep_of_many_shows_progress_and_status_counts_dead_rows(
