@@ -13,7 +13,13 @@ from typing import Any, TypeVar
 
 import click
 
-from .errors import CausalError, ConfigurationError, NotInstalledError, StoreUnavailable
+from .errors import (
+    CausalError,
+    ConfigurationError,
+    NotInstalledError,
+    SchemaMissing,
+    StoreUnavailable,
+)
 from .runtime import CausalRuntime
 from .settings import mask_url
 from .store import ScopeStats
@@ -40,7 +46,7 @@ def _one_line_errors(command: F) -> F:
             return command(*args, **kwargs)
         except StoreUnavailable as exc:
             raise CommandError(str(exc), EX_UNAVAILABLE) from None
-        except (ConfigurationError, NotInstalledError) as exc:
+        except (ConfigurationError, NotInstalledError, SchemaMissing) as exc:
             raise CommandError(str(exc), EX_CONFIG) from None
         except CausalError as exc:
             raise CommandError(str(exc)) from None
@@ -48,10 +54,19 @@ def _one_line_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _runtime(ctx: click.Context) -> CausalRuntime:
-    from .task import runtime_for
+def _runtime(ctx: click.Context, *, schema: bool = True) -> CausalRuntime:
+    """The app's runtime; with ``schema``, :class:`SchemaMissing` unless its tables exist."""
+    from .task import operator_runtime
 
-    return runtime_for(ctx.obj.app)
+    runtime = operator_runtime(ctx.obj.app)
+    missing = runtime.store.missing_tables() if schema else []
+    if missing:
+        raise SchemaMissing(
+            f"causal store {mask_url(runtime.settings.store_url)} has no celery-causal tables "
+            f"({', '.join(missing)} missing): check causal_store_url, or create them with "
+            "`celery -A <app> causal migrate`"
+        )
+    return runtime
 
 
 def _age(seconds: float | None) -> str:
@@ -315,7 +330,7 @@ def forget(ctx: click.Context, follower_id: str, scope: str | None, yes: bool) -
 @_one_line_errors
 def migrate(ctx: click.Context) -> None:
     """Create the tables and indexes if missing, and report what was done."""
-    runtime = _runtime(ctx)
+    runtime = _runtime(ctx, schema=False)
     click.echo(f"store: {mask_url(runtime.settings.store_url)}")
     created = runtime.store.create_schema()
     for item in created:

@@ -56,6 +56,9 @@ class MemoryStore:
     def create_schema(self) -> list[str]:
         return []
 
+    def missing_tables(self) -> list[str]:
+        return []
+
     def lookup(self, scope: str, task_ids: Sequence[str]) -> Lookup:
         with self._lock:
             now = self.clock()

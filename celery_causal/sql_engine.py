@@ -221,6 +221,13 @@ class Database:
         message = f"causal store {mask_url(self.url)} failed: {reason}"
         return StoreUnavailable(message) if unavailable else StoreError(message)
 
+    def sqlite_file_missing(self) -> bool:
+        """A SQLite URL naming a file that does not exist (connecting would create it)."""
+        url = self._engine_url
+        if not self.is_sqlite or url.query.get("uri"):  # a "file:" URI: sqlite3 decides
+            return False
+        return url.database not in (None, "", ":memory:") and not os.path.exists(url.database)
+
     def has_engine(self) -> bool:
         return self._engine is not None and self._pid == os.getpid()
 

@@ -156,6 +156,16 @@ class SQLStore:
         finally:
             self._creating = False
 
+    def missing_tables(self) -> list[str]:
+        if self._db.sqlite_file_missing():
+            return sorted(metadata.tables)
+
+        def run(conn: Any) -> list[str]:
+            inspector = inspect(conn)
+            return [t for t in sorted(metadata.tables) if not inspector.has_table(t)]
+
+        return self._run(run)
+
     def _create_quietly(self) -> None:
         # Called as a new engine appears; an unreachable database is reported by the
         # operation that follows, with the error mapping of run().

@@ -127,6 +127,9 @@ class CausalStore(Protocol):
     def create_schema(self) -> list[str]:
         """Create missing tables and indexes; return what was created (idempotent)."""
 
+    def missing_tables(self) -> list[str]:
+        """Tables of the schema that do not exist; creates nothing (no SQLite file either)."""
+
     def lookup(self, scope: str, task_ids: Sequence[str]) -> Lookup:
         """Which of ``task_ids`` have an unexpired done or failed record; the store's clock."""
 

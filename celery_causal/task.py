@@ -24,6 +24,7 @@ from .errors import InvalidIdError, LeaderFailed, NotInstalledError, StoreUnavai
 from .payload import FOLLOWS, PUBLISHED_AT, check_id, leader_id
 from .runtime import CausalRuntime
 from .settings import CausalSettings
+from .sql_store import SQLStore
 from .store import CausalStore, ParkOutcome
 from .tracing import (
     RELEASE_FAILED,
@@ -50,6 +51,13 @@ _installed: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDict
 _runtimes: weakref.WeakKeyDictionary[Any, CausalRuntime] = weakref.WeakKeyDictionary()
 
 
+def _install_options(app: Any) -> dict[str, Any]:
+    options = _installed.get(app)
+    if options is None:
+        raise NotInstalledError(f"celery_causal.install(app) was not called for app {app.main!r}")
+    return options
+
+
 def runtime_for(app: Any) -> CausalRuntime:
     """The app's causal runtime, built on first use from ``app.conf``."""
     runtime = _runtimes.get(app)
@@ -58,15 +66,21 @@ def runtime_for(app: Any) -> CausalRuntime:
     with _lock:
         runtime = _runtimes.get(app)
         if runtime is None:
-            options = _installed.get(app)
-            if options is None:
-                raise NotInstalledError(
-                    f"celery_causal.install(app) was not called for app {app.main!r}"
-                )
+            options = _install_options(app)
             settings = CausalSettings.from_conf(app.conf)
             runtime = CausalRuntime(app, settings, store=options.get("store"))
             _runtimes[app] = runtime
         return runtime
+
+
+def operator_runtime(app: Any) -> CausalRuntime:
+    """A runtime of its own for the ``celery causal`` commands, whose store never creates
+    the schema: pointed at a mistyped database, a command must say that the tables are
+    missing, not create them there (only ``migrate`` creates them, by asking to)."""
+    options = _install_options(app)
+    settings = CausalSettings.from_conf(app.conf)
+    store = options.get("store") or SQLStore(settings.store_url, create_schema=False)
+    return CausalRuntime(app, settings, store=store)
 
 
 class CausalTask(Task):  # type: ignore[misc]

@@ -7,8 +7,10 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, inspect
 
 from tests.acceptance.conftest import ROOT, Spawned
 from tests.conftest import fresh_database
@@ -100,6 +102,53 @@ def test_migrate_creates_then_reports_up_to_date(acceptance_env: dict[str, str])
         assert "created index causal_followers_leader_idx" in first.stdout
         again = causal_cli(env, "migrate")
         assert "schema is up to date" in again.stdout
+
+
+#: Every command but ``migrate``: none of them may create the schema.
+NOT_MIGRATE = [
+    ("status",),
+    ("list",),
+    ("sweep",),
+    ("release", "f1"),
+    ("forget", "f1", "--yes"),
+]
+
+
+def assert_schema_missing(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 78, result.stderr
+    assert "no celery-causal tables" in result.stderr and "causal migrate" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "no parked followers" not in result.stdout
+
+
+def test_commands_on_a_database_without_the_schema_say_so_and_leave_it_as_it_was(
+    acceptance_env: dict[str, str],
+) -> None:
+    # Given a database that exists but holds no celery-causal tables (a mistyped name)
+    with fresh_database(f"_typo_{uuid.uuid4().hex[:6]}") as url:
+        env = dict(acceptance_env, CAUSAL_STORE_URL=url)
+        for args in NOT_MIGRATE:
+            assert_schema_missing(causal_cli(env, *args))
+        engine = create_engine(url)
+        try:
+            assert inspect(engine).get_table_names() == []
+        finally:
+            engine.dispose()
+        assert causal_cli(env, "migrate").returncode == 0
+        assert causal_cli(env, "status").returncode == 0
+
+
+def test_commands_given_a_sqlite_file_that_does_not_exist_do_not_create_it(
+    acceptance_env: dict[str, str], tmp_path: Path
+) -> None:
+    path = tmp_path / "typo.sqlite3"
+    env = dict(acceptance_env, CAUSAL_STORE_URL=f"sqlite:///{path}")
+    for args in NOT_MIGRATE:
+        assert_schema_missing(causal_cli(env, *args))
+    assert list(tmp_path.iterdir()) == []
+    created = causal_cli(env, "migrate")
+    assert created.returncode == 0 and "created table causal_followers" in created.stdout
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,28 @@ def test_parking_twice_leaves_one_row(store: CausalStore) -> None:
     assert store.park(follower("f1", "L"), LOOKBACK) is ParkOutcome.PARKED
     assert store.count_followers("default", "L") == 1
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
+
+
+def test_a_store_with_its_schema_misses_no_table(store: CausalStore) -> None:
+    assert store.missing_tables() == []
+
+
+def test_a_store_that_may_not_create_the_schema_reports_it_missing_and_creates_no_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "typo.sqlite3"
+    sql = SQLStore(f"sqlite:///{path}", create_schema=False)
+    try:
+        assert sql.missing_tables() == [
+            "causal_dead_followers",
+            "causal_done",
+            "causal_followers",
+        ]
+        assert not path.exists()
+        sql.create_schema()
+        assert sql.missing_tables() == []
+    finally:
+        sql.close()
 
 
 def test_lookup_reports_done_ids_within_the_ttl(store: CausalStore) -> None:
