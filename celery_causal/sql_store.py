@@ -62,6 +62,7 @@ from .store import (
     Follower,
     FollowerInfo,
     Lookup,
+    ParkedFollower,
     ParkOutcome,
     ScopeStats,
     record_then_claim,
@@ -497,14 +498,29 @@ class SQLStore:
     def list_followers(
         self, scope: str | None, leader_id: str | None, limit: int
     ) -> list[FollowerInfo]:
-        stmt = select(*(followers.c[f.name] for f in dataclasses.fields(FollowerInfo)))
-        if scope is not None:
-            stmt = stmt.where(followers.c.scope == scope)
-        if leader_id is not None:
-            stmt = stmt.where(followers.c.leader_id == leader_id)
+        stmt = _matching(
+            select(*(followers.c[f.name] for f in dataclasses.fields(FollowerInfo))),
+            scope,
+            leader_id,
+        )
         stmt = stmt.order_by(followers.c.parked_at, followers.c.id).limit(limit)
         rows = self._run(lambda c: c.execute(stmt).all())
         return [FollowerInfo(*row) for row in rows]
+
+    def count_parked(self, scope: str | None, leader_id: str | None) -> int:
+        stmt = _matching(select(func.count()).select_from(followers), scope, leader_id)
+        return int(self._run(lambda c: c.execute(stmt).scalar_one()))
+
+    def parked_follower(self, scope: str, follower_id: str) -> ParkedFollower | None:
+        fields = [f.name for f in dataclasses.fields(ParkedFollower)]
+        stmt = select(*(followers.c[name] for name in fields)).where(
+            followers.c.scope == scope, followers.c.follower_id == follower_id
+        )
+        row = self._run(lambda c: c.execute(stmt).first())
+        if row is None:
+            return None
+        values = dict(zip(fields, row, strict=True))
+        return ParkedFollower(**{**values, "payload": bytes(values["payload"])})
 
     def claim_one(self, scope: str, follower_id: str) -> ClaimedFollower | None:
         stmt = (
@@ -527,6 +543,15 @@ class SQLStore:
     def clock(self) -> float:
         """The database's clock, epoch seconds."""
         return float(self._run(lambda c: c.execute(select(db_clock())).scalar_one()))
+
+
+def _matching(stmt: Any, scope: str | None, leader_id: str | None) -> Any:
+    """``stmt`` on the follower rows of ``scope`` and ``leader_id``, where given."""
+    if scope is not None:
+        stmt = stmt.where(followers.c.scope == scope)
+    if leader_id is not None:
+        stmt = stmt.where(followers.c.leader_id == leader_id)
+    return stmt
 
 
 def _schema_objects(conn: Any) -> set[str]:

@@ -365,6 +365,33 @@ def test_operator_listing_and_single_release(store: CausalStore) -> None:
     assert store.clock() > 1_600_000_000
 
 
+def test_operator_reads_one_follower_whole_and_counts_what_a_listing_cut(
+    store: CausalStore,
+) -> None:
+    original = follower("f1", "L", scope="a", occurred_at=12.5)
+    store.park(original, LOOKBACK)
+    store.park(follower("f2", "L", scope="a"), 30.0)
+    store.park(follower("f3", "M", scope="b"), LOOKBACK)
+    one = store.parked_follower("a", "f1")
+    assert one is not None and one.as_follower() == original
+    assert (one.leader_id, one.task_name, one.occurred_at) == ("L", "tests.step", 12.5)
+    assert (one.lookback, one.deadline, one.claimed_at) == (
+        LOOKBACK,
+        one.parked_at + LOOKBACK,
+        None,
+    )
+    assert store.parked_follower("b", "f1") is None
+    assert store.parked_follower("a", "missing") is None
+    store.claim_one("a", "f2")
+    claimed = store.parked_follower("a", "f2")
+    assert claimed is not None and claimed.claimed_at is not None
+    # A count covers waiting and releasing rows, under the listing's own filters
+    assert store.count_parked(None, None) == 3
+    assert store.count_parked("a", None) == 2
+    assert store.count_parked(None, "L") == 2
+    assert store.count_parked("b", "L") == 0
+
+
 def test_bury_moves_a_claimed_row_aside_once(store: CausalStore) -> None:
     store.park(follower("bad", "L", scope="a"), LOOKBACK)
     store.park(follower("good", "L", scope="a"), LOOKBACK)
