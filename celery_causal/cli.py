@@ -6,87 +6,14 @@ Registered in the ``celery.commands`` entry point group, so it runs with the app
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from .errors import (
-    CausalError,
-    ConfigurationError,
-    NotInstalledError,
-    SchemaMissing,
-    StoreUnavailable,
-)
-from .runtime import CausalRuntime
+from .cli_common import CommandError, age, find_scope, one_line_errors, runtime_of, table
 from .settings import mask_url
 from .store import ScopeStats
-
-# sysexits.h, as Celery's own commands use them
-EX_UNAVAILABLE = 69
-EX_CONFIG = 78
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class CommandError(click.ClickException):
-    """A one-line error with the exit status Celery's commands use for its kind."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(" ".join(message.split()))
-        self.exit_code = exit_code
-
-
-def _one_line_errors(command: F) -> F:
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except StoreUnavailable as exc:
-            raise CommandError(str(exc), EX_UNAVAILABLE) from None
-        except (ConfigurationError, NotInstalledError, SchemaMissing) as exc:
-            raise CommandError(str(exc), EX_CONFIG) from None
-        except CausalError as exc:
-            raise CommandError(str(exc)) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _runtime(ctx: click.Context, *, schema: bool = True) -> CausalRuntime:
-    """The app's runtime; with ``schema``, :class:`SchemaMissing` unless its tables exist."""
-    from .task import operator_runtime
-
-    runtime = operator_runtime(ctx.obj.app)
-    missing = runtime.store.missing_tables() if schema else []
-    if missing:
-        raise SchemaMissing(
-            f"causal store {mask_url(runtime.settings.store_url)} has no celery-causal tables "
-            f"({', '.join(missing)} missing): check causal_store_url, or create them with "
-            "`celery -A <app> causal migrate`"
-        )
-    return runtime
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = max(seconds, 0.0)
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 @click.group(name="causal")
@@ -167,10 +94,10 @@ def prometheus_text(rows: list[dict[str, Any]]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts and monitoring.")
 @click.option("--prometheus", is_flag=True, help="Print gauges in Prometheus text format.")
 @click.pass_context
-@_one_line_errors
+@one_line_errors
 def status(ctx: click.Context, as_json: bool, prometheus: bool) -> None:
     """Per scope: waiting followers, oldest, overdue for the sweep, stuck releasing."""
-    runtime = _runtime(ctx)
+    runtime = runtime_of(ctx)
     settings = runtime.settings
     stats = runtime.store.stats(settings.release_timeout)
     rows = _scope_rows(stats, runtime.store.clock())
@@ -185,13 +112,13 @@ def status(ctx: click.Context, as_json: bool, prometheus: bool) -> None:
         click.echo("no parked followers")
         return
     click.echo(
-        _table(
+        table(
             ["scope", "waiting", "oldest", "overdue", "releasing", "stuck", "dead"],
             [
                 [
                     r["scope"],
                     str(r["waiting"]),
-                    _age(r["oldest_age_seconds"]),
+                    age(r["oldest_age_seconds"]),
                     str(r["overdue"]),
                     str(r["releasing"]),
                     str(r["stuck"]),
@@ -212,12 +139,12 @@ def status(ctx: click.Context, as_json: bool, prometheus: bool) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-@_one_line_errors
+@one_line_errors
 def list_(
     ctx: click.Context, scope: str | None, leader: str | None, limit: int, as_json: bool
 ) -> None:
     """Parked followers, oldest first."""
-    runtime = _runtime(ctx)
+    runtime = runtime_of(ctx)
     infos = runtime.store.list_followers(scope, leader, limit)
     now = runtime.store.clock()
     rows: list[dict[str, Any]] = [
@@ -238,7 +165,7 @@ def list_(
         click.echo("no parked followers")
         return
     click.echo(
-        _table(
+        table(
             ["scope", "follower id", "task", "leader id", "age", "state"],
             [
                 [
@@ -246,7 +173,7 @@ def list_(
                     r["follower_id"],
                     r["task"],
                     r["leader_id"],
-                    _age(r["age_seconds"]),
+                    age(r["age_seconds"]),
                     r["state"],
                 ]
                 for r in rows
@@ -260,10 +187,10 @@ def list_(
 
 @causal.command()
 @click.pass_context
-@_one_line_errors
+@one_line_errors
 def sweep(ctx: click.Context) -> None:
     """Release lost followers now (what the beat job does)."""
-    runtime = _runtime(ctx)
+    runtime = runtime_of(ctx)
     settings = runtime.settings
     due = sum(s.overdue + s.stuck for s in runtime.store.stats(settings.release_timeout))
     if due > settings.batch_size:
@@ -277,29 +204,15 @@ def sweep(ctx: click.Context) -> None:
     )
 
 
-def _find_scope(runtime: CausalRuntime, follower_id: str, scope: str | None) -> str:
-    if scope is not None:
-        return scope
-    scopes = runtime.store.scopes_of(follower_id)
-    if not scopes:
-        raise CommandError(f"no parked follower {follower_id!r}")
-    if len(scopes) > 1:
-        raise CommandError(
-            f"follower {follower_id!r} is parked in several scopes ({', '.join(scopes)}); "
-            "pass --scope"
-        )
-    return scopes[0]
-
-
 @causal.command()
 @click.argument("follower_id")
 @click.option("--scope", help="The follower's scope (needed if the id is in several).")
 @click.pass_context
-@_one_line_errors
+@one_line_errors
 def release(ctx: click.Context, follower_id: str, scope: str | None) -> None:
     """Re-enqueue one parked follower now, without waiting for its leader."""
-    runtime = _runtime(ctx)
-    scope = _find_scope(runtime, follower_id, scope)
+    runtime = runtime_of(ctx)
+    scope = find_scope(runtime, follower_id, scope)
     claimed = runtime.release_one(scope, follower_id)
     if claimed is None:
         raise CommandError(f"no parked follower {follower_id!r} in scope {scope!r}")
@@ -311,11 +224,11 @@ def release(ctx: click.Context, follower_id: str, scope: str | None) -> None:
 @click.option("--scope", help="The follower's scope (needed if the id is in several).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
-@_one_line_errors
+@one_line_errors
 def forget(ctx: click.Context, follower_id: str, scope: str | None, yes: bool) -> None:
     """Drop one parked follower without running it."""
-    runtime = _runtime(ctx)
-    scope = _find_scope(runtime, follower_id, scope)
+    runtime = runtime_of(ctx)
+    scope = find_scope(runtime, follower_id, scope)
     if not yes:
         click.confirm(
             f"Drop follower {follower_id} (scope {scope!r}) without running it?", abort=True
@@ -327,10 +240,10 @@ def forget(ctx: click.Context, follower_id: str, scope: str | None, yes: bool) -
 
 @causal.command()
 @click.pass_context
-@_one_line_errors
+@one_line_errors
 def migrate(ctx: click.Context) -> None:
     """Create the tables and indexes if missing, and report what was done."""
-    runtime = _runtime(ctx, schema=False)
+    runtime = runtime_of(ctx, schema=False)
     click.echo(f"store: {mask_url(runtime.settings.store_url)}")
     created = runtime.store.create_schema()
     for item in created:
