@@ -91,12 +91,16 @@ def prometheus_text(rows: list[dict[str, Any]]) -> str:
 
 
 @causal.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts and monitoring.")
+@click.option(
+    "-j", "--json", "as_json", is_flag=True, help="Print JSON for scripts and monitoring."
+)
 @click.option("--prometheus", is_flag=True, help="Print gauges in Prometheus text format.")
 @click.pass_context
 @one_line_errors
 def status(ctx: click.Context, as_json: bool, prometheus: bool) -> None:
     """Per scope: waiting followers, oldest, overdue for the sweep, stuck releasing."""
+    if as_json and prometheus:
+        raise click.UsageError("--json and --prometheus are two outputs: choose one")
     runtime = runtime_of(ctx)
     settings = runtime.settings
     stats = runtime.store.stats(settings.release_timeout)
@@ -136,8 +140,10 @@ def status(ctx: click.Context, as_json: bool, prometheus: bool) -> None:
 @causal.command(name="list")
 @click.option("--scope", help="Only followers of this scope.")
 @click.option("--leader", help="Only followers of this leader task id.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Rows at most."
+)
+@click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @one_line_errors
 def list_(
@@ -146,6 +152,10 @@ def list_(
     """Parked followers, oldest first."""
     runtime = runtime_of(ctx)
     infos = runtime.store.list_followers(scope, leader, limit)
+    if len(infos) == limit:
+        total = runtime.store.count_parked(scope, leader)
+        if total > limit:  # on stderr: the listing itself, text or JSON, stays as it was
+            click.echo(f"showing {limit} of {total}, oldest first; use --limit for more", err=True)
     now = runtime.store.clock()
     rows: list[dict[str, Any]] = [
         {
@@ -222,7 +232,7 @@ def release(ctx: click.Context, follower_id: str, scope: str | None) -> None:
 @causal.command()
 @click.argument("follower_id")
 @click.option("--scope", help="The follower's scope (needed if the id is in several).")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 @one_line_errors
 def forget(ctx: click.Context, follower_id: str, scope: str | None, yes: bool) -> None:

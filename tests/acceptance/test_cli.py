@@ -56,10 +56,18 @@ def test_status_list_and_prometheus(parked: tuple[Spawned, str, list[str]]) -> N
     listing = causal_cli(s.env, "list", "--leader", leader)
     assert listing.returncode == 0
     assert all(fid in listing.stdout for fid in ids) and "acc.step" in listing.stdout
-    rows = json.loads(causal_cli(s.env, "list", "--json", "--limit", "2").stdout)
+    assert "showing" not in listing.stderr  # nothing was cut
+    cut = causal_cli(s.env, "list", "--json", "--limit", "2")
+    rows = json.loads(cut.stdout)
+    assert "showing 2 of 3" in cut.stderr and "--limit" in cut.stderr
+    assert "showing 2 of 3" in causal_cli(s.env, "list", "--limit", "2").stderr
     assert len(rows) == 2 and {r["follower_id"] for r in rows} <= set(ids)
     assert rows[0]["age_seconds"] >= rows[1]["age_seconds"]  # oldest first
     assert {r["leader_id"] for r in rows} == {leader}
+    short = json.loads(causal_cli(s.env, "status", "-j").stdout)  # -j as in celery inspect
+    assert short["scopes"][0]["waiting"] == 3
+    both = causal_cli(s.env, "status", "--json", "--prometheus")
+    assert both.returncode == 2 and "--json" in both.stderr and "--prometheus" in both.stderr
     metrics = causal_cli(s.env, "status", "--prometheus").stdout
     assert "# TYPE celery_causal_waiting_followers gauge" in metrics
     assert 'celery_causal_waiting_followers{scope="acc"} 3' in metrics
@@ -73,7 +81,7 @@ def test_release_and_forget_one_follower(parked: tuple[Spawned, str, list[str]])
     assert log.wait_len(1) == [ids[0]]
     refused = causal_cli(s.env, "forget", ids[1], input="n\n")
     assert refused.returncode != 0 and s.store.count_followers("acc", leader) == 2
-    forgot = causal_cli(s.env, "forget", ids[1], "--yes")
+    forgot = causal_cli(s.env, "forget", ids[1], "-y")
     assert forgot.returncode == 0, forgot.stderr
     assert s.store.count_followers("acc", leader) == 1
     missing = causal_cli(s.env, "release", "no-such-follower")
