@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from .cli_common import CommandError, age, find_scope, one_line_errors, runtime_of, table
+from .cli_show import show
 from .settings import mask_url
 from .store import ScopeStats
 
@@ -19,6 +20,9 @@ from .store import ScopeStats
 @click.group(name="causal")
 def causal() -> None:
     """Inspect and operate celery-causal's parked (deferred) tasks."""
+
+
+causal.add_command(show)
 
 
 # -- status ---------------------------------------------------------------------------

@@ -73,6 +73,33 @@ def test_status_list_and_prometheus(parked: tuple[Spawned, str, list[str]]) -> N
     assert 'celery_causal_waiting_followers{scope="acc"} 3' in metrics
 
 
+def test_show_tells_one_followers_story(parked: tuple[Spawned, str, list[str]]) -> None:
+    s, leader, ids = parked
+    # Given a follower parked behind one of the parked followers
+    behind = f"{ids[0]}-behind"
+    s.handle.step.apply_async(("cli", "behind"), task_id=behind, follows=ids[0])
+    wait_for(lambda: s.store.count_followers("acc", ids[0]) == 1, 60, "parked behind")
+    shown = causal_cli(s.env, "show", ids[1])
+    assert shown.returncode == 0, shown.stderr
+    assert "task:" in shown.stdout and "acc.step" in shown.stdout
+    assert f"('cli', '{ids[1]}')" in shown.stdout  # as the producer's argsrepr shows them
+    assert leader in shown.stdout and "not-seen" in shown.stdout
+    story = json.loads(causal_cli(s.env, "show", ids[1], "--json").stdout)
+    assert (story["scope"], story["follower_id"], story["task"]) == ("acc", ids[1], "acc.step")
+    assert (story["leader_id"], story["leader_state"], story["state"]) == (
+        leader,
+        "not-seen",
+        "waiting",
+    )
+    assert story["deadline"] == pytest.approx(story["parked_at"] + 3)  # CAUSAL_LOOKBACK
+    assert story["claimed_at"] is None and story["parked_age_seconds"] >= 0
+    assert "sweep" in story["release"]
+    assert json.loads(causal_cli(s.env, "show", behind, "-j").stdout)["leader_state"] == "parked"
+    missing = causal_cli(s.env, "show", "no-such-follower")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "Error: no parked follower 'no-such-follower'"
+
+
 def test_release_and_forget_one_follower(parked: tuple[Spawned, str, list[str]]) -> None:
     s, leader, ids = parked
     log = s.log("cli")
@@ -116,6 +143,7 @@ def test_migrate_creates_then_reports_up_to_date(acceptance_env: dict[str, str])
 NOT_MIGRATE = [
     ("status",),
     ("list",),
+    ("show", "f1"),
     ("sweep",),
     ("release", "f1"),
     ("forget", "f1", "--yes"),
