@@ -7,12 +7,31 @@ Registered in the ``celery.commands`` entry point group, so it runs with the app
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import click
 
-from .cli_common import CommandError, age, find_scope, one_line_errors, runtime_of, table
+from .cli_common import (
+    EX_CONFIG,
+    CommandError,
+    age,
+    find_scope,
+    one_line_errors,
+    runtime_of,
+    table,
+)
 from .cli_show import show
+from .errors import CausalError
+from .metrics import (
+    EXTRA,
+    UP,
+    gauges,
+    have_prometheus_client,
+    last_success_in,
+    prometheus_text,
+    write_textfile,
+)
 from .settings import mask_url
 from .store import ScopeStats
 
@@ -45,72 +64,42 @@ def _scope_rows(stats: list[ScopeStats], now: float) -> list[dict[str, Any]]:
     ]
 
 
-_METRICS = [
-    (
-        "waiting",
-        "celery_causal_waiting_followers",
-        "Followers parked and waiting for their leader.",
-    ),
-    (
-        "oldest_age_seconds",
-        "celery_causal_oldest_waiting_age_seconds",
-        "Age of the oldest waiting follower.",
-    ),
-    (
-        "overdue",
-        "celery_causal_overdue_followers",
-        "Waiting followers past their deadline, or first of a ring (the next sweep releases them).",
-    ),
-    (
-        "releasing",
-        "celery_causal_releasing_followers",
-        "Followers claimed for release and not yet published.",
-    ),
-    (
-        "stuck",
-        "celery_causal_stuck_followers",
-        "Followers releasing longer than causal_release_timeout (their releaser died).",
-    ),
-    (
-        "dead",
-        "celery_causal_dead_followers",
-        "Followers moved to causal_dead_followers: their stored message could not be read.",
-    ),
-]
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def prometheus_text(rows: list[dict[str, Any]]) -> str:
-    """The text exposition format, one gauge family per measure, labelled by scope."""
-    out: list[str] = []
-    for key, name, help_text in _METRICS:
-        out += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-        for row in rows:
-            value = row[key] if row[key] is not None else 0
-            out.append(f'{name}{{scope="{_label(row["scope"])}"}} {value}')
-    return "\n".join(out) + "\n"
-
-
 @causal.command()
 @click.option(
     "-j", "--json", "as_json", is_flag=True, help="Print JSON for scripts and monitoring."
 )
 @click.option("--prometheus", is_flag=True, help="Print gauges in Prometheus text format.")
+@click.option(
+    "--textfile",
+    type=click.Path(dir_okay=False),
+    help="Write the gauges to this .prom file for node_exporter's textfile collector, "
+    f"replacing it at once (needs {EXTRA}); a failed run writes {UP} 0.",
+)
 @click.pass_context
 @one_line_errors
-def status(ctx: click.Context, as_json: bool, prometheus: bool) -> None:
+def status(ctx: click.Context, as_json: bool, prometheus: bool, textfile: str | None) -> None:
     """Per scope: waiting followers, oldest, overdue for the sweep, stuck releasing."""
-    if as_json and prometheus:
-        raise click.UsageError("--json and --prometheus are two outputs: choose one")
+    chosen = [
+        name
+        for name, given in (
+            ("--json", as_json),
+            ("--prometheus", prometheus),
+            ("--textfile", textfile),
+        )
+        if given
+    ]
+    if len(chosen) > 1:
+        raise click.UsageError(f"{' and '.join(chosen)} are different outputs: choose one")
+    if textfile is not None:
+        _write_textfile(ctx, textfile)
+        return
     runtime = runtime_of(ctx)
     settings = runtime.settings
     stats = runtime.store.stats(settings.release_timeout)
     rows = _scope_rows(stats, runtime.store.clock())
     if prometheus:
-        click.echo(prometheus_text(rows), nl=False)
+        text = prometheus_text(gauges(rows, up=True, last_success=time.time()))
+        click.echo(text, nl=False)
         return
     if as_json:
         click.echo(json.dumps({"store": mask_url(settings.store_url), "scopes": rows}, indent=2))
@@ -136,6 +125,24 @@ def status(ctx: click.Context, as_json: bool, prometheus: bool) -> None:
             ],
         )
     )
+
+
+def _write_textfile(ctx: click.Context, path: str) -> None:
+    if not have_prometheus_client():
+        raise CommandError(f"--textfile needs prometheus_client: pip install '{EXTRA}'", EX_CONFIG)
+    try:
+        try:
+            runtime = runtime_of(ctx)
+            stats = runtime.store.stats(runtime.settings.release_timeout)
+            rows = _scope_rows(stats, runtime.store.clock())
+        except CausalError:
+            # The file says the run failed, rather than keep the last good counts as if
+            # they were current; the last success stays, for an alert on its age.
+            write_textfile(path, gauges([], up=False, last_success=last_success_in(path)))
+            raise
+        write_textfile(path, gauges(rows, up=True, last_success=time.time()))
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 # -- list -----------------------------------------------------------------------------

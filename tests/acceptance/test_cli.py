@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect
 
+from celery_causal.sql_store import SQLStore
 from tests.acceptance.conftest import ROOT, Spawned
 from tests.conftest import fresh_database
 from tests.helpers import age, follower, wait_for
@@ -224,6 +227,75 @@ def test_a_worker_given_another_postgresql_driver_stops_on_the_settings_error(
     assert "ConfigurationError" in worker.stderr and "causal_store_url" in worker.stderr
     assert "postgresql+psycopg://" in worker.stderr
     assert "ModuleNotFoundError" not in worker.stderr and "hunter2" not in worker.stderr
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (m.name, tuple(sorted(m.labels.items()))): m.value
+        for family in text_string_to_metric_families(text)
+        for m in family.samples
+    }
+
+
+def test_textfile_is_replaced_whole_and_a_failed_run_says_so(
+    acceptance_env: dict[str, str], tmp_path: Path
+) -> None:
+    path = tmp_path / "causal.prom"
+    with fresh_database(f"_prom_{uuid.uuid4().hex[:6]}") as url:
+        env = dict(acceptance_env, CAUSAL_STORE_URL=url)
+        assert causal_cli(env, "migrate").returncode == 0
+        store = SQLStore(url)
+        try:
+            store.park(follower("f1", "gone", scope="metrics"), 900)
+        finally:
+            store.close()
+        before = time.time()
+        written = causal_cli(env, "status", "--textfile", str(path))
+        assert written.returncode == 0, written.stderr
+        good = samples(path.read_text())
+        assert good[("celery_causal_waiting_followers", (("scope", "metrics"),))] == 1
+        assert good[("celery_causal_up", ())] == 1
+        last_success = good[("celery_causal_last_success_timestamp_seconds", ())]
+        assert before - 1 <= last_success <= time.time() + 1
+        # The printed gauges are the same series as the file's
+        printed = samples(causal_cli(env, "status", "--prometheus").stdout)
+        assert set(printed) == set(good)
+        assert printed[("celery_causal_waiting_followers", (("scope", "metrics"),))] == 1
+    # When a run cannot read the store (its database is gone)
+    failed = causal_cli(env, "status", "--textfile", str(path))
+    assert failed.returncode == 69 and len(failed.stderr.strip().splitlines()) == 1
+    # Then the file says so, keeps the last success, and no temporary file is left
+    after = samples(path.read_text())
+    assert after[("celery_causal_up", ())] == 0
+    assert after[("celery_causal_last_success_timestamp_seconds", ())] == last_success
+    assert not any(name.startswith("celery_causal_waiting") for name, _ in after)
+    assert [p.name for p in tmp_path.iterdir()] == ["causal.prom"]
+    both = causal_cli(env, "status", "--textfile", str(path), "-j")
+    assert both.returncode == 2 and "choose one" in both.stderr
+
+
+def test_textfile_without_prometheus_client_names_the_extra(
+    acceptance_env: dict[str, str], tmp_path: Path
+) -> None:
+    # Given an environment where prometheus_client cannot be imported
+    hidden = tmp_path / "hide"
+    (hidden / "prometheus_client").mkdir(parents=True)
+    (hidden / "prometheus_client" / "__init__.py").write_text("raise ImportError('hidden')\n")
+    env = dict(
+        acceptance_env,
+        PYTHONPATH=f"{hidden}{os.pathsep}{acceptance_env['PYTHONPATH']}",
+        CAUSAL_STORE_URL=f"sqlite:///{tmp_path / 'causal.sqlite3'}",
+    )
+    result = causal_cli(env, "status", "--textfile", str(tmp_path / "causal.prom"))
+    assert result.returncode == 78
+    assert result.stderr.strip() == (
+        "Error: --textfile needs prometheus_client: pip install 'celery-causal[metrics]'"
+    )
+    assert not (tmp_path / "causal.prom").exists()
+    assert causal_cli(env, "migrate").returncode == 0
+    assert causal_cli(env, "status", "--prometheus").returncode == 0  # printing needs no extra
 
 
 def test_sweep_of_many_shows_progress_and_status_counts_dead_rows(
