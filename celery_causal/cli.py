@@ -6,77 +6,42 @@ Registered in the ``celery.commands`` entry point group, so it runs with the app
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
-from typing import Any, TypeVar
+import time
+from typing import Any
 
 import click
 
-from .errors import CausalError, ConfigurationError, NotInstalledError, StoreUnavailable
-from .runtime import CausalRuntime
+from .cli_common import (
+    EX_CONFIG,
+    CommandError,
+    age,
+    find_scope,
+    one_line_errors,
+    runtime_of,
+    table,
+)
+from .cli_show import show
+from .errors import CausalError
+from .metrics import (
+    EXTRA,
+    UP,
+    gauges,
+    have_prometheus_client,
+    last_success_in,
+    prometheus_text,
+    write_textfile,
+)
 from .settings import mask_url
 from .store import ScopeStats
-
-# sysexits.h, as Celery's own commands use them
-EX_UNAVAILABLE = 69
-EX_CONFIG = 78
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class CommandError(click.ClickException):
-    """A one-line error with the exit status Celery's commands use for its kind."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(" ".join(message.split()))
-        self.exit_code = exit_code
-
-
-def _one_line_errors(command: F) -> F:
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except StoreUnavailable as exc:
-            raise CommandError(str(exc), EX_UNAVAILABLE) from None
-        except (ConfigurationError, NotInstalledError) as exc:
-            raise CommandError(str(exc), EX_CONFIG) from None
-        except CausalError as exc:
-            raise CommandError(str(exc)) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _runtime(ctx: click.Context) -> CausalRuntime:
-    from .task import runtime_for
-
-    return runtime_for(ctx.obj.app)
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = max(seconds, 0.0)
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 @click.group(name="causal")
 def causal() -> None:
     """Inspect and operate celery-causal's parked (deferred) tasks."""
+
+
+causal.add_command(show)
 
 
 # -- status ---------------------------------------------------------------------------
@@ -99,68 +64,42 @@ def _scope_rows(stats: list[ScopeStats], now: float) -> list[dict[str, Any]]:
     ]
 
 
-_METRICS = [
-    (
-        "waiting",
-        "celery_causal_waiting_followers",
-        "Followers parked and waiting for their leader.",
-    ),
-    (
-        "oldest_age_seconds",
-        "celery_causal_oldest_waiting_age_seconds",
-        "Age of the oldest waiting follower.",
-    ),
-    (
-        "overdue",
-        "celery_causal_overdue_followers",
-        "Waiting followers past their deadline, or first of a ring (the next sweep releases them).",
-    ),
-    (
-        "releasing",
-        "celery_causal_releasing_followers",
-        "Followers claimed for release and not yet published.",
-    ),
-    (
-        "stuck",
-        "celery_causal_stuck_followers",
-        "Followers releasing longer than causal_release_timeout (their releaser died).",
-    ),
-    (
-        "dead",
-        "celery_causal_dead_followers",
-        "Followers moved to causal_dead_followers: their stored message could not be read.",
-    ),
-]
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def prometheus_text(rows: list[dict[str, Any]]) -> str:
-    """The text exposition format, one gauge family per measure, labelled by scope."""
-    out: list[str] = []
-    for key, name, help_text in _METRICS:
-        out += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-        for row in rows:
-            value = row[key] if row[key] is not None else 0
-            out.append(f'{name}{{scope="{_label(row["scope"])}"}} {value}')
-    return "\n".join(out) + "\n"
-
-
 @causal.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts and monitoring.")
+@click.option(
+    "-j", "--json", "as_json", is_flag=True, help="Print JSON for scripts and monitoring."
+)
 @click.option("--prometheus", is_flag=True, help="Print gauges in Prometheus text format.")
+@click.option(
+    "--textfile",
+    type=click.Path(dir_okay=False),
+    help="Write the gauges to this .prom file for node_exporter's textfile collector, "
+    f"replacing it at once (needs {EXTRA}); a failed run writes {UP} 0.",
+)
 @click.pass_context
-@_one_line_errors
-def status(ctx: click.Context, as_json: bool, prometheus: bool) -> None:
+@one_line_errors
+def status(ctx: click.Context, as_json: bool, prometheus: bool, textfile: str | None) -> None:
     """Per scope: waiting followers, oldest, overdue for the sweep, stuck releasing."""
-    runtime = _runtime(ctx)
+    chosen = [
+        name
+        for name, given in (
+            ("--json", as_json),
+            ("--prometheus", prometheus),
+            ("--textfile", textfile),
+        )
+        if given
+    ]
+    if len(chosen) > 1:
+        raise click.UsageError(f"{' and '.join(chosen)} are different outputs: choose one")
+    if textfile is not None:
+        _write_textfile(ctx, textfile)
+        return
+    runtime = runtime_of(ctx)
     settings = runtime.settings
     stats = runtime.store.stats(settings.release_timeout)
     rows = _scope_rows(stats, runtime.store.clock())
     if prometheus:
-        click.echo(prometheus_text(rows), nl=False)
+        text = prometheus_text(gauges(rows, up=True, last_success=time.time()))
+        click.echo(text, nl=False)
         return
     if as_json:
         click.echo(json.dumps({"store": mask_url(settings.store_url), "scopes": rows}, indent=2))
@@ -170,13 +109,13 @@ def status(ctx: click.Context, as_json: bool, prometheus: bool) -> None:
         click.echo("no parked followers")
         return
     click.echo(
-        _table(
+        table(
             ["scope", "waiting", "oldest", "overdue", "releasing", "stuck", "dead"],
             [
                 [
                     r["scope"],
                     str(r["waiting"]),
-                    _age(r["oldest_age_seconds"]),
+                    age(r["oldest_age_seconds"]),
                     str(r["overdue"]),
                     str(r["releasing"]),
                     str(r["stuck"]),
@@ -188,22 +127,46 @@ def status(ctx: click.Context, as_json: bool, prometheus: bool) -> None:
     )
 
 
+def _write_textfile(ctx: click.Context, path: str) -> None:
+    if not have_prometheus_client():
+        raise CommandError(f"--textfile needs prometheus_client: pip install '{EXTRA}'", EX_CONFIG)
+    try:
+        try:
+            runtime = runtime_of(ctx)
+            stats = runtime.store.stats(runtime.settings.release_timeout)
+            rows = _scope_rows(stats, runtime.store.clock())
+        except CausalError:
+            # The file says the run failed, rather than keep the last good counts as if
+            # they were current; the last success stays, for an alert on its age.
+            write_textfile(path, gauges([], up=False, last_success=last_success_in(path)))
+            raise
+        write_textfile(path, gauges(rows, up=True, last_success=time.time()))
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 # -- list -----------------------------------------------------------------------------
 
 
 @causal.command(name="list")
 @click.option("--scope", help="Only followers of this scope.")
 @click.option("--leader", help="Only followers of this leader task id.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Rows at most."
+)
+@click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-@_one_line_errors
+@one_line_errors
 def list_(
     ctx: click.Context, scope: str | None, leader: str | None, limit: int, as_json: bool
 ) -> None:
     """Parked followers, oldest first."""
-    runtime = _runtime(ctx)
+    runtime = runtime_of(ctx)
     infos = runtime.store.list_followers(scope, leader, limit)
+    if len(infos) == limit:
+        total = runtime.store.count_parked(scope, leader)
+        if total > limit:  # on stderr: the listing itself, text or JSON, stays as it was
+            click.echo(f"showing {limit} of {total}, oldest first; use --limit for more", err=True)
     now = runtime.store.clock()
     rows: list[dict[str, Any]] = [
         {
@@ -223,7 +186,7 @@ def list_(
         click.echo("no parked followers")
         return
     click.echo(
-        _table(
+        table(
             ["scope", "follower id", "task", "leader id", "age", "state"],
             [
                 [
@@ -231,7 +194,7 @@ def list_(
                     r["follower_id"],
                     r["task"],
                     r["leader_id"],
-                    _age(r["age_seconds"]),
+                    age(r["age_seconds"]),
                     r["state"],
                 ]
                 for r in rows
@@ -245,10 +208,10 @@ def list_(
 
 @causal.command()
 @click.pass_context
-@_one_line_errors
+@one_line_errors
 def sweep(ctx: click.Context) -> None:
     """Release lost followers now (what the beat job does)."""
-    runtime = _runtime(ctx)
+    runtime = runtime_of(ctx)
     settings = runtime.settings
     due = sum(s.overdue + s.stuck for s in runtime.store.stats(settings.release_timeout))
     if due > settings.batch_size:
@@ -262,29 +225,15 @@ def sweep(ctx: click.Context) -> None:
     )
 
 
-def _find_scope(runtime: CausalRuntime, follower_id: str, scope: str | None) -> str:
-    if scope is not None:
-        return scope
-    scopes = runtime.store.scopes_of(follower_id)
-    if not scopes:
-        raise CommandError(f"no parked follower {follower_id!r}")
-    if len(scopes) > 1:
-        raise CommandError(
-            f"follower {follower_id!r} is parked in several scopes ({', '.join(scopes)}); "
-            "pass --scope"
-        )
-    return scopes[0]
-
-
 @causal.command()
 @click.argument("follower_id")
 @click.option("--scope", help="The follower's scope (needed if the id is in several).")
 @click.pass_context
-@_one_line_errors
+@one_line_errors
 def release(ctx: click.Context, follower_id: str, scope: str | None) -> None:
     """Re-enqueue one parked follower now, without waiting for its leader."""
-    runtime = _runtime(ctx)
-    scope = _find_scope(runtime, follower_id, scope)
+    runtime = runtime_of(ctx)
+    scope = find_scope(runtime, follower_id, scope)
     claimed = runtime.release_one(scope, follower_id)
     if claimed is None:
         raise CommandError(f"no parked follower {follower_id!r} in scope {scope!r}")
@@ -294,13 +243,13 @@ def release(ctx: click.Context, follower_id: str, scope: str | None) -> None:
 @causal.command()
 @click.argument("follower_id")
 @click.option("--scope", help="The follower's scope (needed if the id is in several).")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
-@_one_line_errors
+@one_line_errors
 def forget(ctx: click.Context, follower_id: str, scope: str | None, yes: bool) -> None:
     """Drop one parked follower without running it."""
-    runtime = _runtime(ctx)
-    scope = _find_scope(runtime, follower_id, scope)
+    runtime = runtime_of(ctx)
+    scope = find_scope(runtime, follower_id, scope)
     if not yes:
         click.confirm(
             f"Drop follower {follower_id} (scope {scope!r}) without running it?", abort=True
@@ -312,10 +261,10 @@ def forget(ctx: click.Context, follower_id: str, scope: str | None, yes: bool) -
 
 @causal.command()
 @click.pass_context
-@_one_line_errors
+@one_line_errors
 def migrate(ctx: click.Context) -> None:
     """Create the tables and indexes if missing, and report what was done."""
-    runtime = _runtime(ctx)
+    runtime = runtime_of(ctx, schema=False)
     click.echo(f"store: {mask_url(runtime.settings.store_url)}")
     created = runtime.store.create_schema()
     for item in created:

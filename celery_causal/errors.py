@@ -37,6 +37,10 @@ class StoreError(CausalError):
     """The causal store (database) refused an operation."""
 
 
+class SchemaMissing(StoreError):
+    """The causal store has no celery-causal tables: create them with `celery causal migrate`."""
+
+
 class StoreUnavailable(StoreError):
     """The causal store (database) cannot be reached."""
 

@@ -8,7 +8,8 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigurationError
 
@@ -19,6 +20,18 @@ DEFAULT_STORE_URL = "sqlite:///celery_causal.sqlite3"
 
 SUPPORTED_SCHEMES = ("postgresql", "sqlite")
 
+#: The one driver of each backend the store runs on; "" is a URL that names none.
+#: SQLAlchemy reads a bare ``postgresql://`` as psycopg2, which is not a dependency:
+#: the store gives it psycopg 3, the driver it is tested with.
+_DRIVERS = {
+    "postgresql": {"": "postgresql+psycopg", "psycopg": "postgresql+psycopg"},
+    "sqlite": {"": "sqlite", "pysqlite": "sqlite+pysqlite"},
+}
+_FORMS = {
+    "postgresql": "postgresql+psycopg://user:password@host/dbname (psycopg 3)",
+    "sqlite": "sqlite:///path/to/file.sqlite3",
+}
+
 
 def mask_url(url: str) -> str:
     """Return ``url`` with its password replaced by ``***``, for logs, errors and CLI output."""
@@ -26,6 +39,27 @@ def mask_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not parseable: hide everything between "//" and "@"
         return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+def engine_url(url: str) -> URL:
+    """The SQLAlchemy URL the store connects with; ``ValueError`` naming the supported form.
+
+    Checked where the URL is read, so a driver that is not installed is a settings error
+    and not an import error deep in the first connection.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"not a database URL; use {_FORMS['postgresql']}") from None
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend not in SUPPORTED_SCHEMES:
+        raise ValueError(
+            f"unsupported scheme {backend!r}; use postgresql+psycopg://... or sqlite:///..."
+        )
+    drivername = _DRIVERS[backend].get(driver)
+    if drivername is None:
+        raise ValueError(f"the {backend} driver {driver!r} is not supported; use {_FORMS[backend]}")
+    return parsed.set(drivername=drivername)
 
 
 def _seconds(value: Any) -> Any:
@@ -79,12 +113,8 @@ class CausalSettings(BaseModel):
 
     @field_validator("store_url")
     @classmethod
-    def _known_scheme(cls, url: str) -> str:
-        scheme = url.split(":", 1)[0].split("+", 1)[0]
-        if scheme not in SUPPORTED_SCHEMES:
-            raise ValueError(
-                f"unsupported scheme {scheme!r}; use postgresql+psycopg://... or sqlite:///..."
-            )
+    def _supported_url(cls, url: str) -> str:
+        engine_url(url)
         return url
 
     @model_validator(mode="after")

@@ -124,11 +124,41 @@ class FollowerInfo:
     claimed_at: float | None
 
 
+@dataclass(frozen=True)
+class ParkedFollower(FollowerInfo):
+    """One row of the follower table whole, for an operator looking at one follower."""
+
+    #: How long it waits for its leader (the lookback of the app that parked it).
+    lookback: float
+    #: When the sweep may release it as lost, unless its leader is parked itself.
+    deadline: float
+    hostname: str
+    content_type: str
+    content_encoding: str
+    payload: bytes
+
+    def as_follower(self) -> Follower:
+        return Follower(
+            scope=self.scope,
+            follower_id=self.follower_id,
+            leader_id=self.leader_id,
+            task_name=self.task_name,
+            occurred_at=self.occurred_at,
+            payload=self.payload,
+            content_type=self.content_type,
+            content_encoding=self.content_encoding,
+            hostname=self.hostname,
+        )
+
+
 class CausalStore(Protocol):
     """Atomic operations on the follower table and the done records."""
 
     def create_schema(self) -> list[str]:
         """Create missing tables and indexes; return what was created (idempotent)."""
+
+    def missing_tables(self) -> list[str]:
+        """Tables of the schema that do not exist; creates nothing (no SQLite file either)."""
 
     def lookup(self, scope: str, task_ids: Sequence[str]) -> Lookup:
         """Which of ``task_ids`` have an unexpired done or failed record; the store's clock."""
@@ -246,6 +276,12 @@ class CausalStore(Protocol):
         self, scope: str | None, leader_id: str | None, limit: int
     ) -> list[FollowerInfo]:
         """Rows, oldest parked first, optionally of one scope and/or one leader."""
+
+    def count_parked(self, scope: str | None, leader_id: str | None) -> int:
+        """How many rows (waiting or releasing) :meth:`list_followers` would list unlimited."""
+
+    def parked_follower(self, scope: str, follower_id: str) -> ParkedFollower | None:
+        """One follower's row, waiting or releasing; ``None`` if it is not parked."""
 
     def claim_one(self, scope: str, follower_id: str) -> ClaimedFollower | None:
         """Claim one follower for release whatever its state (an operator's release)."""

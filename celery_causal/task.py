@@ -51,6 +51,13 @@ _installed: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDict
 _runtimes: weakref.WeakKeyDictionary[Any, CausalRuntime] = weakref.WeakKeyDictionary()
 
 
+def _install_options(app: Any) -> dict[str, Any]:
+    options = _installed.get(app)
+    if options is None:
+        raise NotInstalledError(f"celery_causal.install(app) was not called for app {app.main!r}")
+    return options
+
+
 def runtime_for(app: Any) -> CausalRuntime:
     """The app's causal runtime, built on first use from ``app.conf``."""
     runtime = _runtimes.get(app)
@@ -59,11 +66,7 @@ def runtime_for(app: Any) -> CausalRuntime:
     with _lock:
         runtime = _runtimes.get(app)
         if runtime is None:
-            options = _installed.get(app)
-            if options is None:
-                raise NotInstalledError(
-                    f"celery_causal.install(app) was not called for app {app.main!r}"
-                )
+            options = _install_options(app)
             settings = CausalSettings.from_conf(app.conf)
             store = options.get("store")
             if store is None:
@@ -71,6 +74,18 @@ def runtime_for(app: Any) -> CausalRuntime:
             runtime = CausalRuntime(app, settings, store)
             _runtimes[app] = runtime
         return runtime
+
+
+def operator_runtime(app: Any) -> CausalRuntime:
+    """A runtime of its own for the ``celery causal`` commands, whose store never creates
+    the schema: pointed at a mistyped database, a command must say that the tables are
+    missing, not create them there (only ``migrate`` creates them, by asking to)."""
+    options = _install_options(app)
+    settings = CausalSettings.from_conf(app.conf)
+    store = options.get("store")
+    if store is None:
+        store = open_store(settings.store_url, create_schema=False)
+    return CausalRuntime(app, settings, store=store)
 
 
 class CausalTask(Task):  # type: ignore[misc]

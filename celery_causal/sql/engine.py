@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
-from ..errors import CausalError, StoreError, StoreUnavailable
-from ..settings import mask_url
+from ..errors import CausalError, ConfigurationError, StoreError, StoreUnavailable
+from ..settings import engine_url, mask_url
 
 T = TypeVar("T")
 
@@ -27,9 +27,19 @@ T = TypeVar("T")
 POSTGRESQL, SQLITE = "postgresql", "sqlite"
 
 
+def checked_url(url: str) -> URL:
+    """The URL the store connects with; :class:`ConfigurationError` for an unsupported
+    database or driver. The dialect is read from the parsed URL: "postgresql+asyncpg"
+    starts like ours."""
+    try:
+        return engine_url(url)
+    except ValueError as exc:
+        raise ConfigurationError(f"causal_store_url: {exc} (got {mask_url(url)!r})") from None
+
+
 def dialect_of(url: str) -> str:
     """:data:`POSTGRESQL` or :data:`SQLITE`: which database ``url`` names."""
-    return make_url(url).get_backend_name()
+    return checked_url(url).get_backend_name()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -77,7 +87,8 @@ class Database:
 
     def __init__(self, url: str, on_new_engine: Callable[[], object] | None = None) -> None:
         self.url = url
-        self.dialect = dialect_of(url)
+        self._engine_url = checked_url(url)
+        self.dialect = self._engine_url.get_backend_name()
         self._on_new_engine = on_new_engine
         self._engine: Engine | None = None
         self._pid = 0
@@ -106,7 +117,7 @@ class Database:
         # to roll back: skipping the reset saves a round of pool work on every call.
         if self.dialect == SQLITE:
             engine = create_engine(
-                self.url,
+                self._engine_url,
                 isolation_level="AUTOCOMMIT",
                 connect_args={"timeout": 30},
                 pool_reset_on_return=None,
@@ -114,7 +125,7 @@ class Database:
             event.listen(engine, "connect", _sqlite_pragmas)
             return engine
         engine = create_engine(
-            self.url,
+            self._engine_url,
             isolation_level="AUTOCOMMIT",
             pool_size=5,
             max_overflow=10,
@@ -202,6 +213,13 @@ class Database:
         reason = f"{type(orig).__name__}: {' '.join(str(orig).split())}"
         message = f"causal store {mask_url(self.url)} failed: {reason}"
         return StoreUnavailable(message) if unavailable else StoreError(message)
+
+    def sqlite_file_missing(self) -> bool:
+        """A SQLite URL naming a file that does not exist (connecting would create it)."""
+        url = self._engine_url
+        if self.dialect != SQLITE or url.query.get("uri"):  # a "file:" URI: sqlite3 decides
+            return False
+        return url.database not in (None, "", ":memory:") and not os.path.exists(url.database)
 
     def has_engine(self) -> bool:
         return self._engine is not None and self._pid == os.getpid()

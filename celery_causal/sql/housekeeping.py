@@ -208,11 +208,32 @@ SCOPES_OF = (
 CLOCK = select(db_clock())
 
 
-def list_statement(columns: list[str], *, by_scope: bool, by_leader: bool) -> Any:
-    """Rows, oldest parked first, filtered by ``b_scope`` and/or ``b_leader``."""
-    stmt = select(*(followers.c[name] for name in columns))
+def _matching(stmt: Any, *, by_scope: bool, by_leader: bool) -> Any:
+    """``stmt`` on the follower rows of ``b_scope`` and/or ``b_leader``."""
     if by_scope:
         stmt = stmt.where(followers.c.scope == bindparam("b_scope"))
     if by_leader:
         stmt = stmt.where(followers.c.leader_id == bindparam("b_leader"))
+    return stmt
+
+
+def list_statement(columns: list[str], *, by_scope: bool, by_leader: bool) -> Any:
+    """Rows, oldest parked first, filtered by ``b_scope`` and/or ``b_leader``."""
+    stmt = _matching(
+        select(*(followers.c[name] for name in columns)), by_scope=by_scope, by_leader=by_leader
+    )
     return stmt.order_by(followers.c.parked_at, followers.c.id).limit(bindparam("b_limit"))
+
+
+def count_statement(*, by_scope: bool, by_leader: bool) -> Any:
+    """How many rows :func:`list_statement` would select without its limit."""
+    stmt = select(func.count()).select_from(followers)
+    return _matching(stmt, by_scope=by_scope, by_leader=by_leader)
+
+
+def follower_statement(columns: list[str]) -> Any:
+    """One row by its key (``b_scope``, ``b_follower``)."""
+    return select(*(followers.c[name] for name in columns)).where(
+        followers.c.scope == bindparam("b_scope"),
+        followers.c.follower_id == bindparam("b_follower"),
+    )

@@ -27,6 +27,7 @@ from ..store import (
     Follower,
     FollowerInfo,
     Lookup,
+    ParkedFollower,
     ParkOutcome,
     ScopeStats,
 )
@@ -143,6 +144,16 @@ class SQLStore:
             return self._run(create)
         finally:
             self._creating = False
+
+    def missing_tables(self) -> list[str]:
+        if self._db.sqlite_file_missing():
+            return sorted(metadata.tables)
+
+        def run(conn: Any) -> list[str]:
+            inspector = inspect(conn)
+            return [t for t in sorted(metadata.tables) if not inspector.has_table(t)]
+
+        return self._run(run)
 
     def _create_quietly(self) -> None:
         # Called as a new engine appears; an unreachable database is reported by the
@@ -347,17 +358,37 @@ class SQLStore:
         stmt = hk.list_statement(
             columns, by_scope=scope is not None, by_leader=leader_id is not None
         )
-        params: dict[str, Any] = {"b_limit": limit}
-        if scope is not None:
-            params["b_scope"] = scope
-        if leader_id is not None:
-            params["b_leader"] = leader_id
+        params = _filter(scope, leader_id)
+        params["b_limit"] = limit
         rows = self._run(lambda c: c.execute(stmt, params).all())
         return [FollowerInfo(*row) for row in rows]
+
+    def count_parked(self, scope: str | None, leader_id: str | None) -> int:
+        stmt = hk.count_statement(by_scope=scope is not None, by_leader=leader_id is not None)
+        params = _filter(scope, leader_id)
+        return int(self._run(lambda c: c.execute(stmt, params).scalar_one()))
+
+    def parked_follower(self, scope: str, follower_id: str) -> ParkedFollower | None:
+        fields = [f.name for f in dataclasses.fields(ParkedFollower)]
+        params = {"b_scope": scope, "b_follower": follower_id}
+        row = self._run(lambda c: c.execute(hk.follower_statement(fields), params).first())
+        if row is None:
+            return None
+        values = dict(zip(fields, row, strict=True))
+        return ParkedFollower(**{**values, "payload": bytes(values["payload"])})
 
     def scopes_of(self, follower_id: str) -> list[str]:
         params = {"b_follower": follower_id}
         return list(self._run(lambda c: c.execute(hk.SCOPES_OF, params).scalars().all()))
+
+
+def _filter(scope: str | None, leader_id: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if scope is not None:
+        params["b_scope"] = scope
+    if leader_id is not None:
+        params["b_leader"] = leader_id
+    return params
 
 
 def _schema_objects(conn: Any) -> set[str]:

@@ -16,6 +16,7 @@ from ..store import (
     Follower,
     FollowerInfo,
     Lookup,
+    ParkedFollower,
     ParkOutcome,
     ScopeStats,
 )
@@ -53,6 +54,9 @@ class MemoryStore:
         self._release_due: dict[tuple[str, str], float] = {}
 
     def create_schema(self) -> list[str]:
+        return []
+
+    def missing_tables(self) -> list[str]:
         return []
 
     def lookup(self, scope: str, task_ids: Sequence[str]) -> Lookup:
@@ -321,19 +325,18 @@ class MemoryStore:
                 )
             return result
 
+    def _matching(self, scope: str | None, leader_id: str | None) -> list[_Row]:
+        return [
+            r
+            for r in self._rows.values()
+            if scope in (None, r.follower.scope) and leader_id in (None, r.follower.leader_id)
+        ]
+
     def list_followers(
         self, scope: str | None, leader_id: str | None, limit: int
     ) -> list[FollowerInfo]:
         with self._lock:
-            rows = sorted(
-                (
-                    r
-                    for r in self._rows.values()
-                    if scope in (None, r.follower.scope)
-                    and leader_id in (None, r.follower.leader_id)
-                ),
-                key=lambda r: (r.parked_at, r.row_id),
-            )
+            rows = sorted(self._matching(scope, leader_id), key=lambda r: (r.parked_at, r.row_id))
             return [
                 FollowerInfo(
                     scope=r.follower.scope,
@@ -346,6 +349,32 @@ class MemoryStore:
                 )
                 for r in rows[:limit]
             ]
+
+    def count_parked(self, scope: str | None, leader_id: str | None) -> int:
+        with self._lock:
+            return len(self._matching(scope, leader_id))
+
+    def parked_follower(self, scope: str, follower_id: str) -> ParkedFollower | None:
+        with self._lock:
+            row = self._rows.get((scope, follower_id))
+            if row is None:
+                return None
+            f = row.follower
+            return ParkedFollower(
+                scope=f.scope,
+                follower_id=f.follower_id,
+                leader_id=f.leader_id,
+                task_name=f.task_name,
+                occurred_at=f.occurred_at,
+                parked_at=row.parked_at,
+                claimed_at=row.claimed_at,
+                lookback=row.lookback,
+                deadline=row.deadline,
+                hostname=f.hostname,
+                content_type=f.content_type,
+                content_encoding=f.content_encoding,
+                payload=f.payload,
+            )
 
     def claim_one(self, scope: str, follower_id: str) -> ClaimedFollower | None:
         with self._lock:

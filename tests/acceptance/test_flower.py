@@ -31,6 +31,20 @@ def _get(port: int, path: str) -> Any:
         return None
 
 
+def _deferred_events(port: int) -> float:
+    """``flower_events_total`` of type task-deferred, summed over workers and tasks."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0.0
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("flower_events_total{") and 'type="task-deferred"' in line
+    )
+
+
 def _healthy(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=5) as r:
@@ -66,6 +80,8 @@ def test_flower_lists_a_parked_task_as_deferred_then_success(
         assert deferred["name"] == "acc.step"
         info = _get(port, f"/api/task/info/{follower}")
         assert info["state"] == "DEFERRED"
+        # Flower's own /metrics counts the parks (the README points monitoring at it)
+        wait_for(lambda: _deferred_events(port) >= 1, 60, "task-deferred in Flower's /metrics")
 
         s.handle.step.apply_async(("flower", "leader"), task_id=leader)
         wait_for(

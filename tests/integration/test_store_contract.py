@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,28 @@ def test_parking_twice_leaves_one_row(store: CausalStore) -> None:
     assert store.park(follower("f1", "L"), LOOKBACK) is ParkOutcome.PARKED
     assert store.count_followers("default", "L") == 1
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
+
+
+def test_a_store_with_its_schema_misses_no_table(store: CausalStore) -> None:
+    assert store.missing_tables() == []
+
+
+def test_a_store_that_may_not_create_the_schema_reports_it_missing_and_creates_no_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "typo.sqlite3"
+    sql = open_store(f"sqlite:///{path}", create_schema=False)
+    try:
+        assert sql.missing_tables() == [
+            "causal_dead_followers",
+            "causal_done",
+            "causal_followers",
+        ]
+        assert not path.exists()
+        sql.create_schema()
+        assert sql.missing_tables() == []
+    finally:
+        sql.close()
 
 
 def test_lookup_reports_done_ids_within_the_ttl(store: CausalStore) -> None:
@@ -339,6 +362,33 @@ def test_operator_listing_and_single_release(store: CausalStore) -> None:
     age(store, 31)
     assert store.stats(release_timeout=30)[1].stuck == 1
     assert store.clock() > 1_600_000_000
+
+
+def test_operator_reads_one_follower_whole_and_counts_what_a_listing_cut(
+    store: CausalStore,
+) -> None:
+    original = follower("f1", "L", scope="a", occurred_at=12.5)
+    store.park(original, LOOKBACK)
+    store.park(follower("f2", "L", scope="a"), 30.0)
+    store.park(follower("f3", "M", scope="b"), LOOKBACK)
+    one = store.parked_follower("a", "f1")
+    assert one is not None and one.as_follower() == original
+    assert (one.leader_id, one.task_name, one.occurred_at) == ("L", "tests.step", 12.5)
+    assert (one.lookback, one.deadline, one.claimed_at) == (
+        LOOKBACK,
+        one.parked_at + LOOKBACK,
+        None,
+    )
+    assert store.parked_follower("b", "f1") is None
+    assert store.parked_follower("a", "missing") is None
+    store.claim_one("a", "f2")
+    claimed = store.parked_follower("a", "f2")
+    assert claimed is not None and claimed.claimed_at is not None
+    # A count covers waiting and releasing rows, under the listing's own filters
+    assert store.count_parked(None, None) == 3
+    assert store.count_parked("a", None) == 2
+    assert store.count_parked(None, "L") == 2
+    assert store.count_parked("b", "L") == 0
 
 
 def test_bury_moves_a_claimed_row_aside_once(store: CausalStore) -> None:

@@ -66,3 +66,35 @@ def test_an_error_across_settings_never_prints_the_store_password() -> None:
     message = str(info.value)
     assert "causal_seen_ttl (10s) must be at least causal_lookback (60s)" in message
     assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg2://app:hunter2@db:5432/app",
+        "postgresql+asyncpg://app:hunter2@db:5432/app",
+        "sqlite+aiosqlite:///causal.sqlite3",
+    ],
+)
+def test_a_driver_the_store_does_not_run_on_is_a_settings_error(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        CausalSettings.from_conf({"causal_store_url": url})
+    message = str(info.value)
+    assert "causal_store_url" in message and "hunter2" not in message
+    assert ("postgresql+psycopg://" if url.startswith("postgresql") else "sqlite:///") in message
+    assert "\n" not in message
+
+
+def test_a_store_built_from_a_url_directly_refuses_another_driver_without_connecting() -> None:
+    from celery_causal.sql import open_store
+
+    with pytest.raises(ConfigurationError, match=r"postgresql\+psycopg://") as info:
+        open_store("postgresql+psycopg2://app:hunter2@db:5432/app")
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_postgresql_url_without_a_driver_runs_on_psycopg_3() -> None:
+    from celery_causal.settings import engine_url
+
+    assert engine_url("postgresql://app@db/app").drivername == "postgresql+psycopg"
+    assert engine_url("sqlite:///x.sqlite3").drivername == "sqlite"
