@@ -278,6 +278,17 @@ class CausalRuntime:
     def sweep(self, progress: Callable[[int], None] | None = None) -> SweepReport:
         """Release lost followers, break rings, expire old records, in bounded batches."""
         report = SweepReport()
+        self._sweep_lost(report, progress)
+        self._sweep_orphans(report)
+        self._sweep_rings(report)
+        batch = self.settings.batch_size
+        while True:
+            expired = self.store.expire_done(self.settings.seen_ttl, batch)
+            report.expired_done += expired
+            if expired < batch:
+                return report
+
+    def _sweep_lost(self, report: SweepReport, progress: Callable[[int], None] | None) -> None:
         batch = self.settings.batch_size
         while True:
             claimed = self.store.claim_lost(self.settings.release_timeout, batch)
@@ -296,9 +307,12 @@ class CausalRuntime:
             if progress is not None:
                 progress(len(claimed))
             if len(claimed) < batch:
-                break
+                return
+
+    def _sweep_orphans(self, report: SweepReport) -> None:
         # Followers of a leader whose process died after its record, before it claimed
         # them all: nothing else would release them before their lookback.
+        batch = self.settings.batch_size
         while True:
             orphans = self.store.claim_orphans(batch)
             for follower in orphans:
@@ -311,10 +325,12 @@ class CausalRuntime:
                 )
             self._sweep_publish(orphans, "sweep", report)
             if len(orphans) < batch:
-                break
+                return
+
+    def _sweep_rings(self, report: SweepReport) -> None:
         # A ring of followers each waiting for another of the ring is never lost (each
         # leader is parked): the first of each ring is released, and the rest follow it.
-        broken = self.store.claim_cycles(batch)
+        broken = self.store.claim_cycles(self.settings.batch_size)
         for follower in broken:
             logger.warning(
                 "cycle: follower %s (follows %s, scope %r) is in a ring of followers that "
@@ -325,12 +341,6 @@ class CausalRuntime:
             )
         report.cycles += len(broken)
         self._sweep_publish(broken, "cycle", report)
-        while True:
-            expired = self.store.expire_done(self.settings.seen_ttl, batch)
-            report.expired_done += expired
-            if expired < batch:
-                break
-        return report
 
     def _sweep_publish(
         self, claimed: list[ClaimedFollower], reason: str, report: SweepReport

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Table,
     UniqueConstraint,
     and_,
+    inspect,
 )
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
@@ -169,3 +170,14 @@ def _pg_clock(element: db_clock, compiler: Any, **kw: Any) -> str:
 def _sqlite_clock(element: db_clock, compiler: Any, **kw: Any) -> str:
     # Julian day with millisecond precision, moved to the Unix epoch.
     return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+def schema_objects(conn: Any) -> set[str]:
+    """The tables and indexes of the store that exist in the database."""
+    inspector = inspect(conn)
+    found: set[str] = set()
+    for table in metadata.tables.values():
+        if inspector.has_table(table.name):
+            found.add(f"table {table.name}")
+            found.update(f"index {ix['name']}" for ix in inspector.get_indexes(table.name))
+    return found

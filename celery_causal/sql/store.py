@@ -34,7 +34,7 @@ from ..store import (
 from . import housekeeping as hk
 from . import statements as sql
 from .engine import Compiled, Database
-from .schema import metadata
+from .schema import metadata, schema_objects
 
 T = TypeVar("T")
 
@@ -62,6 +62,7 @@ def claimed_row(row: Sequence[Any]) -> ClaimedFollower:
 
 
 def park_values(follower: Follower, lookback: float) -> dict[str, Any]:
+    """The bound parameters of a park."""
     return {
         "b_scope": follower.scope,
         "b_follower": follower.follower_id,
@@ -135,9 +136,9 @@ class SQLStore:
     def create_schema(self) -> list[str]:
         def create(conn: Any) -> list[str]:
             with self._schema_lock(conn):
-                before = _schema_objects(conn)
+                before = schema_objects(conn)
                 metadata.create_all(conn, checkfirst=True)
-                return sorted(_schema_objects(conn) - before)
+                return sorted(schema_objects(conn) - before)
 
         self._creating = True  # the engine this may build must not create it first
         try:
@@ -233,8 +234,8 @@ class SQLStore:
         return self._rowcount(sql.MAKE_DUE, {"b_scope": scope, "b_leader": leader_id})
 
     def count_followers(self, scope: str, leader_id: str) -> int:
-        params = {"b_scope": scope, "b_leader": leader_id}
-        return int(self._run(lambda c: c.execute(hk.COUNT_WAITING, params).scalar_one()))
+        key = {"b_scope": scope, "b_leader": leader_id}
+        return int(self._run(lambda c: c.execute(hk.COUNT_WAITING, key).scalar_one()))
 
     def clock(self) -> float:
         """The database's clock, epoch seconds."""
@@ -324,8 +325,8 @@ class SQLStore:
         return self._run(run)
 
     def claim_one(self, scope: str, follower_id: str) -> ClaimedFollower | None:
-        rows = self._fetch(self.claim_one_sql, {"b_scope": scope, "b_follower": follower_id})
-        return claimed_row(rows[0]) if rows else None
+        key = {"b_scope": scope, "b_follower": follower_id}
+        return next((claimed_row(row) for row in self._fetch(self.claim_one_sql, key)), None)
 
     def stats(self, release_timeout: float = 60.0) -> list[ScopeStats]:
         def run(conn: Any) -> tuple[list[Any], dict[str, int]]:
@@ -365,8 +366,7 @@ class SQLStore:
 
     def count_parked(self, scope: str | None, leader_id: str | None) -> int:
         stmt = hk.count_statement(by_scope=scope is not None, by_leader=leader_id is not None)
-        params = _filter(scope, leader_id)
-        return int(self._run(lambda c: c.execute(stmt, params).scalar_one()))
+        return int(self._run(lambda c: c.execute(stmt, _filter(scope, leader_id)).scalar_one()))
 
     def parked_follower(self, scope: str, follower_id: str) -> ParkedFollower | None:
         fields = [f.name for f in dataclasses.fields(ParkedFollower)]
@@ -389,13 +389,3 @@ def _filter(scope: str | None, leader_id: str | None) -> dict[str, Any]:
     if leader_id is not None:
         params["b_leader"] = leader_id
     return params
-
-
-def _schema_objects(conn: Any) -> set[str]:
-    inspector = inspect(conn)
-    found: set[str] = set()
-    for table in metadata.tables.values():
-        if inspector.has_table(table.name):
-            found.add(f"table {table.name}")
-            found.update(f"index {ix['name']}" for ix in inspector.get_indexes(table.name))
-    return found

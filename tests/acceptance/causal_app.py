@@ -41,6 +41,16 @@ class Handle:
 
 def create(prefix: str | None = None, store_url: str | None = None) -> Handle:
     prefix = prefix or _env("CAUSAL_TEST_PREFIX", "causal-test-local:")
+    app = _configured(prefix, store_url)
+    celery_causal.install(app)
+    # A user who assigns beat_schedule after install: the sweep's beat entry must survive.
+    app.conf.beat_schedule = {"acc-hourly-ping": {"task": "acc.ping", "schedule": 3600.0}}
+    step, other_scope_step, flaky, broken = _ordering_tasks(app, prefix)
+    ping, observe, slow_to_send = _probe_tasks(app, prefix)
+    return Handle(app, prefix, step, other_scope_step, flaky, broken, ping, observe, slow_to_send)
+
+
+def _configured(prefix: str, store_url: str | None) -> Celery:
     transport = {"global_keyprefix": prefix}
     if os.environ.get("CAUSAL_TEST_VISIBILITY_TIMEOUT"):
         # Unacked messages of a killed worker come back after this many seconds.
@@ -51,7 +61,6 @@ def create(prefix: str | None = None, store_url: str | None = None) -> Handle:
         )
     app = Celery("causal_acceptance", broker=REDIS_URL, backend=REDIS_URL)
     acks_late = bool(os.environ.get("CAUSAL_TEST_ACKS_LATE"))
-    step_sleep = float(_env("CAUSAL_TEST_STEP_SLEEP", "0"))
     app.conf.update(
         broker_transport_options=transport,
         result_backend_transport_options={"global_keyprefix": prefix},
@@ -70,9 +79,11 @@ def create(prefix: str | None = None, store_url: str | None = None) -> Handle:
         causal_deduplicate=_env("CAUSAL_DEDUPLICATE", "always"),
         causal_max_depth=int(_env("CAUSAL_MAX_DEPTH", "20")),
     )
-    celery_causal.install(app)
-    # A user who assigns beat_schedule after install: the sweep's beat entry must survive.
-    app.conf.beat_schedule = {"acc-hourly-ping": {"task": "acc.ping", "schedule": 3600.0}}
+    return app
+
+
+def _ordering_tasks(app: Celery, prefix: str) -> tuple[Any, Any, Any, Any]:
+    step_sleep = float(_env("CAUSAL_TEST_STEP_SLEEP", "0"))
 
     @celery_causal.causal_task(app, name="acc.step", scope="acc", shared=False)
     def step(log: str, label: str) -> str:
@@ -109,6 +120,10 @@ def create(prefix: str | None = None, store_url: str | None = None) -> Handle:
         _redis.rpush(prefix + log, label)
         raise ValueError(f"{label} is broken")
 
+    return step, other_scope_step, flaky, broken
+
+
+def _probe_tasks(app: Celery, prefix: str) -> tuple[Any, Any, Any]:
     def record_start(sender: Any = None, task_id: str = "", **_: Any) -> None:
         """Task ids whose body was about to start (Celery's task_prerun), across processes."""
         if getattr(sender, "app", None) is app:
@@ -141,7 +156,7 @@ def create(prefix: str | None = None, store_url: str | None = None) -> Handle:
     def slow_to_send(*_: Any) -> str:
         return "sent"
 
-    return Handle(app, prefix, step, other_scope_step, flaky, broken, ping, observe, slow_to_send)
+    return ping, observe, slow_to_send
 
 
 _default = create()
