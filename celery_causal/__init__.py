@@ -4,6 +4,8 @@ A causal task sent with ``follows=<leader task id>`` runs only after its leader 
 if it arrives first it is parked in the store and re-enqueued when the leader succeeds.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from .errors import (
     CausalError,
     ConfigurationError,
@@ -18,7 +20,13 @@ from .errors import (
 from .settings import CausalSettings
 from .task import DEFERRED, SWEEP_TASK, CausalTask, causal_task, install
 
+try:
+    __version__ = version("celery-causal")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
+    "__version__",
     # wiring
     "install",
     "causal_task",

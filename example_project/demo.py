@@ -19,6 +19,7 @@ from typing import Any
 
 from celery.contrib.testing.worker import start_worker
 
+from celery_causal.task import runtime_for
 from example_project import shop
 from example_project.stream import LEADS, STREAM, send, task_id
 
@@ -26,10 +27,6 @@ from example_project.stream import LEADS, STREAM, send, task_id
 # first use, so they can still change here).
 LOOKBACK = float(os.environ.get("CAUSAL_LOOKBACK", 3))
 shop.app.conf.update(causal_lookback=LOOKBACK, causal_seen_ttl=max(2 * LOOKBACK, 60))
-if not os.environ.get("CAUSAL_STORE_URL"):
-    # A fresh embedded store per run, so rows of an earlier interrupted run stay out of it.
-    _DB = os.path.join(tempfile.mkdtemp(prefix="celery-causal-demo-"), "demo.sqlite3")
-    shop.app.conf.causal_store_url = f"sqlite:///{_DB}"
 
 RUN = uuid.uuid4().hex[:4]
 #: The follower whose leader never comes (the stream's last event), as the log names it.
@@ -100,6 +97,19 @@ def violations(ran: list[tuple[str, int]], lost: set[tuple[str, int]]) -> list[s
 
 
 def main() -> int:
+    if os.environ.get("CAUSAL_STORE_URL"):
+        return _run()
+    # A fresh embedded store per run, removed with it: rows of an earlier interrupted run
+    # stay out of it, and nothing is left behind.
+    with tempfile.TemporaryDirectory(prefix="celery-causal-demo-") as folder:
+        shop.app.conf.causal_store_url = f"sqlite:///{os.path.join(folder, 'demo.sqlite3')}"
+        try:
+            return _run()
+        finally:
+            runtime_for(shop.app).store.close()
+
+
+def _run() -> int:
     narrator = _Narrator()
     log = logging.getLogger("celery_causal")
     log.addHandler(narrator)

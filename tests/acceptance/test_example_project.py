@@ -35,9 +35,10 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def test_demo_on_the_embedded_default_keeps_causal_order() -> None:
-    result = _demo(_clean_env())
+def test_demo_on_the_embedded_default_keeps_causal_order(tmp_path: Path) -> None:
+    result = _demo(dict(_clean_env(), TMPDIR=str(tmp_path)))
     assert result.returncode == 0, result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []  # its embedded store went with it
     assert "broker memory://, store sqlite:///" in result.stdout
     assert "deferred  order1-order_shipped waits for order1-payment_captured" in result.stdout
     assert "swept     order4-order_shipped: its leader never came" in result.stdout
@@ -99,6 +100,12 @@ def test_compose_services_run_modules_and_tasks_that_exist() -> None:
     stream = importlib.import_module("example_project.stream")
     assert {t.name for t in stream.TASKS.values()} <= set(shop.tasks)
     assert "celery_causal.sweep" in shop.tasks  # what beat sends
+    # One image, built once, for every service of the shop
+    images = {services[name]["image"] for name in ("worker", "beat", "flower", "producer")}
+    assert len(images) == 1, images
+    # Flower's API answers without credentials, as the README's example calls it
+    assert services["flower"]["environment"]["FLOWER_UNAUTHENTICATED_API"] == "true"
+    assert services["flower"]["environment"]["CAUSAL_STORE_URL"].startswith("postgresql")
     dockerfile = Path(services["worker"]["build"]["dockerfile"])
     for line in (ROOT / dockerfile).read_text().splitlines():
         if line.startswith("COPY"):

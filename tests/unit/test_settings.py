@@ -98,3 +98,11 @@ def test_a_postgresql_url_without_a_driver_runs_on_psycopg_3() -> None:
 
     assert engine_url("postgresql://app@db/app").drivername == "postgresql+psycopg"
     assert engine_url("sqlite:///x.sqlite3").drivername == "sqlite"
+
+
+def test_the_package_says_which_version_is_installed() -> None:
+    import importlib.metadata
+
+    import celery_causal
+
+    assert celery_causal.__version__ == importlib.metadata.version("celery-causal")
