@@ -75,6 +75,9 @@ class CausalSettings(BaseModel):
 
     #: SQLAlchemy URL of the store; PostgreSQL (``postgresql+psycopg://``) or SQLite.
     store_url: str = DEFAULT_STORE_URL
+    #: PostgreSQL is reached through a transaction-pooling proxy (PgBouncer's
+    #: ``pool_mode = transaction``): no prepared statements, no start-up options.
+    store_transaction_pooler: bool = False
     #: A follower younger than this waits for its leader; a parked one older is lost.
     lookback: float = Field(default=15 * 60, gt=0)
     #: How long a "done" record answers duplicate and leader checks.

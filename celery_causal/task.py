@@ -70,7 +70,9 @@ def runtime_for(app: Any) -> CausalRuntime:
             settings = CausalSettings.from_conf(app.conf)
             store = options.get("store")
             if store is None:
-                store = open_store(settings.store_url)
+                store = open_store(
+                    settings.store_url, transaction_pooler=settings.store_transaction_pooler
+                )
             runtime = CausalRuntime(app, settings, store)
             _runtimes[app] = runtime
         return runtime
@@ -84,7 +86,11 @@ def operator_runtime(app: Any) -> CausalRuntime:
     settings = CausalSettings.from_conf(app.conf)
     store = options.get("store")
     if store is None:
-        store = open_store(settings.store_url, create_schema=False)
+        store = open_store(
+            settings.store_url,
+            create_schema=False,
+            transaction_pooler=settings.store_transaction_pooler,
+        )
     return CausalRuntime(app, settings, store=store)
 
 

@@ -16,15 +16,21 @@ from .store import SQLStore
 __all__ = ["PostgresStore", "SQLStore", "SQLiteStore", "open_store"]
 
 
-def open_store(url: str, *, create_schema: bool = True) -> SQLStore:
+def open_store(
+    url: str, *, create_schema: bool = True, transaction_pooler: bool = False
+) -> SQLStore:
     """The store for ``url`` (``postgresql+psycopg://...`` or ``sqlite:///...``).
 
     Nothing connects yet. With ``create_schema``, each process creates missing tables when
-    it first connects.
+    it first connects. ``transaction_pooler``: PostgreSQL is reached through a
+    transaction-pooling proxy such as PgBouncer (no prepared statements, no start-up
+    options).
     """
     dialect = dialect_of(url)
     if dialect == POSTGRESQL:
-        return PostgresStore(url, create_schema=create_schema)
+        return PostgresStore(
+            url, create_schema=create_schema, transaction_pooler=transaction_pooler
+        )
     if dialect == SQLITE:
         return SQLiteStore(url, create_schema=create_schema)
     raise ConfigurationError(

@@ -54,6 +54,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _require_read_committed(dbapi_connection: Any, _record: Any) -> None:
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SHOW default_transaction_isolation")
+        (level,) = cursor.fetchone()
+    if level != "read committed":
+        raise ConfigurationError(
+            f"causal_store_transaction_pooler: the server's default_transaction_isolation is "
+            f"{level!r}; the store needs 'read committed' (ALTER ROLE ... SET "
+            "default_transaction_isolation = 'read committed')"
+        )
+
+
 def _with_read_committed(url: str) -> str:
     """libpq start-up ``options`` pinning READ COMMITTED, after any the URL carries."""
     given = make_url(url).query.get("options") or ""
@@ -85,8 +97,16 @@ class Compiled:
 class Database:
     """A URL's engine, rebuilt in each process, and :meth:`run` with its error mapping."""
 
-    def __init__(self, url: str, on_new_engine: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        on_new_engine: Callable[[], object] | None = None,
+        *,
+        transaction_pooler: bool = False,
+    ) -> None:
         self.url = url
+        #: Reached through a transaction-pooling proxy (PgBouncer's pool_mode=transaction).
+        self.transaction_pooler = transaction_pooler
         self._engine_url = checked_url(url)
         self.dialect = self._engine_url.get_backend_name()
         self._on_new_engine = on_new_engine
@@ -124,19 +144,28 @@ class Database:
             )
             event.listen(engine, "connect", _sqlite_pragmas)
             return engine
+        # The park/release handshake relies on READ COMMITTED: each statement's INSERT ...
+        # ON CONFLICT reads the newest committed version of the leader's row. Under a
+        # server default of REPEATABLE READ or SERIALIZABLE that statement fails with a
+        # serialization error instead. Set at connection start-up, so it needs no
+        # statement of its own.
+        connect_args: dict[str, Any] = {"options": _with_read_committed(self.url)}
+        if self.transaction_pooler:
+            # A transaction pooler hands each transaction to any server connection: a
+            # statement prepared on one is unknown on the next, or collides with another
+            # client's of the same name. Poolers also refuse or drop start-up options, so
+            # the isolation level is the server's own: checked once per connection.
+            connect_args = {"prepare_threshold": None}
         engine = create_engine(
             self._engine_url,
             isolation_level="AUTOCOMMIT",
             pool_size=5,
             max_overflow=10,
             pool_reset_on_return=None,
-            # The park/release handshake relies on READ COMMITTED: each statement's
-            # INSERT ... ON CONFLICT reads the newest committed version of the leader's
-            # row. Under a server default of REPEATABLE READ or SERIALIZABLE that statement
-            # fails with a serialization error instead. Set at connection start-up, so it
-            # needs no statement of its own.
-            connect_args={"options": _with_read_committed(self.url)},
+            connect_args=connect_args,
         )
+        if self.transaction_pooler:
+            event.listen(engine, "connect", _require_read_committed)
         return engine
 
     def run(self, operation: Callable[[Any], T]) -> T:

@@ -92,13 +92,19 @@ class SQLStore:
     record_sql: ClassVar[Any]
     bury_sql: ClassVar[Any]
 
-    def __init__(self, url: str, *, create_schema: bool = True) -> None:
+    def __init__(
+        self, url: str, *, create_schema: bool = True, transaction_pooler: bool = False
+    ) -> None:
         self.url = url
         self._creating = False
         #: Statements compiled for this URL's dialect, by id of the prebuilt statement.
         self._compiled: dict[int, Compiled] = {}
         # With create_schema, each process creates missing tables when it first connects.
-        self._db = Database(url, on_new_engine=self._create_quietly if create_schema else None)
+        self._db = Database(
+            url,
+            on_new_engine=self._create_quietly if create_schema else None,
+            transaction_pooler=transaction_pooler,
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({mask_url(self.url)!r})"
