@@ -16,6 +16,9 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from celery_causal.sql import SQLStore, open_store
+from tests.helpers import truncate
+
 PG_ADMIN_URL = os.environ.get(
     "CAUSAL_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -82,3 +85,13 @@ def key_prefix() -> Iterator[str]:
             client.delete(key)
     except Exception:
         pass
+
+
+@pytest.fixture
+def pg_store(pg_url: str) -> Iterator[SQLStore]:
+    """The SQL store on this run's PostgreSQL database, emptied before and after the test."""
+    store = open_store(pg_url)
+    truncate(store)
+    yield store
+    truncate(store)
+    store.close()

@@ -19,7 +19,7 @@ import redis
 
 from celery_causal.sql import SQLStore, open_store
 from tests.conftest import fresh_database
-from tests.helpers import truncate, wait_for
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,14 +133,6 @@ def worker(
         proc.stop()
         if os.environ.get("CAUSAL_TEST_SHOW_WORKER_LOG"):
             print(proc.log_text())
-
-
-@pytest.fixture
-def store(pg_url: str) -> Iterator[SQLStore]:
-    sql = open_store(pg_url)
-    yield sql
-    truncate(sql)
-    sql.close()
 
 
 class Log:

@@ -99,15 +99,15 @@ def test_an_old_follower_still_waits_for_its_leader(spawn: Callable[..., Spawned
 
 
 def test_two_scopes_do_not_interfere(
-    worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
+    worker: WorkerProcess, causal_app: Any, log: Log, pg_store: SQLStore
 ) -> None:
     leader = f"leader-{uuid.uuid4()}"
     other = causal_app.other_scope_step.apply_async((log.name, "other"), follows=leader)
     same = causal_app.step.apply_async((log.name, "same"), follows=leader)
     wait_for(
         lambda: (
-            store.count_followers("acc", leader) == 1
-            and store.count_followers("acc-other", leader) == 1
+            pg_store.count_followers("acc", leader) == 1
+            and pg_store.count_followers("acc-other", leader) == 1
         ),
         60,
         "both parked",
@@ -115,13 +115,13 @@ def test_two_scopes_do_not_interfere(
     causal_app.step.apply_async((log.name, "leader"), task_id=leader)
     assert same.get(timeout=60) == "same"
     assert log.entries() == ["leader", "same"]
-    assert store.count_followers("acc-other", leader) == 1
+    assert pg_store.count_followers("acc-other", leader) == 1
     assert other.state == "DEFERRED"
     assert other.info == {"follows": leader, "scope": "acc-other"}
 
 
 def test_fifty_reversed_chains_of_five_run_in_order(
-    worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
+    worker: WorkerProcess, causal_app: Any, log: Log, pg_store: SQLStore
 ) -> None:
     run = uuid.uuid4().hex[:8]
     for c in range(50):
@@ -136,17 +136,17 @@ def test_fifty_reversed_chains_of_five_run_in_order(
     for c in range(50):
         steps = [int(e.split(":")[1]) for e in ran if e.startswith(f"c{c}:")]
         assert steps == [0, 1, 2, 3, 4], f"chain {c} ran as {steps}"
-    assert sum(s.waiting + s.releasing for s in store.stats()) == 0
+    assert sum(s.waiting + s.releasing for s in pg_store.stats()) == 0
 
 
 def test_a_parked_follower_starts_only_once_it_is_released(
-    worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
+    worker: WorkerProcess, causal_app: Any, log: Log, pg_store: SQLStore
 ) -> None:
     # Given a follower parked in a prefork pool process before its leader came
     run = uuid.uuid4().hex[:8]
     leader, follower = f"{run}-leader", f"{run}-follower"
     causal_app.step.apply_async((log.name, "follower"), task_id=follower, follows=leader)
-    wait_for(lambda: store.count_followers("acc", leader) == 1, 60, "follower parked")
+    wait_for(lambda: pg_store.count_followers("acc", leader) == 1, 60, "follower parked")
     # When the leader runs and releases it
     causal_app.step.apply_async((log.name, "leader"), task_id=leader)
     assert log.wait_len(2) == ["leader", "follower"]
@@ -159,27 +159,27 @@ def test_a_parked_follower_starts_only_once_it_is_released(
 
 @pytest.mark.timeout(400)
 def test_one_leader_releases_a_thousand_followers_exactly_once(
-    worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
+    worker: WorkerProcess, causal_app: Any, log: Log, pg_store: SQLStore
 ) -> None:
     leader = f"big-leader-{uuid.uuid4()}"
     with causal_app.app.producer_or_acquire() as producer:
         for i in range(1000):
             causal_app.step.apply_async((log.name, f"f{i}"), follows=leader, producer=producer)
-    wait_for(lambda: store.count_followers("acc", leader) == 1000, 180, "1000 parked")
+    wait_for(lambda: pg_store.count_followers("acc", leader) == 1000, 180, "1000 parked")
     assert log.entries() == []
     causal_app.step.apply_async((log.name, "leader"), task_id=leader)
     ran = log.wait_len(1001, timeout=180)
     assert ran[0] == "leader"
     assert Counter(ran[1:]) == Counter(f"f{i}" for i in range(1000))
-    wait_for(lambda: not store.stats(), 30, "follower table empty")
+    wait_for(lambda: not pg_store.stats(), 30, "follower table empty")
 
 
 def test_async_result_of_a_parked_follower_returns_its_value(
-    worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
+    worker: WorkerProcess, causal_app: Any, log: Log, pg_store: SQLStore
 ) -> None:
     leader = causal_app.step.AsyncResult(f"leader-{uuid.uuid4()}")
     follower = causal_app.step.s(log.name, "follower").set(follows=leader).delay()
-    wait_for(lambda: store.count_followers("acc", leader.id) == 1, 60, "parked")
+    wait_for(lambda: pg_store.count_followers("acc", leader.id) == 1, 60, "parked")
     assert follower.state == "DEFERRED"
     causal_app.step.apply_async((log.name, "leader"), task_id=leader.id)
     assert follower.get(timeout=60) == "follower"
@@ -187,7 +187,7 @@ def test_async_result_of_a_parked_follower_returns_its_value(
 
 
 def test_duplicate_deliveries_run_no_body_twice(
-    worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
+    worker: WorkerProcess, causal_app: Any, log: Log, pg_store: SQLStore
 ) -> None:
     leader, fid = f"dup-leader-{uuid.uuid4()}", f"dup-follower-{uuid.uuid4()}"
     # Given a parked follower delivered twice
@@ -198,7 +198,7 @@ def test_duplicate_deliveries_run_no_body_twice(
         60,
         "both copies handled",
     )
-    assert store.count_followers("acc", leader) == 1
+    assert pg_store.count_followers("acc", leader) == 1
     # When the leader runs, and then the finished leader and follower are delivered again
     causal_app.step.apply_async((log.name, "leader"), task_id=leader).get(timeout=60)
     causal_app.step.AsyncResult(fid).get(timeout=60)

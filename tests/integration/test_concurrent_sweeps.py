@@ -12,14 +12,14 @@ import redis
 from celery import Celery
 
 import celery_causal
-from celery_causal.sql import open_store
+from celery_causal.sql import SQLStore
 from celery_causal.task import runtime_for
-from tests.helpers import age, follower, truncate
+from tests.helpers import age, follower
 
 
 @pytest.mark.timeout(300)
 def test_four_sweeps_release_each_of_2000_lost_followers_exactly_once(
-    pg_url: str, redis_url: str, key_prefix: str
+    pg_store: SQLStore, pg_url: str, redis_url: str, key_prefix: str
 ) -> None:
     # Given 2,000 followers parked longer than the lookback, and a real Redis broker
     prefix = f"{key_prefix}sweeps-{uuid.uuid4().hex[:6]}:"
@@ -32,11 +32,9 @@ def test_four_sweeps_release_each_of_2000_lost_followers_exactly_once(
         causal_batch_size=50,
     )
     celery_causal.install(app, beat=False)
-    store = open_store(pg_url)
-    truncate(store)
     for i in range(2000):
-        store.park(follower(f"lost-{i}", f"gone-{i % 7}", occurred_at=float(i)), 60)
-    age(store, 61)
+        pg_store.park(follower(f"lost-{i}", f"gone-{i % 7}", occurred_at=float(i)), 60)
+    age(pg_store, 61)
     runtime = runtime_for(app)
     barrier = threading.Barrier(4)
     released: list[int] = []
@@ -58,6 +56,5 @@ def test_four_sweeps_release_each_of_2000_lost_followers_exactly_once(
     ids = Counter(json.loads(m)["headers"]["id"] for m in messages)
     assert sum(released) == 2000
     assert len(ids) == 2000 and max(ids.values()) == 1
-    assert store.stats() == []
+    assert pg_store.stats() == []
     client.delete(f"{prefix}celery")
-    store.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -26,7 +25,7 @@ from celery_causal.sql.schema import followers
 from celery_causal.store import CausalStore
 from celery_causal.task import runtime_for
 from celery_causal.testing import MemoryStore
-from tests.helpers import age, follower, truncate
+from tests.helpers import age, follower
 
 TTL = 1800.0
 LOOKBACK = 60.0
@@ -114,26 +113,15 @@ def test_arguments_the_serializer_cannot_carry_are_refused_at_send_time() -> Non
         t.apply_async((object(),), follows="leader")
 
 
-@pytest.fixture
-def pg(pg_url: str) -> Iterator[SQLStore]:
-    store = open_store(pg_url)
-    truncate(store)
-    yield store
-    truncate(store)
-    with store.engine.connect() as conn:
-        conn.execute(text("DELETE FROM causal_dead_followers"))
-    store.close()
-
-
 def test_planted_pickle_and_corrupt_rows_are_moved_aside_and_the_rest_released(
-    pg: SQLStore,
+    pg_store: SQLStore,
 ) -> None:
     # Given three followers of one leader; one row replaced by a pickle, one corrupted
-    app = _app(pg)
+    app = _app(pg_store)
     for name in ("pickled", "corrupt", "fine"):
-        pg.park(follower(name, "L"), LOOKBACK)
+        pg_store.park(follower(name, "L"), LOOKBACK)
     pickled = pickle.dumps({"args": [], "kwargs": {}, "options": {}})
-    with pg.engine.connect() as conn:
+    with pg_store.engine.connect() as conn:
         conn.execute(
             update(followers)
             .where(followers.c.follower_id == "pickled")
@@ -152,9 +140,9 @@ def test_planted_pickle_and_corrupt_rows_are_moved_aside_and_the_rest_released(
     released = runtime_for(app).complete("default", "L", 0)
     # Then the good follower is released, the two bad ones are moved aside, none run
     assert released == 1
-    (stats,) = pg.stats()
+    (stats,) = pg_store.stats()
     assert (stats.dead, stats.waiting, stats.releasing) == (2, 0, 0)
-    with pg.engine.connect() as conn:
+    with pg_store.engine.connect() as conn:
         reasons = dict(
             conn.execute(text("SELECT follower_id, reason FROM causal_dead_followers")).all()
         )
@@ -162,10 +150,10 @@ def test_planted_pickle_and_corrupt_rows_are_moved_aside_and_the_rest_released(
 
 
 def test_statements_the_database_refuses_raise_store_error_not_unavailable(
-    pg: SQLStore,
+    pg_store: SQLStore,
 ) -> None:
     with pytest.raises(StoreError) as info:
-        pg.park(replace(follower("f", "L"), follower_id="a\x00b"), LOOKBACK)
+        pg_store.park(replace(follower("f", "L"), follower_id="a\x00b"), LOOKBACK)
     assert type(info.value) is StoreError
 
 
@@ -192,7 +180,7 @@ def test_unreachable_database_raises_store_unavailable_with_the_password_masked(
 
 
 def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
-    pg_url: str, pg: SQLStore
+    pg_url: str, pg_store: SQLStore
 ) -> None:
     role = f"causal_worker_{uuid.uuid4().hex[:6]}"
     grants = [
@@ -201,7 +189,7 @@ def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
         f'causal_dead_followers TO "{role}"',
         f'GRANT USAGE ON SEQUENCE causal_followers_id_seq TO "{role}"',
     ]
-    with pg.engine.connect() as conn:
+    with pg_store.engine.connect() as conn:
         for statement in grants:
             conn.execute(text(statement))
     worker_url = make_url(pg_url).set(username=role).render_as_string(hide_password=False)
@@ -213,7 +201,7 @@ def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
         assert store.lookup("default", ["L"]).done == {"L"}
         (claimed,) = store.claim_followers("default", "L", 10)
         store.finish([claimed.row_id])
-        age(pg, 2000)
+        age(pg_store, 2000)
         (lost,) = store.claim_lost(900, 10)
         store.bury(lost.row_id, "test")
         assert store.expire_done(TTL, 10) == 2  # L's done record and the mark f2 left on M
@@ -221,7 +209,7 @@ def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
         assert store.forget("default", "nothing") is False
     finally:
         store.close()
-        with pg.engine.connect() as conn:
+        with pg_store.engine.connect() as conn:
             conn.execute(text("DELETE FROM causal_dead_followers"))
             conn.execute(text(f'DROP OWNED BY "{role}"'))
             conn.execute(text(f'DROP ROLE "{role}"'))

@@ -9,49 +9,41 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
 
-from celery_causal.sql import SQLStore, open_store
+from celery_causal.sql import SQLStore
 from celery_causal.sql.postgresql import PARK
-from tests.helpers import age, follower, truncate
+from tests.helpers import age, follower
 
 TTL = 1800.0
 LOOKBACK = 900.0
 
 
-@pytest.fixture
-def store(pg_url: str) -> Iterator[SQLStore]:
-    sql = open_store(pg_url)
-    truncate(sql)
-    yield sql
-    truncate(sql)
-    sql.close()
-
-
-def _expired_mark_without_followers(store: SQLStore, leader: str) -> None:
+def _expired_mark_without_followers(pg_store: SQLStore, leader: str) -> None:
     """A mark of ``leader`` older than the TTL whose follower is gone (released, forgotten)."""
-    store.park(follower("gone", leader), LOOKBACK)
-    assert store.forget("default", "gone")
-    age(store, 2 * TTL)
+    pg_store.park(follower("gone", leader), LOOKBACK)
+    assert pg_store.forget("default", "gone")
+    age(pg_store, 2 * TTL)
 
 
-def _expire_while_held(store: SQLStore, pg_url: str, statement: Any, values: dict[str, Any]) -> int:
+def _expire_while_held(
+    pg_store: SQLStore, pg_url: str, statement: Any, values: dict[str, Any]
+) -> int:
     """Run ``statement`` in a transaction held open while the sweep expires records.
 
     Returns how many records the sweep expired. The sweep either waits for the held row's
     lock or passes it by; either way the held transaction commits before it is judged.
     """
-    compiled = store._db.compile(statement)
+    compiled = pg_store._db.compile(statement)
     held = psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"))
     expired: list[int] = []
     try:
         held.execute(compiled.sql, compiled.bind(values))
         pid = held.info.backend_pid
-        sweep = threading.Thread(target=lambda: expired.append(store.expire_done(TTL, 100)))
+        sweep = threading.Thread(target=lambda: expired.append(pg_store.expire_done(TTL, 100)))
         sweep.start()
         blocked = (
             "SELECT count(*) FROM pg_locks WHERE NOT granted AND %s = ANY(pg_blocking_pids(pid))"
@@ -72,15 +64,15 @@ def _expire_while_held(store: SQLStore, pg_url: str, statement: Any, values: dic
 
 @pytest.mark.timeout(60)
 def test_a_done_record_made_while_the_sweep_expires_its_old_mark_survives(
-    store: SQLStore, pg_url: str
+    pg_store: SQLStore, pg_url: str
 ) -> None:
     # Given L's mark, expired and without followers
-    _expired_mark_without_followers(store, "L")
+    _expired_mark_without_followers(pg_store, "L")
     # When L records done (transaction open on L's row) while the sweep expires records
     _expire_while_held(
-        store,
+        pg_store,
         pg_url,
-        store.record_sql,
+        pg_store.record_sql,
         {
             "b_scope": "default",
             "b_task_id": "L",
@@ -90,15 +82,15 @@ def test_a_done_record_made_while_the_sweep_expires_its_old_mark_survives(
         },
     )
     # Then L's fresh done record is there: a later follower runs, a duplicate is skipped
-    assert store.lookup("default", ["L"]).done == {"L"}
+    assert pg_store.lookup("default", ["L"]).done == {"L"}
 
 
 @pytest.mark.timeout(60)
 def test_a_park_made_while_the_sweep_expires_the_leaders_old_mark_is_released(
-    store: SQLStore, pg_url: str
+    pg_store: SQLStore, pg_url: str
 ) -> None:
     # Given L's mark, expired and without followers
-    _expired_mark_without_followers(store, "L")
+    _expired_mark_without_followers(pg_store, "L")
     f = follower("f2", "L")
     values = {
         "b_scope": "default",
@@ -114,20 +106,20 @@ def test_a_park_made_while_the_sweep_expires_the_leaders_old_mark_is_released(
         "b_lookback": LOOKBACK,
     }
     # When f2 parks behind L (its mark refreshed, transaction open) while the sweep runs
-    _expire_while_held(store, pg_url, PARK, values)
+    _expire_while_held(pg_store, pg_url, PARK, values)
     # Then L's success still finds f2 through the mark, at once
-    record = store.record_done_and_claim("default", "L", 100)
+    record = pg_store.record_done_and_claim("default", "L", 100)
     assert record.waited
-    claimed = record.claimed or store.claim_followers("default", "L", 100)
+    claimed = record.claimed or pg_store.claim_followers("default", "L", 100)
     assert [c.follower_id for c in claimed] == ["f2"]
 
 
 @pytest.mark.timeout(60)
-def test_the_sweep_still_expires_what_nobody_holds(store: SQLStore, pg_url: str) -> None:
+def test_the_sweep_still_expires_what_nobody_holds(pg_store: SQLStore, pg_url: str) -> None:
     # The guard against writers must not keep old records forever.
-    _expired_mark_without_followers(store, "L")
-    store.record_done("default", "M", seen_ttl=TTL)
-    age(store, 2 * TTL)
+    _expired_mark_without_followers(pg_store, "L")
+    pg_store.record_done("default", "M", seen_ttl=TTL)
+    age(pg_store, 2 * TTL)
     held_values = {
         "b_scope": "default",
         "b_task_id": "other",
@@ -135,5 +127,5 @@ def test_the_sweep_still_expires_what_nobody_holds(store: SQLStore, pg_url: str)
         "b_ttl": TTL,
         "b_timeout": 60.0,
     }
-    assert _expire_while_held(store, pg_url, store.record_sql, held_values) == 2
-    assert store.lookup("default", ["M", "other"]).done == {"other"}
+    assert _expire_while_held(pg_store, pg_url, pg_store.record_sql, held_values) == 2
+    assert pg_store.lookup("default", ["M", "other"]).done == {"other"}

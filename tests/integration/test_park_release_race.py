@@ -17,10 +17,10 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from celery_causal.sql import open_store
+from celery_causal.sql import SQLStore, open_store
 from celery_causal.sql.postgresql import FINISH, PARK
 from celery_causal.store import CausalStore, ClaimedFollower, DoneRecord, ParkOutcome
-from tests.helpers import follower, truncate
+from tests.helpers import follower
 
 TTL = 1800.0
 LOOKBACK = 60.0
@@ -120,12 +120,12 @@ def test_racing_pairs_released_through_a_barrier(store: CausalStore) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_park_committed_while_the_done_record_waits_is_not_missed(pg_url: str) -> None:
+def test_a_park_committed_while_the_done_record_waits_is_not_missed(
+    pg_store: SQLStore, pg_url: str
+) -> None:
     # PostgreSQL claims with the done record, in the snapshot the statement took before it
     # waited for the leader's row: a park that commits during that wait is not in it.
-    store = open_store(pg_url)
-    truncate(store)
-    compiled = store._db.compile(PARK)
+    compiled = pg_store._db.compile(PARK)
     parked_row = follower("f1", "L")
     values = {
         "b_scope": "default",
@@ -148,7 +148,7 @@ def test_a_park_committed_while_the_done_record_waits_is_not_missed(pg_url: str)
         # When the leader records done and claims meanwhile (it waits for that row)
         outcome: list[DoneRecord] = []
         leader = threading.Thread(
-            target=lambda: outcome.append(store.record_done_and_claim("default", "L", 100))
+            target=lambda: outcome.append(pg_store.record_done_and_claim("default", "L", 100))
         )
         leader.start()
         waiting_on_park = (
@@ -171,60 +171,51 @@ def test_a_park_committed_while_the_done_record_waits_is_not_missed(pg_url: str)
     # Then the record either claimed the follower or says it must claim again
     (record,) = outcome
     assert record.waited
-    later = [] if record.complete else store.claim_followers("default", "L", 100)
+    later = [] if record.complete else pg_store.claim_followers("default", "L", 100)
     assert [f.follower_id for f in record.claimed + later] == ["f1"]
     assert not record.complete  # the snapshot predates the park: the claim is repeated
-    truncate(store)
-    store.close()
 
 
 def test_every_mark_moves_the_leaders_row_forward_even_when_the_clock_does_not(
-    pg_url: str,
+    pg_store: SQLStore,
 ) -> None:
     # The done record learns that a park committed during its lock wait by comparing
     # waited_at in its snapshot with the latest; a mark must never leave it unchanged.
-    store = open_store(pg_url)
-    truncate(store)
-    store.park(follower("f1", "L"), LOOKBACK)
-    ahead = store.clock() + 3600.0  # as if the next park read an equal or earlier clock
-    with store.engine.begin() as conn:
+    pg_store.park(follower("f1", "L"), LOOKBACK)
+    ahead = pg_store.clock() + 3600.0  # as if the next park read an equal or earlier clock
+    with pg_store.engine.begin() as conn:
         conn.execute(text("UPDATE causal_done SET waited_at = :w"), {"w": ahead})
-    store.park(follower("f2", "L"), LOOKBACK)
-    with store.engine.connect() as conn:
+    pg_store.park(follower("f2", "L"), LOOKBACK)
+    with pg_store.engine.connect() as conn:
         (waited_at,) = conn.execute(text("SELECT waited_at FROM causal_done")).one()
     assert waited_at > ahead
-    truncate(store)
-    store.close()
 
 
 @pytest.mark.timeout(60)
 def test_a_release_in_flight_never_hides_a_waiting_row_from_the_next_leader(
+    pg_store: SQLStore,
     pg_url: str,
 ) -> None:
     # A chain L <- f1 <- f2, both followers parked. L's worker releases f1: it publishes
     # f1, then deletes f1's row. f1 can run on another worker before that delete commits;
     # its claim skips rows another transaction holds locked, so the release must not hold
     # f2's row locked, or f1's claim misses f2 and f2 waits for the sweep.
-    store = open_store(pg_url)
-    truncate(store)
-    store.park(follower("f1", "L", occurred_at=1.0), LOOKBACK)
-    store.park(follower("f2", "f1", occurred_at=2.0), LOOKBACK)
-    (first,) = leader_claims(store, "L")
+    pg_store.park(follower("f1", "L", occurred_at=1.0), LOOKBACK)
+    pg_store.park(follower("f2", "f1", occurred_at=2.0), LOOKBACK)
+    (first,) = leader_claims(pg_store, "L")
     assert first.follower_id == "f1"
-    finish = store._db.compile(FINISH)
+    finish = pg_store._db.compile(FINISH)
     release_conn = psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"))
     try:
         # Given L's release of f1 deleting its row, the transaction not yet committed
         release_conn.execute(finish.sql, finish.bind({"b_ids": [first.row_id]}))
         # When f1, already published and run elsewhere, records done and claims
-        claimed = leader_claims(store, "f1")
+        claimed = leader_claims(pg_store, "f1")
         release_conn.commit()
     finally:
         release_conn.close()
     # Then f1's claim found f2: nothing waits for the sweep
     assert [f.follower_id for f in claimed] == ["f2"]
-    truncate(store)
-    store.close()
 
 
 @pytest.mark.timeout(180)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from celery_causal.sql import open_store
+from celery_causal.sql import SQLStore, open_store
 from celery_causal.store import CausalStore, ParkOutcome
 from tests.helpers import age, follower, truncate
 
@@ -403,20 +403,18 @@ def test_bury_moves_a_claimed_row_aside_once(store: CausalStore) -> None:
     assert [i.follower_id for i in store.list_followers("a", None, 10)] == ["good"]
 
 
-def test_postgresql_connections_of_the_store_carry_no_session_state(pg_url: str) -> None:
+def test_postgresql_connections_of_the_store_carry_no_session_state(pg_store: SQLStore) -> None:
     # Behind a transaction-pooling proxy a connection serves other clients next: a SET
-    # made by the store would leak into them. Only the start-up option pinning READ
-    # COMMITTED is the store's own, and it is not session state.
-    store = open_store(pg_url)
-    truncate(store)
+    # made by the pg_store would leak into them. Only the start-up option pinning READ
+    # COMMITTED is the pg_store's own, and it is not session state.
     try:
         for i in range(6):
-            store.park(follower(f"f{i}", f"L{i}"), LOOKBACK)
-            record = store.record_done_and_claim("default", f"L{i}", 10)
-            store.finish([f.row_id for f in record.claimed])
-        store.stats()
-        store.claim_lost(60.0, 10)
-        raw = store.engine.raw_connection()  # the pooled connection those calls used
+            pg_store.park(follower(f"f{i}", f"L{i}"), LOOKBACK)
+            record = pg_store.record_done_and_claim("default", f"L{i}", 10)
+            pg_store.finish([f.row_id for f in record.claimed])
+        pg_store.stats()
+        pg_store.claim_lost(60.0, 10)
+        raw = pg_store.engine.raw_connection()  # the pooled connection those calls used
         try:
             cursor = raw.cursor()
             cursor.execute("SELECT name FROM pg_settings WHERE source = 'session'")
@@ -426,8 +424,8 @@ def test_postgresql_connections_of_the_store_carry_no_session_state(pg_url: str)
         finally:
             raw.close()
     finally:
-        truncate(store)
-        store.close()
+        truncate(pg_store)
+        pg_store.close()
 
 
 # -- the edges of the promise: deadlines, marks, failures, rings, row ids -------------------

@@ -63,10 +63,8 @@ def test_parked_and_duplicate_deliveries_end_before_the_body_starts() -> None:
     assert sorted(started) == sorted(h.id(label) for label in ("leader", "follower", "marker"))
 
 
-def test_parked_message_keeps_argument_types_headers_and_callbacks(pg_url: str) -> None:
-    store = open_store(pg_url)
-    truncate(store)
-    h = Harness(store)
+def test_parked_message_keeps_argument_types_headers_and_callbacks(pg_store: SQLStore) -> None:
+    h = Harness(pg_store)
     received: list[Any] = []
 
     @celery_causal.causal_task(h.app, name="tests.typed", scope="events", shared=False, bind=True)
@@ -95,10 +93,10 @@ def test_parked_message_keeps_argument_types_headers_and_callbacks(pg_url: str) 
         link=callback.s(),
     )
     with h.worker():
-        wait_for(lambda: store.count_followers("events", h.id("L")) == 1, 30, "parked")
+        wait_for(lambda: pg_store.count_followers("events", h.id("L")) == 1, 30, "parked")
         h.send("L")
         wait_for(lambda: len(received) == 2, 30, "follower and its callback")
-    truncate(store)
+    truncate(pg_store)
     assert received[0] == (values, {"when": datetime.date(2026, 1, 1)}, "acme", published_at)
     assert received[1] == ("callback", "typed-done")
 
@@ -142,18 +140,17 @@ def test_a_task_that_follows_itself_runs_at_once() -> None:
     assert store.stats() == []
 
 
-def test_an_oversized_follower_fails_loudly_at_park_time_and_is_not_lost(pg_url: str) -> None:
+def test_an_oversized_follower_fails_loudly_at_park_time_and_is_not_lost(
+    pg_store: SQLStore,
+) -> None:
     from celery_causal.errors import PayloadError
 
-    store = open_store(pg_url)
-    truncate(store)
-    h = Harness(store, causal_max_payload_bytes=2048)
+    h = Harness(pg_store, causal_max_payload_bytes=2048)
     result = h.event.apply_async(("x" * 5000,), task_id=h.id("big"), follows=h.id("L"))
     with h.worker(), pytest.raises(PayloadError, match="causal_max_payload_bytes"):
         result.get(timeout=30)
     assert result.state == "FAILURE"  # visible to the producer, not acked and forgotten
-    assert store.stats() == []
-    store.close()
+    assert pg_store.stats() == []
 
 
 def test_sqlite_parks_are_durable_and_the_worker_forks_with_no_connection_open(
