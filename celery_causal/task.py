@@ -19,7 +19,7 @@ from celery.states import FAILURE, IGNORED, SUCCESS
 from celery.utils import uuid
 from kombu.utils.functional import maybe_list
 
-from .core import Action, Arrival
+from .core import Action, Arrival, store_retry_countdown
 from .errors import InvalidIdError, LeaderFailed, NotInstalledError, StoreUnavailable
 from .payload import FOLLOWS, PUBLISHED_AT, check_id, leader_id
 from .runtime import CausalRuntime
@@ -211,19 +211,7 @@ class CausalTask(Task):  # type: ignore[misc]
             if checked is not True and not self._may_run(runtime, scope, arrival, depth, request):
                 raise Ignore()
         except StoreUnavailable as exc:
-            logger.error(
-                "causal check of task %s (follows %s, scope %r) failed, retrying in %gs: %s",
-                arrival.task_id,
-                arrival.follows,
-                scope,
-                runtime.settings.store_retry_delay,
-                exc,
-            )
-            raise self.retry(
-                exc=exc,
-                countdown=runtime.settings.store_retry_delay,
-                max_retries=_STORE_MAX_RETRIES,
-            ) from None
+            raise self._retry_for_store(runtime.settings, arrival, scope, exc) from None
         if traced:
             # The outcome is recorded by _check_then_trace once the tracer has stored it.
             return super().__call__(*args, **kwargs)
@@ -238,6 +226,28 @@ class CausalTask(Task):  # type: ignore[misc]
             raise
         record_outcome(runtime, scope, arrival.task_id, depth, failed=False)
         return retval
+
+    def _retry_for_store(
+        self, settings: CausalSettings, arrival: Arrival, scope: str, exc: StoreUnavailable
+    ) -> Retry:
+        """The Celery retry of a task whose causal check could not reach the store."""
+        retries = self.request.retries or 0
+        countdown = store_retry_countdown(
+            retries, settings.store_retry_delay, settings.store_retry_max_delay
+        )
+        try:
+            self.retry(exc=exc, countdown=countdown, max_retries=_STORE_MAX_RETRIES)
+        except Retry as retry:
+            # Celery logs each retry as "Task <name>[<id>] retry: <message>". That line,
+            # given this message, is the one line an attempt logs: which leader the task
+            # waits for, when it comes back, and why, without the driver's multi-line text.
+            follows = f"follows {arrival.leader}, " if arrival.leader else ""
+            retry.message = (
+                f"causal store unreachable ({follows}scope {scope!r}); "
+                f"retry {retries + 1} in {countdown:.1f}s: {_first_line(str(exc))}"
+            )
+            return retry
+        raise AssertionError("Task.retry returns only by raising")  # pragma: no cover
 
     def _may_run(
         self, runtime: CausalRuntime, scope: str, arrival: Arrival, depth: int, request: Any
@@ -323,6 +333,11 @@ class CausalTask(Task):  # type: ignore[misc]
         self.__dict__["_causal_tracer"] = (
             None if tracer is None else functools.partial(check_then_trace, self, tracer)
         )
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 F = TypeVar("F", bound=Callable[..., Any])

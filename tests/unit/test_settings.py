@@ -66,3 +66,10 @@ def test_an_error_across_settings_never_prints_the_store_password() -> None:
     message = str(info.value)
     assert "causal_seen_ttl (10s) must be at least causal_lookback (60s)" in message
     assert "hunter2" not in message
+
+
+def test_store_retry_max_delay_must_cover_the_first_delay() -> None:
+    with pytest.raises(ConfigurationError, match="causal_store_retry_max_delay"):
+        CausalSettings.from_conf({"causal_store_retry_delay": 90})
+    s = CausalSettings.from_conf({"causal_store_retry_delay": 0.5})
+    assert (s.store_retry_delay, s.store_retry_max_delay) == (0.5, 60)
