@@ -29,6 +29,10 @@ class InvalidLeaderError(InvalidIdError):
     """The value given as `follows` does not name a leader task."""
 
 
+class InvalidMessageError(CausalError, ValueError):
+    """A delivered task message carries a causal_* header celery-causal cannot use."""
+
+
 class PayloadError(CausalError):
     """The follower's message cannot be stored for later release."""
 
