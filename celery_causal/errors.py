@@ -21,6 +21,10 @@ class NotInstalledError(CausalError):
     """celery_causal.install(app) was not called for this Celery app."""
 
 
+class NotCausalError(CausalError, TypeError):
+    """The task is not a causal task: it cannot be sent with follows=."""
+
+
 class InvalidIdError(CausalError, ValueError):
     """A task id, leader id or scope that celery-causal cannot store."""
 

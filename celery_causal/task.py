@@ -23,6 +23,7 @@ from .core import Action, Arrival, store_retry_countdown
 from .errors import InvalidIdError, LeaderFailed, NotInstalledError, StoreUnavailable
 from .payload import FOLLOWS, PUBLISHED_AT, check_id, leader_id
 from .runtime import CausalRuntime
+from .sending import guard_send_task
 from .settings import CausalSettings
 from .store import CausalStore, ParkOutcome
 from .tracing import (
@@ -399,6 +400,7 @@ def install(app: Celery, *, beat: bool = True, store: CausalStore | None = None)
     app.task(name=SWEEP_TASK, ignore_result=False, shared=False)(_sweep_task(app))
 
     app.steps["worker"].add(CausalWorkerStep)
+    guard_send_task(app, CausalTask)
     if beat:
         signals.beat_init.connect(_beat_hook(app), weak=False)
 

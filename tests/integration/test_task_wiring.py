@@ -179,3 +179,46 @@ def test_sqlite_parks_are_durable_and_the_worker_forks_with_no_connection_open(
     with store.engine.connect() as conn:
         assert conn.execute(text("PRAGMA synchronous")).scalar_one() == 2
     store.close()
+
+
+def test_follows_on_a_task_that_is_not_causal_is_refused_at_send_time() -> None:
+    # Given a plain task in an app with celery-causal installed, and a record of publishes
+    h = Harness(MemoryStore())
+
+    @h.app.task(name="tests.plain", shared=False)
+    def plain() -> None: ...
+
+    published: list[Any] = []
+
+    def record(sender: Any = None, **_: Any) -> None:
+        published.append(sender)
+
+    signals.after_task_publish.connect(record, weak=False)
+    try:
+        # When it is sent with follows= in each form a producer has, then each send is
+        # refused with an error that names the task, and nothing is published
+        sends = [
+            lambda: plain.apply_async(follows="leader"),
+            lambda: plain.s().set(follows="leader").delay(),
+            lambda: h.app.send_task("tests.plain", follows="leader"),
+            lambda: h.app.send_task("tests.unknown", follows="leader"),
+        ]
+        for send in sends:
+            with pytest.raises(celery_causal.NotCausalError, match="is not a causal task"):
+                send()
+        with pytest.raises(celery_causal.NotCausalError, match=r"^task tests\.plain is not"):
+            plain.apply_async(follows="leader")
+        assert published == []
+        # A plain task sent without a leader is sent as before
+        plain.apply_async(follows=None)
+        assert published == ["tests.plain"]
+    finally:
+        signals.after_task_publish.disconnect(record)
+
+
+def test_send_task_with_follows_parks_a_causal_task_behind_its_leader() -> None:
+    h = Harness(MemoryStore())
+    h.app.send_task("tests.event", ("follower",), task_id=h.id("f"), follows=h.id("lead"))
+    h.send("lead")
+    h.run_until(lambda: len(h.ran) == 2, "both bodies")
+    assert h.ran == ["lead", "follower"]
