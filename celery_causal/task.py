@@ -397,7 +397,10 @@ def install(app: Celery, *, beat: bool = True, store: CausalStore | None = None)
         _runtimes.pop(app, None)
     if not first:
         return
-    app.task(name=SWEEP_TASK, ignore_result=False, shared=False)(_sweep_task(app))
+    # Every sweep interval, for ever: its outcome is in the worker's log line and its
+    # task-succeeded event, not worth a result-backend entry each time. A caller that
+    # wants it sends the task with ignore_result=False.
+    app.task(name=SWEEP_TASK, ignore_result=True, shared=False)(_sweep_task(app))
 
     app.steps["worker"].add(CausalWorkerStep)
     guard_send_task(app, CausalTask)

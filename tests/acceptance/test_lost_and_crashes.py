@@ -27,8 +27,9 @@ from tests.helpers import wait_for
 
 
 def sweep(s: Spawned) -> dict[str, int]:
-    """One sweep, run by the worker as beat would run it."""
-    result: dict[str, int] = s.handle.app.send_task(SWEEP_TASK).get(timeout=60)
+    """One sweep, run by the worker as beat would run it, its outcome asked for."""
+    sent = s.handle.app.send_task(SWEEP_TASK, ignore_result=False)
+    result: dict[str, int] = sent.get(timeout=60)
     return result
 
 

@@ -222,3 +222,28 @@ def test_send_task_with_follows_parks_a_causal_task_behind_its_leader() -> None:
     h.send("lead")
     h.run_until(lambda: len(h.ran) == 2, "both bodies")
     assert h.ran == ["lead", "follower"]
+
+
+def test_the_sweep_stores_no_result_unless_its_caller_asks_for_one() -> None:
+    # Given a worker; the sweep sent as beat sends it, and once asking for its outcome
+    h = Harness(MemoryStore())
+    sweep = h.app.tasks[celery_causal.SWEEP_TASK]
+    assert sweep.ignore_result
+    finished: list[str] = []
+
+    def record(sender: Any = None, **_: Any) -> None:
+        if sender is sweep:
+            finished.append(sweep.request.id)
+
+    signals.task_postrun.connect(record, weak=False)
+    try:
+        as_beat = h.app.send_task(celery_causal.SWEEP_TASK, task_id=h.id("beat"))
+        asked = h.app.send_task(
+            celery_causal.SWEEP_TASK, task_id=h.id("asked"), ignore_result=False
+        )
+        h.run_until(lambda: len(finished) == 2, "both sweeps")
+    finally:
+        signals.task_postrun.disconnect(record)
+    # Then only the one that asked has its outcome in the result backend
+    assert h.app.backend.get_task_meta(as_beat.id)["status"] == "PENDING"
+    assert asked.get(timeout=10) == {"released": 0, "refused": 0, "expired_done": 0, "cycles": 0}
