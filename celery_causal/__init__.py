@@ -4,6 +4,7 @@ A causal task sent with ``follows=<leader task id>`` runs only after its leader 
 if it arrives first it is parked in the store and re-enqueued when the leader succeeds.
 """
 
+from .core import DEFERRED
 from .errors import (
     CausalError,
     ConfigurationError,
@@ -18,7 +19,7 @@ from .errors import (
     StoreUnavailable,
 )
 from .settings import CausalSettings
-from .task import DEFERRED, SWEEP_TASK, CausalTask, causal_task, install
+from .task import SWEEP_TASK, CausalTask, causal_task, install
 
 __all__ = [
     # wiring

@@ -23,6 +23,9 @@ class Action(enum.Enum):
     FAIL = "fail"
 
 
+#: Result-backend state and Flower state of a parked task.
+DEFERRED = "DEFERRED"
+
 #: Who released a message (header ``causal_released``) when an operator did.
 OPERATOR = "operator"
 #: ... when its leader failed for good under "fail": it fails on arrival, whatever the store

@@ -19,7 +19,7 @@ from celery.states import FAILURE, IGNORED, SUCCESS
 from celery.utils import uuid
 from kombu.utils.functional import maybe_list
 
-from .core import Action, Arrival, store_retry_countdown
+from .core import DEFERRED, Action, Arrival, store_retry_countdown
 from .errors import InvalidIdError, LeaderFailed, NotInstalledError, StoreUnavailable
 from .payload import FOLLOWS, PUBLISHED_AT, check_id, leader_id
 from .runtime import CausalRuntime
@@ -38,8 +38,6 @@ from .tracing import (
 logger = logging.getLogger("celery_causal")
 
 SWEEP_TASK = "celery_causal.sweep"
-#: Result-backend state and Flower state of a parked task.
-DEFERRED = "DEFERRED"
 BEAT_ENTRY = "celery-causal-sweep"
 
 #: Store-outage retries do not give up: the task waits for the database rather than
@@ -295,7 +293,7 @@ class CausalTask(Task):  # type: ignore[misc]
                     raise leader_failed_error(arrival, scope)
             elif outcome is ParkOutcome.PARKED:
                 logger.info(
-                    "parked task %s: follows %s (scope %r), which has not succeeded yet",
+                    "parked task %s: waits for leader %s (scope %r)",
                     arrival.task_id,
                     arrival.leader,
                     scope,

@@ -35,7 +35,7 @@ from celery.app.trace import logger as trace_logger
 from celery.exceptions import Ignore
 from celery.states import FAILURE, IGNORED
 
-from .core import Arrival
+from .core import DEFERRED, Arrival
 from .errors import InvalidIdError, InvalidMessageError, LeaderFailed, StoreUnavailable
 from .payload import DEPTH, FOLLOWS, PUBLISHED_AT, RELEASED, check_id
 from .runtime import CausalRuntime
@@ -206,8 +206,13 @@ class _NotRun(ExceptionInfo):  # type: ignore[misc]
 
 
 def _ignored(task: Any, context: Any, runtime: float) -> Any:
-    """The outcome the tracer gives a task that raised Ignore, and its "ignored" log line."""
-    if trace_logger.isEnabledFor(logging.INFO):
+    """The outcome the tracer gives a task that raised Ignore.
+
+    A duplicate also gets the tracer's "Task ... ignored" line. A parked task does not:
+    "ignored" reads as "dropped", and its own "parked task ..." line says what happened.
+    """
+    parked = getattr(context, "causal_held", None) == DEFERRED
+    if not parked and trace_logger.isEnabledFor(logging.INFO):
         trace_logger.info("Task %s[%s] ignored", task.name, context.id)
     return trace_ok_t(_NotRun(), TraceInfo(IGNORED, Ignore()), runtime, None)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import logging
 import os
 import time
 import uuid
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 from celery import Celery, signals
+from celery.contrib.testing.worker import start_worker
 
 import celery_causal
 from celery_causal.errors import NotInstalledError
@@ -247,3 +249,29 @@ def test_the_sweep_stores_no_result_unless_its_caller_asks_for_one() -> None:
     # Then only the one that asked has its outcome in the result backend
     assert h.app.backend.get_task_meta(as_beat.id)["status"] == "PENDING"
     assert asked.get(timeout=10) == {"released": 0, "refused": 0, "expired_done": 0, "cycles": 0}
+
+
+def test_a_parked_task_is_logged_as_parked_not_as_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a follower that parks, then a task delivered twice
+    h = Harness(MemoryStore())
+    h.send("follower", "leader")
+    h.send("done")
+    h.send("done")
+
+    def about(label: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if h.id(label) in r.getMessage()]
+
+    with (
+        caplog.at_level(logging.INFO),
+        start_worker(
+            h.app, pool="solo", perform_ping_check=False, shutdown_timeout=30, loglevel="INFO"
+        ),
+    ):
+        wait_for(lambda: any("ignored" in r.getMessage() for r in about("done")), 30, "dup")
+    # Then Celery's tracer says "ignored" of the duplicate only; the follower's line says
+    # that it waits for its leader
+    assert not [r for r in about("follower") if "ignored" in r.getMessage()]
+    (parked,) = [r for r in about("follower") if r.name == "celery_causal"]
+    assert parked.args == (h.id("follower"), h.id("leader"), "events")
