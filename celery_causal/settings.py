@@ -132,13 +132,13 @@ def _describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"])
-        name = PREFIX + where if where else "causal settings"
         message = error["msg"].removeprefix("Value error, ")
         if not where:
-            # A rule across settings names its values itself; its input is every setting,
-            # the store URL (and its password) among them.
-            problems.append(f"{name}: {message}")
+            # A rule across settings names the settings and values itself; its input is
+            # every setting, the store URL (and its password) among them.
+            problems.append(message)
             continue
+        name = PREFIX + where
         given = error.get("input")
         if where == "store_url" and isinstance(given, str):
             given = mask_url(given)

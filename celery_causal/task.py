@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -20,7 +21,13 @@ from celery.utils import uuid
 from kombu.utils.functional import maybe_list
 
 from .core import DEFERRED, Action, Arrival, store_retry_countdown
-from .errors import InvalidIdError, LeaderFailed, NotInstalledError, StoreUnavailable
+from .errors import (
+    ConfigurationError,
+    InvalidIdError,
+    LeaderFailed,
+    NotInstalledError,
+    StoreUnavailable,
+)
 from .payload import FOLLOWS, PUBLISHED_AT, check_id, leader_id
 from .runtime import CausalRuntime
 from .sending import guard_send_task
@@ -39,6 +46,8 @@ logger = logging.getLogger("celery_causal")
 
 SWEEP_TASK = "celery_causal.sweep"
 BEAT_ENTRY = "celery-causal-sweep"
+#: Exit status of a worker or beat whose causal settings are wrong (sysexits.h EX_CONFIG).
+EX_CONFIG = 78
 
 #: Store-outage retries do not give up: the task waits for the database rather than
 #: failing or running out of order.
@@ -66,6 +75,22 @@ def runtime_for(app: Any) -> CausalRuntime:
             runtime = CausalRuntime(app, settings, store=options.get("store"))
             _runtimes[app] = runtime
         return runtime
+
+
+def runtime_or_exit(app: Any) -> CausalRuntime:
+    """The app's runtime, for a worker or beat starting up; exit at once if a setting is wrong.
+
+    Celery would print a worker's ConfigurationError with its whole traceback, and beat's
+    would be logged and swallowed by the signal dispatch, beat running on without the
+    sweep. A wrong setting is the operator's to fix: one line on stderr, and the exit
+    status of a configuration error (sysexits' EX_CONFIG, as ``celery causal`` uses).
+    SystemExit passes through Celery's signal dispatch, which catches only Exception.
+    """
+    try:
+        return runtime_for(app)
+    except ConfigurationError as exc:
+        print(f"Error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EX_CONFIG) from None
 
 
 class CausalTask(Task):  # type: ignore[misc]
@@ -359,7 +384,7 @@ class CausalWorkerStep(bootsteps.Step):  # type: ignore[misc]
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
-        runtime = runtime_for(worker.app)  # raises ConfigurationError: the worker stops
+        runtime = runtime_or_exit(worker.app)
         runtime.send_events = bool(worker.task_events)  # -E; inherited by pool processes
         try:
             runtime.store.create_schema()
@@ -412,7 +437,7 @@ def _beat_hook(app: Any) -> Callable[..., None]:
         # survives a later ``app.conf.beat_schedule = {...}`` or config_from_object().
         if getattr(sender, "app", None) is not app:
             return
-        interval = runtime_for(app).settings.sweep_interval
+        interval = runtime_or_exit(app).settings.sweep_interval
         scheduler = sender.scheduler
         scheduler.update_from_dict(
             {
