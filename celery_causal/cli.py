@@ -298,16 +298,18 @@ def release(ctx: click.Context, follower_id: str, scope: str | None) -> None:
 @click.pass_context
 @_one_line_errors
 def forget(ctx: click.Context, follower_id: str, scope: str | None, yes: bool) -> None:
-    """Drop one parked follower without running it."""
+    """Drop one parked follower without running it; it ends REVOKED."""
+    from .forget import forget as forget_follower
+
     runtime = _runtime(ctx)
     scope = _find_scope(runtime, follower_id, scope)
     if not yes:
         click.confirm(
             f"Drop follower {follower_id} (scope {scope!r}) without running it?", abort=True
         )
-    if not runtime.store.forget(scope, follower_id):
+    if forget_follower(runtime, scope, follower_id) is None:
         raise CommandError(f"no parked follower {follower_id!r} in scope {scope!r}")
-    click.echo(f"forgot {follower_id} (scope {scope!r}); it will not run")
+    click.echo(f"forgot {follower_id} (scope {scope!r}); it will not run and is REVOKED")
 
 
 @causal.command()

@@ -409,18 +409,19 @@ class SQLStore:
             )
             self._run(lambda c: c.execute(stmt))
 
-    def forget(self, scope: str, follower_id: str) -> bool:
+    def forget(self, scope: str, follower_id: str) -> Follower | None:
         stmt = (
             delete(followers)
             .where(followers.c.scope == scope, followers.c.follower_id == follower_id)
-            .returning(followers.c.id)
+            .returning(*(followers.c[f.name] for f in dataclasses.fields(Follower)))
         )
 
-        def run(conn: Any) -> bool:
-            if conn.execute(stmt).first() is None:
-                return False
+        def run(conn: Any) -> Follower | None:
+            row = conn.execute(stmt).first()
+            if row is None:
+                return None
             conn.execute(UNPOSTPONE, {"b_scope": scope, "b_leader": follower_id})
-            return True
+            return Follower(**{**row._asdict(), "payload": bytes(row.payload)})
 
         return self._run(run)
 

@@ -219,7 +219,7 @@ def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
         store.bury(lost.row_id, "test")
         assert store.expire_done(TTL, 10) == 2  # L's done record and the mark f2 left on M
         assert store.stats()[0].dead == 1
-        assert store.forget("default", "nothing") is False
+        assert store.forget("default", "nothing") is None
     finally:
         store.close()
         with pg.engine.connect() as conn:
