@@ -6,19 +6,22 @@ if it arrives first it is parked in the store and re-enqueued when the leader su
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .core import DEFERRED
 from .errors import (
     CausalError,
     ConfigurationError,
     InvalidIdError,
     InvalidLeaderError,
+    InvalidMessageError,
     LeaderFailed,
+    NotCausalError,
     NotInstalledError,
     PayloadError,
     StoreError,
     StoreUnavailable,
 )
 from .settings import CausalSettings
-from .task import DEFERRED, SWEEP_TASK, CausalTask, causal_task, install
+from .task import SWEEP_TASK, CausalTask, causal_task, install
 
 try:
     __version__ = version("celery-causal")
@@ -39,7 +42,9 @@ __all__ = [
     "ConfigurationError",
     "InvalidIdError",
     "InvalidLeaderError",
+    "InvalidMessageError",
     "LeaderFailed",
+    "NotCausalError",
     "NotInstalledError",
     "PayloadError",
     "StoreError",

@@ -23,6 +23,7 @@ from .cli_common import (
 )
 from .cli_show import show
 from .errors import CausalError
+from .forget import forget as forget_follower
 from .metrics import (
     EXTRA,
     UP,
@@ -247,16 +248,16 @@ def release(ctx: click.Context, follower_id: str, scope: str | None) -> None:
 @click.pass_context
 @one_line_errors
 def forget(ctx: click.Context, follower_id: str, scope: str | None, yes: bool) -> None:
-    """Drop one parked follower without running it."""
+    """Drop one parked follower without running it; it ends REVOKED."""
     runtime = runtime_of(ctx)
     scope = find_scope(runtime, follower_id, scope)
     if not yes:
         click.confirm(
             f"Drop follower {follower_id} (scope {scope!r}) without running it?", abort=True
         )
-    if not runtime.store.forget(scope, follower_id):
+    if forget_follower(runtime, scope, follower_id) is None:
         raise CommandError(f"no parked follower {follower_id!r} in scope {scope!r}")
-    click.echo(f"forgot {follower_id} (scope {scope!r}); it will not run")
+    click.echo(f"forgot {follower_id} (scope {scope!r}); it will not run and is REVOKED")
 
 
 @causal.command()

@@ -8,7 +8,8 @@ decide whether a causal task runs now, parks, or is skipped as a duplicate.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Hashable, Iterable, Mapping
+import random
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -21,6 +22,9 @@ class Action(enum.Enum):
     #: FAILURE with ``LeaderFailed`` through Celery's own failure path, without running.
     FAIL = "fail"
 
+
+#: Result-backend state and Flower state of a parked task.
+DEFERRED = "DEFERRED"
 
 #: Who released a message (header ``causal_released``) when an operator did.
 OPERATOR = "operator"
@@ -104,6 +108,23 @@ def needs_store(arrival: Arrival, deduplicate: str) -> bool:
     if arrival.follows is not None or arrival.released or arrival.redelivered:
         return True
     return deduplicate == "always"
+
+
+def store_retry_countdown(
+    retries: int, base: float, cap: float, rand: Callable[[], float] = random.random
+) -> float:
+    """Seconds before retry number ``retries + 1`` of a task that could not reach the store.
+
+    Exponential (``base``, twice that, four times, ...) up to ``cap``, with "equal jitter":
+    between half the step and the whole step. The jitter spreads the retries of the many
+    tasks an outage hit, so they do not come back to a recovering database all at once;
+    the lower half keeps each task from retrying in a tight loop. ``rand`` returns a float
+    in [0, 1).
+    """
+    # 2**64 seconds is beyond any cap; the bound keeps the float from overflowing after
+    # the thousands of retries of a long outage.
+    step = min(cap, base * 2.0 ** min(max(retries, 0), 64))
+    return step / 2 + rand() * step / 2
 
 
 def may_release(depth: int, max_depth: int | None) -> bool:

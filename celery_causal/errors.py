@@ -21,12 +21,20 @@ class NotInstalledError(CausalError):
     """celery_causal.install(app) was not called for this Celery app."""
 
 
+class NotCausalError(CausalError, TypeError):
+    """The task is not a causal task: it cannot be sent with follows=."""
+
+
 class InvalidIdError(CausalError, ValueError):
     """A task id, leader id or scope that celery-causal cannot store."""
 
 
 class InvalidLeaderError(InvalidIdError):
     """The value given as `follows` does not name a leader task."""
+
+
+class InvalidMessageError(CausalError, ValueError):
+    """A delivered task message carries a causal_* header celery-causal cannot use."""
 
 
 class PayloadError(CausalError):

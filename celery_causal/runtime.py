@@ -63,14 +63,17 @@ class CausalRuntime:
         #: the worker's start-up step sets it from the worker's own switch.
         self.send_events = bool(app.conf.worker_send_task_events)
 
-    def send_task_event(self, type_: str, task_id: str, hostname: str, **fields: Any) -> None:
+    def send_task_event(
+        self, type_: str, task_id: str, hostname: str, *, always: bool = False, **fields: Any
+    ) -> None:
         """Send a Celery event about ``task_id`` on behalf of the worker ``hostname``.
 
         Events about a parked task sent from another process (the leader's worker, the
         sweep) carry the hostname that parked it, so monitors such as Flower do not see
-        a worker that does not exist.
+        a worker that does not exist. ``always`` sends it even where events are off (an
+        operator's command, which has no ``-E``).
         """
-        if not self.send_events:
+        if not (self.send_events or always):
             return
         try:
             with self.app.events.default_dispatcher(hostname=hostname or None) as dispatcher:

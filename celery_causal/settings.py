@@ -94,8 +94,11 @@ class CausalSettings(BaseModel):
     on_leader_failure: Literal["wait", "release", "fail"] = "wait"
     #: A follower whose stored message would be larger than this is refused.
     max_payload_bytes: int = Field(default=1024 * 1024, ge=1024)
-    #: Countdown of the Celery retry when the store cannot be reached.
-    store_retry_delay: float = Field(default=5, ge=0)
+    #: First countdown of the Celery retry when the store cannot be reached; each further
+    #: retry waits twice as long, up to ``store_retry_max_delay`` (with jitter).
+    store_retry_delay: float = Field(default=1, ge=0)
+    #: Longest countdown of a store-outage retry.
+    store_retry_max_delay: float = Field(default=60, ge=0)
     #: Entries of the per-process cache of leaders known to be done.
     seen_cache_size: int = Field(default=10_000, ge=0)
     #: Which deliveries of a task *without* ``follows`` are checked against the done
@@ -111,6 +114,7 @@ class CausalSettings(BaseModel):
         "sweep_interval",
         "release_timeout",
         "store_retry_delay",
+        "store_retry_max_delay",
         mode="before",
     )(_seconds)
 
@@ -121,12 +125,17 @@ class CausalSettings(BaseModel):
         return url
 
     @model_validator(mode="after")
-    def _ttl_covers_lookback(self) -> CausalSettings:
+    def _settings_agree(self) -> CausalSettings:
         if self.seen_ttl < self.lookback:
             raise ValueError(
                 f"causal_seen_ttl ({self.seen_ttl:g}s) must be at least causal_lookback "
                 f"({self.lookback:g}s): a leader's done record must outlive the wait "
                 "of its followers"
+            )
+        if self.store_retry_max_delay < self.store_retry_delay:
+            raise ValueError(
+                f"causal_store_retry_max_delay ({self.store_retry_max_delay:g}s) must be at "
+                f"least causal_store_retry_delay ({self.store_retry_delay:g}s)"
             )
         return self
 
@@ -156,13 +165,13 @@ def _describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"])
-        name = PREFIX + where if where else "causal settings"
         message = error["msg"].removeprefix("Value error, ")
         if not where:
-            # A rule across settings names its values itself; its input is every setting,
-            # the store URL (and its password) among them.
-            problems.append(f"{name}: {message}")
+            # A rule across settings names the settings and values itself; its input is
+            # every setting, the store URL (and its password) among them.
+            problems.append(message)
             continue
+        name = PREFIX + where
         given = error.get("input")
         if where == "store_url" and isinstance(given, str):
             given = mask_url(given)

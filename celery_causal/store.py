@@ -255,8 +255,10 @@ class CausalStore(Protocol):
     def unclaim(self, row_ids: Sequence[int]) -> None:
         """Put claimed rows back to waiting (publishing them failed)."""
 
-    def forget(self, scope: str, follower_id: str) -> bool:
-        """Delete one follower without running it; ``True`` if it existed."""
+    def forget(self, scope: str, follower_id: str) -> Follower | None:
+        """Atomically delete one follower's row, waiting or claimed; return the follower
+        as it was stored (its task name and host name tell the result backend and the
+        monitors about it), or ``None`` if no such row was there."""
 
     def count_followers(self, scope: str, leader_id: str) -> int:
         """How many followers of ``leader_id`` are waiting."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -19,10 +20,17 @@ from celery.states import FAILURE, IGNORED, SUCCESS
 from celery.utils import uuid
 from kombu.utils.functional import maybe_list
 
-from .core import Action, Arrival
-from .errors import InvalidIdError, LeaderFailed, NotInstalledError, StoreUnavailable
+from .core import DEFERRED, Action, Arrival, store_retry_countdown
+from .errors import (
+    ConfigurationError,
+    InvalidIdError,
+    LeaderFailed,
+    NotInstalledError,
+    StoreUnavailable,
+)
 from .payload import FOLLOWS, PUBLISHED_AT, check_id, leader_id
 from .runtime import CausalRuntime
+from .sending import guard_send_task
 from .settings import CausalSettings
 from .sql import open_store
 from .store import CausalStore, ParkOutcome
@@ -38,9 +46,9 @@ from .tracing import (
 logger = logging.getLogger("celery_causal")
 
 SWEEP_TASK = "celery_causal.sweep"
-#: Result-backend state and Flower state of a parked task.
-DEFERRED = "DEFERRED"
 BEAT_ENTRY = "celery-causal-sweep"
+#: Exit status of a worker or beat whose causal settings are wrong (sysexits.h EX_CONFIG).
+EX_CONFIG = 78
 
 #: Store-outage retries do not give up: the task waits for the database rather than
 #: failing or running out of order.
@@ -92,6 +100,22 @@ def operator_runtime(app: Any) -> CausalRuntime:
             transaction_pooler=settings.store_transaction_pooler,
         )
     return CausalRuntime(app, settings, store=store)
+
+
+def runtime_or_exit(app: Any) -> CausalRuntime:
+    """The app's runtime, for a worker or beat starting up; exit at once if a setting is wrong.
+
+    Celery would print a worker's ConfigurationError with its whole traceback, and beat's
+    would be logged and swallowed by the signal dispatch, beat running on without the
+    sweep. A wrong setting is the operator's to fix: one line on stderr, and the exit
+    status of a configuration error (sysexits' EX_CONFIG, as ``celery causal`` uses).
+    SystemExit passes through Celery's signal dispatch, which catches only Exception.
+    """
+    try:
+        return runtime_for(app)
+    except ConfigurationError as exc:
+        print(f"Error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EX_CONFIG) from None
 
 
 class CausalTask(Task):  # type: ignore[misc]
@@ -236,19 +260,7 @@ class CausalTask(Task):  # type: ignore[misc]
             if checked is not True and not self._may_run(runtime, scope, arrival, depth, request):
                 raise Ignore()
         except StoreUnavailable as exc:
-            logger.error(
-                "causal check of task %s (follows %s, scope %r) failed, retrying in %gs: %s",
-                arrival.task_id,
-                arrival.follows,
-                scope,
-                runtime.settings.store_retry_delay,
-                exc,
-            )
-            raise self.retry(
-                exc=exc,
-                countdown=runtime.settings.store_retry_delay,
-                max_retries=_STORE_MAX_RETRIES,
-            ) from None
+            raise self._retry_for_store(runtime.settings, arrival, scope, exc) from None
         if traced:
             # The outcome is recorded by _check_then_trace once the tracer has stored it.
             return super().__call__(*args, **kwargs)
@@ -263,6 +275,28 @@ class CausalTask(Task):  # type: ignore[misc]
             raise
         record_outcome(runtime, scope, arrival.task_id, depth, failed=False)
         return retval
+
+    def _retry_for_store(
+        self, settings: CausalSettings, arrival: Arrival, scope: str, exc: StoreUnavailable
+    ) -> Retry:
+        """The Celery retry of a task whose causal check could not reach the store."""
+        retries = self.request.retries or 0
+        countdown = store_retry_countdown(
+            retries, settings.store_retry_delay, settings.store_retry_max_delay
+        )
+        try:
+            self.retry(exc=exc, countdown=countdown, max_retries=_STORE_MAX_RETRIES)
+        except Retry as retry:
+            # Celery logs each retry as "Task <name>[<id>] retry: <message>". That line,
+            # given this message, is the one line an attempt logs: which leader the task
+            # waits for, when it comes back, and why, without the driver's multi-line text.
+            follows = f"follows {arrival.leader}, " if arrival.leader else ""
+            retry.message = (
+                f"causal store unreachable ({follows}scope {scope!r}); "
+                f"retry {retries + 1} in {countdown:.1f}s: {_first_line(str(exc))}"
+            )
+            return retry
+        raise AssertionError("Task.retry returns only by raising")  # pragma: no cover
 
     def _may_run(
         self, runtime: CausalRuntime, scope: str, arrival: Arrival, depth: int, request: Any
@@ -309,7 +343,7 @@ class CausalTask(Task):  # type: ignore[misc]
                     raise leader_failed_error(arrival, scope)
             elif outcome is ParkOutcome.PARKED:
                 logger.info(
-                    "parked task %s: follows %s (scope %r), which has not succeeded yet",
+                    "parked task %s: waits for leader %s (scope %r)",
                     arrival.task_id,
                     arrival.leader,
                     scope,
@@ -350,6 +384,11 @@ class CausalTask(Task):  # type: ignore[misc]
         )
 
 
+def _first_line(text: str, limit: int = 200) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -370,7 +409,7 @@ class CausalWorkerStep(bootsteps.Step):  # type: ignore[misc]
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
-        runtime = runtime_for(worker.app)  # raises ConfigurationError: the worker stops
+        runtime = runtime_or_exit(worker.app)
         runtime.send_events = bool(worker.task_events)  # -E; inherited by pool processes
         try:
             runtime.store.create_schema()
@@ -406,9 +445,13 @@ def install(app: Celery, *, beat: bool = True, store: CausalStore | None = None)
         _runtimes.pop(app, None)
     if not first:
         return
-    app.task(name=SWEEP_TASK, ignore_result=False, shared=False)(_sweep_task(app))
+    # Every sweep interval, for ever: its outcome is in the worker's log line and its
+    # task-succeeded event, not worth a result-backend entry each time. A caller that
+    # wants it sends the task with ignore_result=False.
+    app.task(name=SWEEP_TASK, ignore_result=True, shared=False)(_sweep_task(app))
 
     app.steps["worker"].add(CausalWorkerStep)
+    guard_send_task(app, CausalTask)
     if beat:
         signals.beat_init.connect(_beat_hook(app), weak=False)
 
@@ -419,7 +462,7 @@ def _beat_hook(app: Any) -> Callable[..., None]:
         # survives a later ``app.conf.beat_schedule = {...}`` or config_from_object().
         if getattr(sender, "app", None) is not app:
             return
-        interval = runtime_for(app).settings.sweep_interval
+        interval = runtime_or_exit(app).settings.sweep_interval
         scheduler = sender.scheduler
         scheduler.update_from_dict(
             {

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -34,9 +35,9 @@ from celery.app.trace import logger as trace_logger
 from celery.exceptions import Ignore
 from celery.states import FAILURE, IGNORED
 
-from .core import Arrival
-from .errors import LeaderFailed, StoreUnavailable
-from .payload import DEPTH, FOLLOWS, PUBLISHED_AT, RELEASED
+from .core import DEFERRED, Arrival
+from .errors import InvalidIdError, InvalidMessageError, LeaderFailed, StoreUnavailable
+from .payload import DEPTH, FOLLOWS, PUBLISHED_AT, RELEASED, check_id
 from .runtime import CausalRuntime
 
 logger = logging.getLogger("celery_causal")
@@ -62,18 +63,60 @@ def _header(request: Any, name: str) -> Any:
 
 
 def arrival_from(request: Any) -> tuple[Arrival, int]:
-    """The ordering facts a delivered message carries, and its release depth."""
+    """The ordering facts a delivered message carries, and its release depth.
+
+    Any producer can send a causal task (``send_task``, another language's client), so each
+    header is checked as strictly as ``apply_async`` checks what it sends: a value that does
+    not fit raises :class:`InvalidMessageError` naming the header, and the task fails.
+    """
+    task_id = _id_or_none(request.id, "task id", request.id)
+    if task_id is None:
+        raise InvalidMessageError("a causal task message without a task id")
+    follows = _id_or_none(_header(request, FOLLOWS), f"header {FOLLOWS}", task_id)
+    released = _id_or_none(_header(request, RELEASED), f"header {RELEASED}", task_id)
     published_at = _header(request, PUBLISHED_AT)
+    if published_at is not None and not _is_real(published_at):
+        raise _invalid(task_id, PUBLISHED_AT, "must be a time in epoch seconds", published_at)
+    depth = _header(request, DEPTH)
+    if depth is not None and not (isinstance(depth, int) and _is_real(depth) and depth >= 0):
+        raise _invalid(task_id, DEPTH, "must be an integer of at least 0", depth)
     delivery_info = request.delivery_info or {}
-    released = _header(request, RELEASED)
     arrival = Arrival(
-        task_id=request.id,
-        follows=_header(request, FOLLOWS),
-        released=str(released) if released else "",
+        task_id=task_id,
+        follows=follows,
+        released=released or "",
         published_at=float(published_at) if published_at is not None else None,
         redelivered=bool(delivery_info.get("redelivered")),
     )
-    return arrival, int(_header(request, DEPTH) or 0)
+    return arrival, depth or 0
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _id_or_none(value: object, what: str, task_id: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _invalid(task_id, what, "must be a string", value)
+    try:
+        return check_id(value, what)
+    except InvalidIdError as exc:
+        raise InvalidMessageError(f"task {_short(task_id)}: {exc}") from None
+
+
+def _invalid(task_id: object, what: str, rule: str, value: object) -> InvalidMessageError:
+    if not what.startswith(("header", "task id")):
+        what = f"header {what}"
+    return InvalidMessageError(
+        f"task {_short(task_id)}: {what} {rule}, not {type(value).__name__} {_short(value)}"
+    )
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def check_then_trace(
@@ -163,8 +206,13 @@ class _NotRun(ExceptionInfo):  # type: ignore[misc]
 
 
 def _ignored(task: Any, context: Any, runtime: float) -> Any:
-    """The outcome the tracer gives a task that raised Ignore, and its "ignored" log line."""
-    if trace_logger.isEnabledFor(logging.INFO):
+    """The outcome the tracer gives a task that raised Ignore.
+
+    A duplicate also gets the tracer's "Task ... ignored" line. A parked task does not:
+    "ignored" reads as "dropped", and its own "parked task ..." line says what happened.
+    """
+    parked = getattr(context, "causal_held", None) == DEFERRED
+    if not parked and trace_logger.isEnabledFor(logging.INFO):
         trace_logger.info("Task %s[%s] ignored", task.name, context.id)
     return trace_ok_t(_NotRun(), TraceInfo(IGNORED, Ignore()), runtime, None)
 

@@ -5,6 +5,7 @@ definitions of waiting, due, lost and stuck these share, are in ``statements.py`
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from sqlalchemy import (
@@ -20,6 +21,7 @@ from sqlalchemy import (
     update,
 )
 
+from ..store import Follower
 from .schema import db_clock, dead_followers, done, followers
 from .statements import DUE, LEADER_PARKED, LOST, STUCK, WAITING, Insert
 
@@ -150,14 +152,14 @@ EXPIRE_MARKS = _expire(
 
 # -- operators -----------------------------------------------------------------------------
 
-#: Follower ids of the parked rows it removes: their followers get UNPOSTPONE.
+#: One follower's row removed, returned as it was stored (an operator's forget).
 FORGET = (
     delete(followers)
     .where(
         followers.c.scope == bindparam("b_scope"),
         followers.c.follower_id == bindparam("b_follower"),
     )
-    .returning(followers.c.id)
+    .returning(*(followers.c[f.name] for f in dataclasses.fields(Follower)))
 )
 _DEAD_COPIED = [c.name for c in dead_followers.c if c.name not in ("died_at", "reason")]
 

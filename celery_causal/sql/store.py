@@ -319,14 +319,15 @@ class SQLStore:
         if row_ids:
             self._rowcount(sql.UNCLAIM, {"b_ids": list(row_ids)})
 
-    def forget(self, scope: str, follower_id: str) -> bool:
+    def forget(self, scope: str, follower_id: str) -> Follower | None:
         key = {"b_scope": scope, "b_follower": follower_id}
 
-        def run(conn: Any) -> bool:
-            if conn.execute(hk.FORGET, key).first() is None:
-                return False
+        def run(conn: Any) -> Follower | None:
+            row = conn.execute(hk.FORGET, key).first()
+            if row is None:
+                return None
             conn.execute(hk.UNPOSTPONE, {"b_scope": scope, "b_leader": follower_id})
-            return True
+            return Follower(**{**row._asdict(), "payload": bytes(row.payload)})
 
         return self._run(run)
 

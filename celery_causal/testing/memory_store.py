@@ -269,12 +269,13 @@ class MemoryStore:
             for key in self._by_row_ids(row_ids):
                 self._rows[key].claimed_at = None
 
-    def forget(self, scope: str, follower_id: str) -> bool:
+    def forget(self, scope: str, follower_id: str) -> Follower | None:
         with self._lock:
             row = self._rows.pop((scope, follower_id), None)
-            if row is not None:
-                self._unpostpone(scope, follower_id)
-            return row is not None
+            if row is None:
+                return None
+            self._unpostpone(scope, follower_id)
+            return row.follower
 
     def _unpostpone(self, scope: str, leader_id: str) -> None:
         # As the SQL store's UNPOSTPONE: the leader left without a release.

@@ -74,7 +74,8 @@ def _configured(prefix: str, store_url: str | None) -> Celery:
         causal_release_timeout=float(_env("CAUSAL_RELEASE_TIMEOUT", "60")),
         causal_sweep_interval=float(_env("CAUSAL_SWEEP_INTERVAL", "30")),
         causal_on_leader_failure=_env("CAUSAL_ON_LEADER_FAILURE", "wait"),
-        causal_store_retry_delay=float(_env("CAUSAL_STORE_RETRY_DELAY", "5")),
+        causal_store_retry_delay=float(_env("CAUSAL_STORE_RETRY_DELAY", "1")),
+        causal_store_retry_max_delay=float(_env("CAUSAL_STORE_RETRY_MAX_DELAY", "60")),
         causal_batch_size=int(_env("CAUSAL_BATCH_SIZE", "500")),
         causal_deduplicate=_env("CAUSAL_DEDUPLICATE", "always"),
         causal_max_depth=int(_env("CAUSAL_MAX_DEPTH", "20")),
@@ -130,6 +131,13 @@ def _probe_tasks(app: Celery, prefix: str) -> tuple[Any, Any, Any]:
             _redis.rpush(prefix + "started", task_id)
 
     signals.task_prerun.connect(record_start, weak=False)
+
+    def record_retry(sender: Any = None, request: Any = None, **_: Any) -> None:
+        """Task ids Celery retried (its task_retry signal), one entry per retry."""
+        if getattr(sender, "app", None) is app:
+            _redis.rpush(prefix + "retried", request.id)
+
+    signals.task_retry.connect(record_retry, weak=False)
 
     @app.task(name="acc.ping", shared=False)
     def ping() -> str:

@@ -154,6 +154,14 @@ def log(redis_url: str, key_prefix: str, request: pytest.FixtureRequest) -> Log:
     return Log(redis.Redis.from_url(redis_url), key_prefix, f"log-{uuid.uuid4().hex[:8]}")
 
 
+def retried(redis_url: str, prefix: str) -> list[str]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return [e.decode() for e in client.lrange(prefix + "retried", 0, -1)]
+    finally:
+        client.close()
+
+
 @dataclass
 class Spawned:
     """A worker of a test's own, with its own database, key prefix and producer app."""
@@ -168,6 +176,10 @@ class Spawned:
         return Log(
             redis.Redis.from_url(self.env["CAUSAL_TEST_REDIS_URL"]), self.handle.prefix, name
         )
+
+    def retried(self) -> list[str]:
+        """Ids of the tasks Celery retried, once per retry (causal_app's task_retry hook)."""
+        return retried(self.env["CAUSAL_TEST_REDIS_URL"], self.handle.prefix)
 
     def wait_ready(self) -> None:
         try:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from celery.exceptions import TaskRevokedError
 from sqlalchemy import create_engine, inspect
 
 from celery_causal.sql import open_store
@@ -120,6 +121,25 @@ def test_release_and_forget_one_follower(parked: tuple[Spawned, str, list[str]])
     # The leader releases what is left: the forgotten follower never runs
     s.handle.step.apply_async(("cli", "leader"), task_id=leader)
     assert log.wait_len(3) == [ids[0], "leader", ids[2]]
+
+
+def test_a_forgotten_follower_ends_revoked_and_its_producer_stops_waiting(
+    parked: tuple[Spawned, str, list[str]],
+) -> None:
+    # Given a parked follower whose producer waits on its result
+    s, _, ids = parked
+    result = s.handle.step.AsyncResult(ids[0])
+    assert result.state == "DEFERRED"
+    # When an operator forgets it
+    forgot = causal_cli(s.env, "forget", ids[0], "--yes")
+    assert forgot.returncode == 0, forgot.stderr
+    # Then the producer's get() raises at once, as for a task Celery revoked
+    started = time.monotonic()
+    with pytest.raises(TaskRevokedError, match="forgotten by an operator"):
+        result.get(timeout=30)
+    assert time.monotonic() - started < 10
+    assert result.state == "REVOKED"
+    assert s.handle.step.AsyncResult(ids[1]).state == "DEFERRED"  # the others still wait
 
 
 def test_sweep_releases_lost_followers(parked: tuple[Spawned, str, list[str]]) -> None:

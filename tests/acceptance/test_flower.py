@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from celery_causal.forget import forget
 from celery_causal.task import runtime_for
 from tests.acceptance.conftest import CeleryProcess, Spawned
 from tests.helpers import wait_for
@@ -112,6 +113,20 @@ def test_flower_lists_a_parked_task_as_deferred_then_success(
         assert "LeaderFailed" in failed["exception"] and "fl-gone" in failed["exception"]
         assert s.store.count_followers("acc", "fl-gone") == 0
         assert s.log("flower").entries() == ["leader", "follower"]
+
+        # A parked task an operator forgets gets its task-revoked event (from the CLI's
+        # process, under the name of the worker that parked it). Celery's event state,
+        # which Flower shows, ranks a custom state such as DEFERRED above REVOKED, so the
+        # state column stays DEFERRED; the task's revoked time is set.
+        dropped = f"fl-dropped-{uuid.uuid4()}"
+        s.handle.step.apply_async(("flower", "dropped"), task_id=dropped, follows="fl-never")
+        wait_for(lambda: s.store.count_followers("acc", "fl-never") == 1, 60, "parked")
+        assert forget(runtime, "acc", dropped) is not None
+        wait_for(
+            lambda: (_get(port, f"/api/task/info/{dropped}") or {}).get("revoked"),
+            60,
+            "the forgotten follower's revoked time in Flower",
+        )
         # No phantom worker: every event came under the real worker's name
         workers = (_get(port, "/workers?json=1") or {}).get("data", [])
         assert [w["hostname"] for w in workers] == [s.worker.nodename]

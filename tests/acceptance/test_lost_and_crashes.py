@@ -21,14 +21,15 @@ from sqlalchemy import create_engine, func, select, text
 
 from celery_causal.sql.schema import followers
 from celery_causal.task import SWEEP_TASK
-from tests.acceptance.conftest import CeleryProcess, Log, Spawned, WorkerProcess
+from tests.acceptance.conftest import CeleryProcess, Log, Spawned, WorkerProcess, retried
 from tests.conftest import PG_ADMIN_URL
 from tests.helpers import wait_for
 
 
 def sweep(s: Spawned) -> dict[str, int]:
-    """One sweep, run by the worker as beat would run it."""
-    result: dict[str, int] = s.handle.app.send_task(SWEEP_TASK).get(timeout=60)
+    """One sweep, run by the worker as beat would run it, its outcome asked for."""
+    sent = s.handle.app.send_task(SWEEP_TASK, ignore_result=False)
+    result: dict[str, int] = sent.get(timeout=60)
     return result
 
 
@@ -441,7 +442,7 @@ def test_leader_that_fails_twice_then_succeeds_releases_after_the_success(
 def test_unreachable_database_retries_the_task_through_celery_and_runs_nothing_unordered(
     spawn: Callable[..., Spawned],
 ) -> None:
-    s = spawn(CAUSAL_STORE_RETRY_DELAY="0.5")
+    s = spawn(CAUSAL_STORE_RETRY_DELAY="0.5", CAUSAL_STORE_RETRY_MAX_DELAY="0.5")
     log, leader = s.log("outage"), f"outage-leader-{uuid.uuid4()}"
     database = s.store.engine.url.database
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
@@ -465,8 +466,12 @@ def test_unreachable_database_retries_the_task_through_celery_and_runs_nothing_u
     try:
         follower = s.handle.step.apply_async((log.name, "follower"), follows=leader)
         s.handle.step.apply_async((log.name, "leader"), task_id=leader)
-        # Then the causal check fails loudly and Celery retries; no body runs unordered
-        wait_for(lambda: s.worker.log_text().count("retrying in 0.5s") >= 4, 60, "retries")
+        # Then the causal check fails and Celery retries both; no body runs unordered
+        wait_for(
+            lambda: {follower.id, leader} <= set(s.retried()) and len(s.retried()) >= 4,
+            60,
+            "retries",
+        )
         assert log.entries() == []
     finally:
         allow(True)
@@ -474,6 +479,14 @@ def test_unreachable_database_retries_the_task_through_celery_and_runs_nothing_u
     # When the database is back, work continues in order
     assert follower.get(timeout=60) == "follower"
     assert log.entries() == ["leader", "follower"]
+    # And each attempt logged one line, naming the leader only for a task that has one
+    retried, lines = s.retried(), s.worker.log_text().splitlines()
+    for task_id, follows in ((follower.id, f"follows {leader}, "), (leader, "")):
+        about = [line for line in lines if task_id in line and f"follows {task_id}" not in line]
+        mine = [line for line in about if "causal store" in line]
+        assert len(mine) == retried.count(task_id)
+        assert all(f"causal store unreachable ({follows}scope 'acc'); retry" in x for x in mine)
+    assert not any("follows None" in line for line in lines)
 
 
 @pytest.mark.timeout(300)
@@ -489,6 +502,7 @@ def test_worker_starting_without_its_database_logs_it_and_retries_tasks(
         CAUSAL_STORE_URL=url,
         CAUSAL_TEST_PREFIX=prefix,
         CAUSAL_STORE_RETRY_DELAY="0.5",
+        CAUSAL_STORE_RETRY_MAX_DELAY="0.5",
     )
     worker = WorkerProcess(env, tmp_path / "nodb.log", "nodb")
     worker.start()
@@ -496,7 +510,7 @@ def test_worker_starting_without_its_database_logs_it_and_retries_tasks(
         handle = causal_app.create(prefix, store_url=url)
         assert handle.ping.delay().get(timeout=60) == "pong"  # the worker runs
         handle.step.apply_async(("nodb", "x"), follows="someone")
-        wait_for(lambda: worker.log_text().count("retrying in 0.5s") >= 2, 60, "retries")
+        wait_for(lambda: len(retried(env["CAUSAL_TEST_REDIS_URL"], prefix)) >= 2, 60, "retries")
         text_ = worker.log_text()
         assert "causal store not reachable at worker start" in text_
         assert "hunter2" not in text_ and "causal:***@127.0.0.1:1" in text_

@@ -26,6 +26,7 @@ from celery_causal.store import CausalStore
 from celery_causal.task import runtime_for
 from celery_causal.testing import MemoryStore
 from tests.helpers import age, follower
+from tests.integration.harness import Harness
 
 TTL = 1800.0
 LOOKBACK = 60.0
@@ -206,10 +207,48 @@ def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
         store.bury(lost.row_id, "test")
         assert store.expire_done(TTL, 10) == 2  # L's done record and the mark f2 left on M
         assert store.stats()[0].dead == 1
-        assert store.forget("default", "nothing") is False
+        assert store.forget("default", "nothing") is None
     finally:
         store.close()
         with pg_store.engine.connect() as conn:
             conn.execute(text("DELETE FROM causal_dead_followers"))
             conn.execute(text(f'DROP OWNED BY "{role}"'))
             conn.execute(text(f'DROP ROLE "{role}"'))
+
+
+#: Headers another sender may set (send_task, a producer in another language), and what the
+#: error must say about each.
+BAD_HEADERS = [
+    ("causal_follows", ["a", "b"], "header causal_follows must be a string, not list"),
+    ("causal_follows", "x" * 10_000, "header causal_follows is 10000 characters long"),
+    ("causal_follows", "", "header causal_follows must be a non-empty string"),
+    ("causal_published_at", "yesterday", "header causal_published_at must be a time"),
+    ("causal_published_at", float("nan"), "header causal_published_at must be a time"),
+    ("causal_released", {"by": "me"}, "header causal_released must be a string, not dict"),
+    ("causal_depth", "deep", "header causal_depth must be an integer of at least 0, not str"),
+    ("causal_depth", -1, "header causal_depth must be an integer of at least 0"),
+]
+
+
+def test_headers_from_another_sender_are_checked_on_arrival(causal_store: CausalStore) -> None:
+    # Given messages sent without apply_async whose causal header (or task id) does not
+    # fit, then an ordinary one
+    h = Harness(causal_store)
+    bad = [
+        (
+            h.app.send_task("tests.event", ("bad",), task_id=h.id(f"bad{i}"), headers={k: v}),
+            complaint,
+        )
+        for i, (k, v, complaint) in enumerate(BAD_HEADERS)
+    ]
+    long_id = h.app.send_task("tests.event", ("bad",), task_id="t" * 300)
+    bad.append((long_id, "task id is 300 characters long"))
+    h.send("next")
+    # When a worker takes them all, then each bad one fails with an error that names what
+    # does not fit, without running its body, and the worker goes on with the next
+    h.run_until(lambda: "next" in h.ran, "the next task")
+    assert h.ran == ["next"]
+    for result, complaint in bad:
+        assert result.state == "FAILURE", complaint
+        assert isinstance(result.result, celery_causal.InvalidMessageError), repr(result.result)
+        assert complaint in str(result.result) and len(str(result.result)) < 400

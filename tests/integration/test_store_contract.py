@@ -131,8 +131,10 @@ def test_scopes_are_isolated(store: CausalStore) -> None:
     assert store.lookup("b", ["L"]).done == frozenset()
     assert [f.scope for f in store.claim_followers("a", "L", 10)] == ["a"]
     assert store.count_followers("b", "L") == 1
-    assert store.forget("b", "f1") is True
-    assert store.forget("b", "f1") is False
+    forgotten = store.forget("b", "f1")
+    assert forgotten is not None and (forgotten.scope, forgotten.follower_id) == ("b", "f1")
+    assert forgotten.leader_id == "L" and forgotten.hostname == "worker@test"
+    assert store.forget("b", "f1") is None
 
 
 def test_park_after_leader_done_takes_the_row_back(store: CausalStore) -> None:

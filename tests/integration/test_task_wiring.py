@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import logging
 import os
 import time
 import uuid
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 from celery import Celery, signals
+from celery.contrib.testing.worker import start_worker
 
 import celery_causal
 from celery_causal.errors import NotInstalledError
@@ -176,3 +178,97 @@ def test_sqlite_parks_are_durable_and_the_worker_forks_with_no_connection_open(
     with store.engine.connect() as conn:
         assert conn.execute(text("PRAGMA synchronous")).scalar_one() == 2
     store.close()
+
+
+def test_follows_on_a_task_that_is_not_causal_is_refused_at_send_time() -> None:
+    # Given a plain task in an app with celery-causal installed, and a record of publishes
+    h = Harness(MemoryStore())
+
+    @h.app.task(name="tests.plain", shared=False)
+    def plain() -> None: ...
+
+    published: list[Any] = []
+
+    def record(sender: Any = None, **_: Any) -> None:
+        published.append(sender)
+
+    signals.after_task_publish.connect(record, weak=False)
+    try:
+        # When it is sent with follows= in each form a producer has, then each send is
+        # refused with an error that names the task, and nothing is published
+        sends = [
+            lambda: plain.apply_async(follows="leader"),
+            lambda: plain.s().set(follows="leader").delay(),
+            lambda: h.app.send_task("tests.plain", follows="leader"),
+            lambda: h.app.send_task("tests.unknown", follows="leader"),
+        ]
+        for send in sends:
+            with pytest.raises(celery_causal.NotCausalError, match="is not a causal task"):
+                send()
+        with pytest.raises(celery_causal.NotCausalError, match=r"^task tests\.plain is not"):
+            plain.apply_async(follows="leader")
+        assert published == []
+        # A plain task sent without a leader is sent as before
+        plain.apply_async(follows=None)
+        assert published == ["tests.plain"]
+    finally:
+        signals.after_task_publish.disconnect(record)
+
+
+def test_send_task_with_follows_parks_a_causal_task_behind_its_leader() -> None:
+    h = Harness(MemoryStore())
+    h.app.send_task("tests.event", ("follower",), task_id=h.id("f"), follows=h.id("lead"))
+    h.send("lead")
+    h.run_until(lambda: len(h.ran) == 2, "both bodies")
+    assert h.ran == ["lead", "follower"]
+
+
+def test_the_sweep_stores_no_result_unless_its_caller_asks_for_one() -> None:
+    # Given a worker; the sweep sent as beat sends it, and once asking for its outcome
+    h = Harness(MemoryStore())
+    sweep = h.app.tasks[celery_causal.SWEEP_TASK]
+    assert sweep.ignore_result
+    finished: list[str] = []
+
+    def record(sender: Any = None, **_: Any) -> None:
+        if sender is sweep:
+            finished.append(sweep.request.id)
+
+    signals.task_postrun.connect(record, weak=False)
+    try:
+        as_beat = h.app.send_task(celery_causal.SWEEP_TASK, task_id=h.id("beat"))
+        asked = h.app.send_task(
+            celery_causal.SWEEP_TASK, task_id=h.id("asked"), ignore_result=False
+        )
+        h.run_until(lambda: len(finished) == 2, "both sweeps")
+    finally:
+        signals.task_postrun.disconnect(record)
+    # Then only the one that asked has its outcome in the result backend
+    assert h.app.backend.get_task_meta(as_beat.id)["status"] == "PENDING"
+    assert asked.get(timeout=10) == {"released": 0, "refused": 0, "expired_done": 0, "cycles": 0}
+
+
+def test_a_parked_task_is_logged_as_parked_not_as_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a follower that parks, then a task delivered twice
+    h = Harness(MemoryStore())
+    h.send("follower", "leader")
+    h.send("done")
+    h.send("done")
+
+    def about(label: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if h.id(label) in r.getMessage()]
+
+    with (
+        caplog.at_level(logging.INFO),
+        start_worker(
+            h.app, pool="solo", perform_ping_check=False, shutdown_timeout=30, loglevel="INFO"
+        ),
+    ):
+        wait_for(lambda: any("ignored" in r.getMessage() for r in about("done")), 30, "dup")
+    # Then Celery's tracer says "ignored" of the duplicate only; the follower's line says
+    # that it waits for its leader
+    assert not [r for r in about("follower") if "ignored" in r.getMessage()]
+    (parked,) = [r for r in about("follower") if r.name == "celery_causal"]
+    assert parked.args == (h.id("follower"), h.id("leader"), "events")

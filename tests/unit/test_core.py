@@ -12,6 +12,7 @@ from celery_causal.core import (
     needs_store,
     release_order,
     rings,
+    store_retry_countdown,
 )
 
 NOW = 10_000.0
@@ -122,3 +123,19 @@ def test_needs_store(arrival: Arrival, always: bool, redelivered: bool) -> None:
 def test_release_order_is_occurred_then_follower_id() -> None:
     items = [F("b", 2.0), F("c", 1.0), F("a", 2.0)]
     assert [f.follower_id for f in release_order(items)] == ["c", "a", "b"]
+
+
+def test_store_retry_countdown_doubles_from_the_base_up_to_the_cap_with_jitter() -> None:
+    lowest = [store_retry_countdown(n, 1.0, 60.0, rand=lambda: 0.0) for n in range(8)]
+    highest = [store_retry_countdown(n, 1.0, 60.0, rand=lambda: 0.999999) for n in range(8)]
+    assert lowest == [0.5, 1, 2, 4, 8, 16, 30, 30]
+    assert [round(h) for h in highest] == [1, 2, 4, 8, 16, 32, 60, 60]
+    # Every countdown lies between half its step and the step, whatever the draw
+    for n in range(12):
+        step = min(60.0, 2.0**n)
+        assert step / 2 <= store_retry_countdown(n, 1.0, 60.0) <= step
+
+
+def test_store_retry_countdown_stays_finite_after_a_very_long_outage() -> None:
+    assert store_retry_countdown(10**9, 1.0, 60.0, rand=lambda: 0.0) == 30
+    assert store_retry_countdown(0, 0.0, 0.0) == 0

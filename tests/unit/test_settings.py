@@ -106,3 +106,10 @@ def test_the_package_says_which_version_is_installed() -> None:
     import celery_causal
 
     assert celery_causal.__version__ == importlib.metadata.version("celery-causal")
+
+
+def test_store_retry_max_delay_must_cover_the_first_delay() -> None:
+    with pytest.raises(ConfigurationError, match="causal_store_retry_max_delay"):
+        CausalSettings.from_conf({"causal_store_retry_delay": 90})
+    s = CausalSettings.from_conf({"causal_store_retry_delay": 0.5})
+    assert (s.store_retry_delay, s.store_retry_max_delay) == (0.5, 60)
