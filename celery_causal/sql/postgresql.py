@@ -194,11 +194,14 @@ class PostgresStore(SQLStore):
 
     @contextlib.contextmanager
     def _schema_lock(self, conn: Any) -> Iterator[None]:
-        conn.execute(select(func.pg_advisory_lock(_SCHEMA_LOCK_KEY)))
-        try:
+        # One transaction, with a lock that ends with it: behind a transaction pooler each
+        # autocommit statement may run on another server connection, so a session lock
+        # taken by one statement and released by the next could be left held for good.
+        # PostgreSQL's DDL is transactional, so the tables are created inside it.
+        conn.execution_options(isolation_level="READ COMMITTED")
+        with conn.begin():
+            conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
             yield
-        finally:
-            conn.execute(select(func.pg_advisory_unlock(_SCHEMA_LOCK_KEY)))
 
     def park(self, follower: Follower, lookback: float) -> ParkOutcome:
         values = park_values(follower, lookback)

@@ -10,6 +10,7 @@ are in ``housekeeping.py``. The contract they implement is ``celery_causal/store
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -53,8 +54,13 @@ DONE, FAILED = 1, 2
 _LIVE = done.c.expires_at > db_clock()
 
 
+@functools.cache
 def lookup_statement(count: int) -> Any:
-    # One row whatever the answer: the clock plus one primary-key probe per asked id.
+    """One row whatever the answer: the clock plus one primary-key probe per asked id.
+
+    Kept for the process: the store caches compiled statements by their identity, which a
+    statement built afresh for each call could share with an earlier, freed one.
+    """
     state = case(
         (and_(_LIVE, done.c.done_at.is_not(None)), literal(DONE)),
         (and_(_LIVE, done.c.failed_at.is_not(None)), literal(FAILED)),
@@ -71,8 +77,6 @@ def lookup_statement(count: int) -> Any:
         ),
     )
 
-
-LOOKUPS = {count: lookup_statement(count) for count in (1, 2)}
 
 #: The leader's outcome is recorded (done or failed) and has not expired.
 LEADER_SETTLED = exists().where(

@@ -195,9 +195,7 @@ class SQLStore:
     # -- the protocol: shared ------------------------------------------------------------
 
     def lookup(self, scope: str, task_ids: Sequence[str]) -> Lookup:
-        stmt = sql.LOOKUPS.get(len(task_ids))
-        if stmt is None:
-            stmt = sql.lookup_statement(len(task_ids))
+        stmt = sql.lookup_statement(len(task_ids))
         params: dict[str, Any] = {"b_scope": scope}
         params.update((f"t{i}", task_id) for i, task_id in enumerate(task_ids))
         (row,) = self._fetch(stmt, params)

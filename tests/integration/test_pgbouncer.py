@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -193,3 +194,76 @@ def test_a_server_default_isolation_other_than_read_committed_is_a_clear_error(
         with admin.connect() as conn:
             conn.execute(text(f'ALTER DATABASE "{name}" RESET default_transaction_isolation'))
         admin.dispose()
+
+
+def test_creating_the_schema_through_the_pooler_leaves_no_lock_behind(
+    database: str, bouncer_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a worker's store through PgBouncer creating the schema, and other clients'
+    # transactions that take the server connection it locked on as soon as it is free
+    # (under load, the next statement of an autocommit client goes to any free server
+    # connection: here, its schema lock is taken on one and released on the other)
+    import psycopg
+
+    import celery_causal.sql.store as sql_store
+
+    direct = create_engine(database, isolation_level="AUTOCOMMIT")
+    plain = make_url(bouncer_url).set(drivername="postgresql").render_as_string(False)
+    held: list[psycopg.Connection[Any]] = []
+    real_schema_objects = sql_store.schema_objects
+
+    def schema_objects_under_load(conn: Any) -> set[str]:
+        if not held:  # first call: just after the schema lock was taken
+            with direct.connect() as admin:
+                locker = admin.execute(
+                    text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted")
+                ).scalar_one()
+            clients = [psycopg.connect(plain, prepare_threshold=None) for _ in range(2)]
+            for client in clients:  # each holds one of the pool's two server connections
+                pid = client.execute("SELECT pg_backend_pid()").fetchone()
+                if pid is not None and pid[0] == locker:
+                    held.append(client)
+                else:
+                    client.rollback()  # frees the other server connection for the store
+                    client.close()
+            # A client holds the locker's server connection only where the store let it
+            # go between its lock and its unlock (statements in autocommit)
+        return real_schema_objects(conn)
+
+    monkeypatch.setattr(sql_store, "schema_objects", schema_objects_under_load)
+    with direct.connect() as admin:  # fresh server connections, whatever earlier tests did
+        admin.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    store = open_store(bouncer_url, create_schema=False, transaction_pooler=True)
+    try:
+        # When it creates the schema and the other client's transaction ends
+        store.create_schema()
+        for client in held:
+            client.rollback()  # its server connection goes back to the pool, clean
+            client.close()
+        # Then no schema lock is left held: another process creating the schema (a worker
+        # starting, `celery causal migrate`) would otherwise wait for it forever
+        with direct.connect() as admin:
+            leftover = admin.execute(
+                text(
+                    "SELECT pid, query FROM pg_stat_activity WHERE pid IN "
+                    "(SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)"
+                )
+            ).all()
+        assert leftover == []
+    finally:
+        store.close()
+        for client in held:
+            client.close()
+        with direct.connect() as admin:  # the leaked lock goes with its server connection
+            admin.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                    "WHERE locktype = 'advisory' AND granted"
+                )
+            )
+        direct.dispose()

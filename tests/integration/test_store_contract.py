@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections import Counter
@@ -638,3 +639,23 @@ def test_a_park_whose_leaders_failure_expires_meanwhile_parks(
     # Then it parks rather than report a success that never happened
     assert outcome in (ParkOutcome.PARKED, ParkOutcome.LEADER_FAILED)
     assert outcome is ParkOutcome.LEADER_FAILED or store.count_followers("default", "L") == 1
+
+
+def test_lookups_of_many_ids_answer_right_however_often_they_are_made(
+    store: CausalStore,
+) -> None:
+    # Given done and failed leaders (a sweep looks up every leader of a claimed batch at
+    # once, under causal_on_leader_failure="fail": often more than two)
+    for leader in ("a", "b", "c"):
+        store.record_done("default", leader, seen_ttl=TTL)
+    store.record_done("default", "d", failed=True, seen_ttl=TTL)
+    # When lookups of three and of four ids follow each other, as sweep after sweep makes
+    # them (a collection between them, as a long-running process has)
+    for _ in range(100):
+        gc.collect()
+        three = store.lookup("default", ["a", "b", "c"])
+        gc.collect()
+        four = store.lookup("default", ["x", "y", "a", "d"])
+        # Then each answers for its own ids
+        assert (three.done, three.failed) == (frozenset("abc"), frozenset())
+        assert (four.done, four.failed) == (frozenset("a"), frozenset("d"))
