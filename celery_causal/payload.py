@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kombu.exceptions import ContentDisallowed, DecodeError, EncodeError
-from kombu.serialization import dumps, loads
+from kombu.serialization import dumps, loads, registry
 from kombu.utils import json
 from kombu.utils.functional import maybe_list
 
@@ -30,6 +30,9 @@ FOLLOWS = "causal_follows"
 PUBLISHED_AT = "causal_published_at"
 RELEASED = "causal_released"
 DEPTH = "causal_depth"
+#: The serializer a producer chose for this one send (``apply_async(serializer=...)``): a
+#: parked copy is stored with it, not with the task's default.
+SERIALIZER = "causal_serializer"
 
 # Execution options that describe one delivery, not the task: never replayed.
 _DELIVERY_ONLY = frozenset({"redelivered", "eta", "countdown"})
@@ -252,3 +255,45 @@ def unpack(follower: Follower, accept: Collection[str]) -> Message:
         )
     except (ContentDisallowed, DecodeError, KeyError, TypeError, ValueError) as exc:
         raise PayloadError(f"stored follower {follower.follower_id} is corrupt: {exc!r}") from exc
+
+
+def follower_of(
+    app: Any,
+    task: Any,
+    request: Any,
+    *,
+    scope: str,
+    leader: str,
+    occurred_at: float,
+    max_bytes: int,
+) -> Follower:
+    """The row that parks a delivered ``request`` of ``task``: its message, as the task's
+    serializer encodes it, and the routing it was delivered with."""
+    try:
+        message = build_message(
+            app,
+            task.name,
+            request.args,
+            request.kwargs,
+            execution_options(request),
+            _sent_with(request) or task.serializer or app.conf.task_serializer,
+        )
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(f"cannot park follower {request.id} of {task.name}: {exc}") from exc
+    return pack(
+        scope=scope,
+        task_name=task.name,
+        task_id=request.id,
+        leader=leader,
+        occurred_at=occurred_at,
+        message=message,
+        max_bytes=max_bytes,
+        hostname=request.hostname or "",
+    )
+
+
+def _sent_with(request: Any) -> str | None:
+    """The serializer the producer chose for this message, if it chose one."""
+    headers = request.headers or {}
+    chosen = headers.get(SERIALIZER, getattr(request, SERIALIZER, None))
+    return chosen if isinstance(chosen, str) and chosen in registry.name_to_type else None

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from kombu import Producer
 
+from celery_causal.registry import runtime_for
 from celery_causal.store import CausalStore
-from celery_causal.task import runtime_for
 from tests.helpers import age, wait_for
 from tests.integration.harness import Harness
 
@@ -253,3 +253,33 @@ def test_a_duplicate_whose_release_fails_is_still_skipped(
     assert runtime_for(h.app).sweep().released == 2
     h.run_until(lambda: "f2" in h.ran and "f1" in h.ran, "the followers")
     assert h.ran == ["L", "marker", "f1", "f2"]
+
+
+def test_a_follower_sent_with_its_own_serializer_runs_with_its_arguments_once_released(
+    causal_store: CausalStore,
+) -> None:
+    # Given an app that accepts pickle as well as JSON, and a follower sent pickled
+    # (apply_async(serializer="pickle")): an argument JSON cannot carry, which the worker
+    # decodes and would run with at once had the follower not had to wait
+    h = Harness(
+        causal_store,
+        accept_content=["json", "pickle"],
+        result_serializer="pickle",  # the body returns its argument
+        result_accept_content=["json", "pickle"],
+    )
+    follower = h.event.apply_async(
+        (frozenset({"a", "b"}),),
+        task_id=h.id("follower"),
+        follows=h.id("leader"),
+        serializer="pickle",
+    )
+    h.run_until(
+        lambda: causal_store.count_followers("events", h.id("leader")) == 1 or follower.ready(),
+        "the follower's park",
+    )
+    # When its leader succeeds
+    h.send("leader")
+    h.run_until(lambda: follower.ready(), "the follower's outcome")
+    # Then the follower ran, with the argument it was sent with
+    assert follower.successful(), follower.result
+    assert h.ran == ["leader", frozenset({"a", "b"})]
