@@ -21,7 +21,8 @@ from .errors import (
     StoreUnavailable,
 )
 from .settings import CausalSettings
-from .task import SWEEP_TASK, CausalTask, causal_task, install
+from .task import CausalTask, causal_task
+from .wiring import SWEEP_TASK, install
 
 try:
     __version__ = version("celery-causal")

@@ -16,12 +16,13 @@ from .errors import (
     SchemaMissing,
     StoreUnavailable,
 )
+from .registry import EX_CONFIG as _EX_CONFIG
 from .runtime import CausalRuntime
 from .settings import mask_url
 
 # sysexits.h, as Celery's own commands use them
 EX_UNAVAILABLE = 69
-EX_CONFIG = 78
+EX_CONFIG = _EX_CONFIG
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -51,7 +52,7 @@ def one_line_errors(command: F) -> F:
 
 def runtime_of(ctx: click.Context, *, schema: bool = True) -> CausalRuntime:
     """The app's runtime; with ``schema``, :class:`SchemaMissing` unless its tables exist."""
-    from .task import operator_runtime
+    from .registry import operator_runtime
 
     runtime = operator_runtime(ctx.obj.app)
     missing = runtime.store.missing_tables() if schema else []

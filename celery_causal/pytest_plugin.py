@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from .task import install
 from .testing import MemoryStore, start_causal_worker
+from .wiring import install
 
 
 @pytest.fixture

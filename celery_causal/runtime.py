@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -16,12 +17,10 @@ from cachetools import TTLCache
 
 from .core import LEADER_FAILED, Action, Arrival, Verdict, decide, may_release, needs_store
 from .eager import apply_released
-from .errors import PayloadError
 from .faults import CRASH_AFTER_DONE, crash_point
-from .payload import build_message, execution_options, pack
 from .release import ReleaseReport, publish
 from .settings import CausalSettings
-from .store import CausalStore, ClaimedFollower, ParkOutcome
+from .store import CausalStore, ClaimedFollower, Follower, ParkOutcome
 
 logger = logging.getLogger("celery_causal")
 
@@ -47,7 +46,9 @@ class CausalRuntime:
     ) -> None:
         from kombu.serialization import prepare_accept_content
 
-        self.app = app
+        # Weakly: the registry maps an app to its runtime weakly, and a value that held its
+        # key would keep every installed app (and its connections) alive for the process.
+        self._app = weakref.ref(app)
         self.settings = settings
         self.store = store
         self.accept = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
@@ -62,6 +63,13 @@ class CausalRuntime:
         #: Send Celery events (task-deferred, task-failed) as the worker does with ``-E``;
         #: the worker's start-up step sets it from the worker's own switch.
         self.send_events = bool(app.conf.worker_send_task_events)
+
+    @property
+    def app(self) -> Any:
+        app = self._app()
+        if app is None:
+            raise ReferenceError("the Celery app of this causal runtime was freed")
+        return app
 
     def send_task_event(
         self, type_: str, task_id: str, hostname: str, *, always: bool = False, **fields: Any
@@ -112,39 +120,8 @@ class CausalRuntime:
         )
         return verdict, lookup.now
 
-    def park(
-        self,
-        *,
-        scope: str,
-        task: Any,
-        request: Any,
-        arrival: Arrival,
-        now: float,
-    ) -> ParkOutcome:
-        assert arrival.leader is not None
-        try:
-            message = build_message(
-                self.app,
-                task.name,
-                request.args,
-                request.kwargs,
-                execution_options(request),
-                task.serializer or self.app.conf.task_serializer,
-            )
-        except (TypeError, ValueError) as exc:
-            raise PayloadError(
-                f"cannot park follower {arrival.task_id} of {task.name}: {exc}"
-            ) from exc
-        follower = pack(
-            scope=scope,
-            task_name=task.name,
-            task_id=arrival.task_id,
-            leader=arrival.leader,
-            occurred_at=arrival.published_at if arrival.published_at is not None else now,
-            message=message,
-            max_bytes=self.settings.max_payload_bytes,
-            hostname=request.hostname or "",
-        )
+    def park(self, follower: Follower) -> ParkOutcome:
+        """Store ``follower`` to wait for its leader, for this app's lookback."""
         return self.store.park(follower, self.settings.lookback)
 
     # -- after the body ----------------------------------------------------------------

@@ -1,18 +1,17 @@
-"""Celery wiring: the task base class, ``install(app)``, the worker step, the sweep task and
-its beat entry. The tracer interception lives in ``tracing.py``."""
+"""The causal task base class: ``follows=`` on sends, and the check a delivered task makes
+before its body may run. The tracer interception is in ``tracing.py``; ``install`` and the
+worker's start-up in ``wiring.py``."""
 
 from __future__ import annotations
 
 import functools
 import logging
-import sys
-import threading
 import time
-import weakref
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
-from celery import Celery, Task, bootsteps, signals
+from celery import Celery, Task
 from celery.app.task import Context
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import EagerResult
@@ -21,21 +20,15 @@ from celery.utils import uuid
 from kombu.utils.functional import maybe_list
 
 from .core import DEFERRED, Action, Arrival, store_retry_countdown
-from .errors import (
-    ConfigurationError,
-    InvalidIdError,
-    LeaderFailed,
-    NotInstalledError,
-    StoreUnavailable,
-)
-from .payload import FOLLOWS, PUBLISHED_AT, check_id, leader_id
+from .errors import InvalidIdError, LeaderFailed, StoreUnavailable
+from .payload import FOLLOWS, PUBLISHED_AT, SERIALIZER, check_id, follower_of, leader_id
+from .registry import runtime_for
 from .runtime import CausalRuntime
-from .sending import guard_send_task
 from .settings import CausalSettings
-from .sql import open_store
-from .store import CausalStore, ParkOutcome
+from .store import ParkOutcome
 from .tracing import (
     RELEASE_FAILED,
+    Parked,
     arrival_from,
     check_then_trace,
     leader_failed_error,
@@ -45,77 +38,9 @@ from .tracing import (
 
 logger = logging.getLogger("celery_causal")
 
-SWEEP_TASK = "celery_causal.sweep"
-BEAT_ENTRY = "celery-causal-sweep"
-#: Exit status of a worker or beat whose causal settings are wrong (sysexits.h EX_CONFIG).
-EX_CONFIG = 78
-
 #: Store-outage retries do not give up: the task waits for the database rather than
 #: failing or running out of order.
 _STORE_MAX_RETRIES = 10**9
-
-_lock = threading.Lock()
-_installed: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
-_runtimes: weakref.WeakKeyDictionary[Any, CausalRuntime] = weakref.WeakKeyDictionary()
-
-
-def _install_options(app: Any) -> dict[str, Any]:
-    options = _installed.get(app)
-    if options is None:
-        raise NotInstalledError(f"celery_causal.install(app) was not called for app {app.main!r}")
-    return options
-
-
-def runtime_for(app: Any) -> CausalRuntime:
-    """The app's causal runtime, built on first use from ``app.conf``."""
-    runtime = _runtimes.get(app)
-    if runtime is not None:
-        return runtime
-    with _lock:
-        runtime = _runtimes.get(app)
-        if runtime is None:
-            options = _install_options(app)
-            settings = CausalSettings.from_conf(app.conf)
-            store = options.get("store")
-            if store is None:
-                store = open_store(
-                    settings.store_url, transaction_pooler=settings.store_transaction_pooler
-                )
-            runtime = CausalRuntime(app, settings, store)
-            _runtimes[app] = runtime
-        return runtime
-
-
-def operator_runtime(app: Any) -> CausalRuntime:
-    """A runtime of its own for the ``celery causal`` commands, whose store never creates
-    the schema: pointed at a mistyped database, a command must say that the tables are
-    missing, not create them there (only ``migrate`` creates them, by asking to)."""
-    options = _install_options(app)
-    settings = CausalSettings.from_conf(app.conf)
-    store = options.get("store")
-    if store is None:
-        store = open_store(
-            settings.store_url,
-            create_schema=False,
-            transaction_pooler=settings.store_transaction_pooler,
-        )
-    return CausalRuntime(app, settings, store=store)
-
-
-def runtime_or_exit(app: Any) -> CausalRuntime:
-    """The app's runtime, for a worker or beat starting up; exit at once if a setting is wrong.
-
-    Celery would print a worker's ConfigurationError with its whole traceback, and beat's
-    would be logged and swallowed by the signal dispatch, beat running on without the
-    sweep. A wrong setting is the operator's to fix: one line on stderr, and the exit
-    status of a configuration error (sysexits' EX_CONFIG, as ``celery causal`` uses).
-    SystemExit passes through Celery's signal dispatch, which catches only Exception.
-    """
-    try:
-        return runtime_for(app)
-    except ConfigurationError as exc:
-        print(f"Error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(EX_CONFIG) from None
 
 
 class CausalTask(Task):  # type: ignore[misc]
@@ -128,6 +53,8 @@ class CausalTask(Task):  # type: ignore[misc]
 
     #: Followers and done records are isolated by scope; leader and follower share one.
     scope: str = "default"
+    #: Its request in the worker's main process sends ``task-deferred`` (tracing.py).
+    Request = "celery_causal.tracing:CausalRequest"
 
     def apply_async(
         self,
@@ -152,6 +79,8 @@ class CausalTask(Task):  # type: ignore[misc]
         # The event's occurrence time, which orders a leader's followers when they are
         # released; retries and re-enqueues keep it (setdefault).
         headers.setdefault(PUBLISHED_AT, time.time())
+        if options.get("serializer"):
+            headers[SERIALIZER] = options["serializer"]
         return super().apply_async(
             args,
             kwargs,
@@ -193,20 +122,7 @@ class CausalTask(Task):  # type: ignore[misc]
         headers.setdefault(PUBLISHED_AT, time.time())
         runtime = runtime_for(self.app)
         scope = self.scope
-        context = Context(
-            {
-                "id": task_id,
-                "task": self.name,
-                "headers": headers or {},
-                "callbacks": maybe_list(link),  # type: ignore[no-untyped-call]
-                "errbacks": maybe_list(link_error),  # type: ignore[no-untyped-call]
-                "ignore_result": options.get("ignore_result", self.ignore_result),
-                "delivery_info": {"priority": options.get("priority")},
-                "is_eager": True,
-            },
-            args=args or (),
-            kwargs=kwargs or {},
-        )
+        context = self._eager_request(task_id, args, kwargs, headers, link, link_error, options)
         arrival, depth = arrival_from(context)
         checked: bool | BaseException = True
         try:
@@ -238,6 +154,32 @@ class CausalTask(Task):  # type: ignore[misc]
             record_outcome(runtime, scope, task_id, depth, failed=result.state == FAILURE)
         return result
 
+    def _eager_request(
+        self,
+        task_id: str,
+        args: Any,
+        kwargs: Any,
+        headers: dict[str, Any],
+        link: Any,
+        link_error: Any,
+        options: dict[str, Any],
+    ) -> Context:
+        """The request an eagerly applied task would have, for the causal check."""
+        return Context(
+            {
+                "id": task_id,
+                "task": self.name,
+                "headers": headers,
+                "callbacks": maybe_list(link),  # type: ignore[no-untyped-call]
+                "errbacks": maybe_list(link_error),  # type: ignore[no-untyped-call]
+                "ignore_result": options.get("ignore_result", self.ignore_result),
+                "delivery_info": {"priority": options.get("priority")},
+                "is_eager": True,
+            },
+            args=args or (),
+            kwargs=kwargs or {},
+        )
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         if request.called_directly:
@@ -258,7 +200,8 @@ class CausalTask(Task):  # type: ignore[misc]
             if isinstance(checked, BaseException):
                 raise checked  # inside the tracer: a retry, or Celery's failure path
             if checked is not True and not self._may_run(runtime, scope, arrival, depth, request):
-                raise Ignore()
+                deferred = getattr(request, "causal_deferred", None)
+                raise Ignore() if deferred is None else Parked(deferred)
         except StoreUnavailable as exc:
             raise self._retry_for_store(runtime.settings, arrival, scope, exc) from None
         if traced:
@@ -309,62 +252,75 @@ class CausalTask(Task):  # type: ignore[misc]
         if verdict.action is Action.FAIL:
             raise leader_failed_error(arrival, scope)
         if verdict.action is Action.SKIP_DUPLICATE:
-            logger.info(
-                "duplicate skip: task %s (follows %s, scope %r) already done",
-                arrival.task_id,
-                arrival.follows,
-                scope,
-            )
-            # A redelivered task whose earlier run died after its done record was stored
-            # and before its followers were claimed: release what it left waiting. A store
-            # outage here retries the message, which comes back to this same step.
-            try:
-                runtime.release_after_done(scope, arrival.task_id, depth)
-            except StoreUnavailable:
-                raise
-            except Exception:
-                # Any other failure (the broker refused a publish) must not turn the task's
-                # earlier success into a failure: what is left is the sweep's.
-                logger.exception(
-                    "duplicate of task %s (scope %r): %s", arrival.task_id, scope, RELEASE_FAILED
-                )
+            self._skip_duplicate(runtime, scope, arrival, depth)
             request.causal_held = IGNORED
             return False
         if verdict.action is Action.PARK:
-            # The DEFERRED state is stored before the row exists: once parked, the leader
-            # may release the follower and its SUCCESS must not be overwritten by us.
-            if not request.ignore_result:
-                self.update_state(state=DEFERRED, meta={"follows": arrival.leader, "scope": scope})
-            outcome = runtime.park(
-                scope=scope, task=self, request=request, arrival=arrival, now=now
+            return self._park(runtime, scope, arrival, request, now)
+        return True
+
+    def _skip_duplicate(
+        self, runtime: CausalRuntime, scope: str, arrival: Arrival, depth: int
+    ) -> None:
+        logger.info(
+            "duplicate skip: task %s (follows %s, scope %r) already done",
+            arrival.task_id,
+            arrival.follows,
+            scope,
+        )
+        # A redelivered task whose earlier run died after its done record was stored and
+        # before its followers were claimed: release what it left waiting. A store outage
+        # here retries the message, which comes back to this same step.
+        try:
+            runtime.release_after_done(scope, arrival.task_id, depth)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            # Any other failure (the broker refused a publish) must not turn the task's
+            # earlier success into a failure: what is left is the sweep's.
+            logger.exception(
+                "duplicate of task %s (scope %r): %s", arrival.task_id, scope, RELEASE_FAILED
             )
-            if outcome is ParkOutcome.LEADER_FAILED:
-                if runtime.settings.on_leader_failure == "fail":
-                    raise leader_failed_error(arrival, scope)
-            elif outcome is ParkOutcome.PARKED:
-                logger.info(
-                    "parked task %s: waits for leader %s (scope %r)",
-                    arrival.task_id,
-                    arrival.leader,
-                    scope,
-                )
-                runtime.send_task_event(
-                    "task-deferred",
-                    arrival.task_id,
-                    request.hostname or "",
-                    follows=arrival.leader,
-                    scope=scope,
-                    name=self.name,
-                )
-                request.causal_held = DEFERRED
-                return False
+
+    def _park(
+        self, runtime: CausalRuntime, scope: str, arrival: Arrival, request: Any, now: float
+    ) -> bool:
+        """Park the delivery unless its leader settled meanwhile; whether it may run."""
+        assert arrival.leader is not None
+        fields = deferred_fields(arrival.leader, scope, now, runtime.settings.lookback)
+        # The DEFERRED state is stored before the row exists: once parked, the leader may
+        # release the follower and its SUCCESS must not be overwritten by us.
+        if not request.ignore_result:
+            self.update_state(state=DEFERRED, meta=fields)
+        follower = follower_of(
+            self.app,
+            self,
+            request,
+            scope=scope,
+            leader=arrival.leader,
+            occurred_at=arrival.published_at if arrival.published_at is not None else now,
+            max_bytes=runtime.settings.max_payload_bytes,
+        )
+        outcome = runtime.park(follower)
+        if outcome is ParkOutcome.PARKED:
             logger.info(
-                "task %s runs: its leader %s (scope %r) %s while it was parking",
+                "parked task %s: waits for leader %s (scope %r)",
                 arrival.task_id,
                 arrival.leader,
                 scope,
-                "failed" if outcome is ParkOutcome.LEADER_FAILED else "succeeded",
             )
+            request.causal_held = DEFERRED
+            request.causal_deferred = fields  # the worker's main process sends the event
+            return False
+        if outcome is ParkOutcome.LEADER_FAILED and runtime.settings.on_leader_failure == "fail":
+            raise leader_failed_error(arrival, scope)
+        logger.info(
+            "task %s runs: its leader %s (scope %r) %s while it was parking",
+            arrival.task_id,
+            arrival.leader,
+            scope,
+            "failed" if outcome is ParkOutcome.LEADER_FAILED else "succeeded",
+        )
         return True
 
     def causal_runtime(self) -> CausalRuntime:
@@ -398,80 +354,22 @@ def causal_task(app: Celery, *, scope: str = "default", **options: Any) -> Calla
     return app.task(scope=scope, **options)  # type: ignore[no-any-return]
 
 
-class CausalWorkerStep(bootsteps.Step):  # type: ignore[misc]
-    """Validates the settings and creates the schema when a worker starts.
+def deferred_fields(leader: str, scope: str, now: float, lookback: float) -> dict[str, Any]:
+    """What a parked task's DEFERRED state and ``task-deferred`` event say about it.
 
-    A wrong value stops the worker with an error naming the setting, instead of failing
-    its first causal task.
+    ``result`` is the line Flower shows on the task's page; the other fields are for
+    programs (``AsyncResult(id).info``, event consumers). Times are the store's clock.
     """
-
-    name = "celery-causal"
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        runtime = runtime_or_exit(worker.app)
-        runtime.send_events = bool(worker.task_events)  # -E; inherited by pool processes
-        try:
-            runtime.store.create_schema()
-        except StoreUnavailable as exc:
-            # The database may come up after the worker (compose, k8s): tasks retry until
-            # it answers, and the schema is created on first use.
-            logger.error("causal store not reachable at worker start: %s", exc)
-        finally:
-            # The main process forks the pool next: no connection may cross the fork (an
-            # SQLite handle used on both sides of one corrupts the file's locks). Each
-            # process that runs tasks opens its own.
-            runtime.store.close()
-
-
-def _sweep_task(app: Any) -> Callable[[], dict[str, int]]:
-    def sweep() -> dict[str, int]:
-        """Release lost followers and expire old done records (celery-causal)."""
-        return runtime_for(app).sweep().as_dict()
-
-    return sweep
-
-
-def install(app: Celery, *, beat: bool = True, store: CausalStore | None = None) -> None:
-    """Wire celery-causal into ``app``: the one call users make. Idempotent.
-
-    Registers the ``celery_causal.sweep`` task and, unless ``beat=False``, its Celery beat
-    entry. ``store`` replaces the store built from ``causal_store_url`` (tests pass a
-    :class:`~celery_causal.testing.MemoryStore`).
-    """
-    with _lock:
-        first = app not in _installed
-        _installed[app] = {"store": store, "beat": beat}
-        _runtimes.pop(app, None)
-    if not first:
-        return
-    # Every sweep interval, for ever: its outcome is in the worker's log line and its
-    # task-succeeded event, not worth a result-backend entry each time. A caller that
-    # wants it sends the task with ignore_result=False.
-    app.task(name=SWEEP_TASK, ignore_result=True, shared=False)(_sweep_task(app))
-
-    app.steps["worker"].add(CausalWorkerStep)
-    guard_send_task(app, CausalTask)
-    if beat:
-        signals.beat_init.connect(_beat_hook(app), weak=False)
-
-
-def _beat_hook(app: Any) -> Callable[..., None]:
-    def on_beat_init(sender: Any = None, **_: Any) -> None:
-        # Added to the running scheduler, not to app.conf.beat_schedule, so the entry
-        # survives a later ``app.conf.beat_schedule = {...}`` or config_from_object().
-        if getattr(sender, "app", None) is not app:
-            return
-        interval = runtime_or_exit(app).settings.sweep_interval
-        scheduler = sender.scheduler
-        scheduler.update_from_dict(
-            {
-                BEAT_ENTRY: {
-                    "task": SWEEP_TASK,
-                    "schedule": interval,
-                    "options": {"expires": interval},
-                }
-            }
-        )
-
-    return on_beat_init
+    parked = datetime.fromtimestamp(now, timezone.utc)
+    release = (parked + timedelta(seconds=lookback)).isoformat(timespec="seconds")
+    since = parked.isoformat(timespec="seconds")
+    return {
+        "follows": leader,
+        "scope": scope,
+        "parked_at": since,
+        "sweep_releases_at": release,
+        "result": (
+            f"waits for leader {leader} (scope {scope!r}) since {since}; released when it "
+            f"succeeds, or by the sweep from {release}"
+        ),
+    }

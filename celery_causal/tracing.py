@@ -34,6 +34,7 @@ from celery.app.trace import TraceInfo, trace_ok_t
 from celery.app.trace import logger as trace_logger
 from celery.exceptions import Ignore
 from celery.states import FAILURE, IGNORED
+from celery.worker.request import Request
 
 from .core import DEFERRED, Arrival
 from .errors import InvalidIdError, InvalidMessageError, LeaderFailed, StoreUnavailable
@@ -191,18 +192,50 @@ def record_outcome(
         )
 
 
+class Parked(Ignore):  # type: ignore[misc]
+    """A delivery that was parked: the fields of its ``task-deferred`` event."""
+
+    def __init__(self, fields: dict[str, Any] | None = None) -> None:
+        super().__init__(fields)  # args: what pickling rebuilds it from
+        self.fields = fields or {}
+
+
+class CausalRequest(Request):  # type: ignore[misc]
+    """A causal task's request in the worker's main process.
+
+    A parked task's ``task-deferred`` event is sent from here, through the consumer's own
+    event dispatcher: it follows the worker's current event switch (``-E``, or events
+    enabled remotely, as Flower does) and carries the worker's name, as ``task-started``
+    and ``task-succeeded`` do. A pool process started before events were switched on could
+    not know of them.
+    """
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        exc = getattr(exc_info, "exception", None)
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        if isinstance(exc, Parked):
+            self.send_event("task-deferred", **exc.fields)
+        return super().on_failure(
+            exc_info, send_failed_event=send_failed_event, return_ok=return_ok
+        )
+
+
 class _NotRun(ExceptionInfo):  # type: ignore[misc]
     """The exception info of a delivery that must not run: an Ignore, without a traceback.
 
     The worker's main process reads only its ``exception`` (an Ignore: it acks the
-    message). Celery's own would format a traceback, and Python 3.11 parses each frame's
-    source line to place its carets: measured as 7 % of a pool process's CPU when most
-    deliveries park. Pickled to the main process, which imports this module with the app.
+    message; a :class:`Parked`: it also sends ``task-deferred``). Celery's own would format
+    a traceback, and Python 3.11 parses each frame's source line to place its carets: a
+    large part of a pool process's CPU when most deliveries park. Pickled to the main
+    process, which imports this module with the app.
     """
 
-    def __init__(self) -> None:  # no super().__init__: it formats sys.exc_info()
-        self.type, self.tb, self.traceback, self.internal = Ignore, None, "", True
-        self.exception = ExceptionWithTraceback(Ignore(), "")
+    def __init__(self, exception: Ignore) -> None:  # no super().__init__: it formats sys.exc_info()
+        self.type, self.tb, self.traceback, self.internal = type(exception), None, "", True
+        self.exception = ExceptionWithTraceback(exception, "")
 
 
 def _ignored(task: Any, context: Any, runtime: float) -> Any:
@@ -214,7 +247,8 @@ def _ignored(task: Any, context: Any, runtime: float) -> Any:
     parked = getattr(context, "causal_held", None) == DEFERRED
     if not parked and trace_logger.isEnabledFor(logging.INFO):
         trace_logger.info("Task %s[%s] ignored", task.name, context.id)
-    return trace_ok_t(_NotRun(), TraceInfo(IGNORED, Ignore()), runtime, None)
+    exception = Parked(context.causal_deferred) if parked else Ignore()
+    return trace_ok_t(_NotRun(exception), TraceInfo(IGNORED, exception), runtime, None)
 
 
 def _after_body(problem: str, step: Callable[[], object], task_id: str, scope: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from celery.contrib.testing.worker import start_worker
 
-from celery_causal.task import runtime_for
+from celery_causal.registry import runtime_for
 from example_project import shop
 from example_project.stream import LEADS, STREAM, send, task_id
 

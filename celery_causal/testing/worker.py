@@ -8,8 +8,8 @@ from typing import Any
 
 from celery.contrib.testing.worker import start_worker
 
+from ..registry import runtime_for
 from ..store import FollowerInfo
-from ..task import runtime_for
 
 #: The in-memory transport polls for messages once a second by default: too slow for a
 #: test that waits for a release.

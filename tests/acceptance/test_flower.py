@@ -7,13 +7,14 @@ import socket
 import urllib.request
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from celery_causal.forget import forget
-from celery_causal.task import runtime_for
+from celery_causal.registry import runtime_for
 from tests.acceptance.conftest import CeleryProcess, Spawned
 from tests.helpers import wait_for
 
@@ -81,6 +82,15 @@ def test_flower_lists_a_parked_task_as_deferred_then_success(
         assert deferred["name"] == "acc.step"
         info = _get(port, f"/api/task/info/{follower}")
         assert info["state"] == "DEFERRED"
+        # What it waits for, and until when, on the task's page (its Result line) and for
+        # programs in the result backend
+        assert f"waits for leader {leader} (scope 'acc') since " in info["result"]
+        assert "by the sweep from " in info["result"]
+        meta = s.handle.app.AsyncResult(follower).info
+        assert (meta["follows"], meta["scope"]) == (leader, "acc")
+        parked_at = datetime.fromisoformat(meta["parked_at"])
+        releases_at = datetime.fromisoformat(meta["sweep_releases_at"])
+        assert releases_at - parked_at == timedelta(seconds=900)  # causal_lookback
         # Flower's own /metrics counts the parks (the README points monitoring at it)
         wait_for(lambda: _deferred_events(port) >= 1, 60, "task-deferred in Flower's /metrics")
 
@@ -130,5 +140,49 @@ def test_flower_lists_a_parked_task_as_deferred_then_success(
         # No phantom worker: every event came under the real worker's name
         workers = (_get(port, "/workers?json=1") or {}).get("data", [])
         assert [w["hostname"] for w in workers] == [s.worker.nodename]
+    finally:
+        flower.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_whose_events_flower_switched_on_reports_its_parked_tasks(
+    spawn: Callable[..., Spawned], tmp_path: Path
+) -> None:
+    # Given a worker started without -E, and Flower, which switches task events on in the
+    # workers it finds (the enable_events control command)
+    s = spawn()
+    port = _free_port()
+    flower = CeleryProcess(
+        dict(s.env, FLOWER_UNAUTHENTICATED_API="true"),
+        tmp_path / "flower.log",
+        ["flower", f"--port={port}", "--address=127.0.0.1"],
+    )
+    flower.start()
+    try:
+        wait_for(lambda: _healthy(port), 60, "Flower's health check")
+        wait_for(lambda: _get(port, "/api/workers?refresh=1"), 60, "Flower seeing the worker")
+        pings: list[str] = []
+
+        def flower_saw_a_ping() -> bool:
+            pings.append(s.handle.ping.apply_async().id)  # events of a task sent after the
+            seen = _get(port, "/api/tasks?taskname=acc.ping") or {}  # switch reach Flower
+            return any(seen.get(p, {}).get("state") == "SUCCESS" for p in pings)
+
+        wait_for(flower_saw_a_ping, 90, "task events switched on by Flower")
+        # When a follower parks
+        follower = f"fl-remote-{uuid.uuid4()}"
+        s.handle.step.apply_async(("remote", "f"), task_id=follower, follows="fl-remote-gone")
+        # Then Flower shows it DEFERRED, not STARTED (with a Terminate button)
+        deferred = wait_for(
+            lambda: (
+                info
+                if (info := _get(port, f"/api/task/info/{follower}") or {}).get("state")
+                == "DEFERRED"
+                else None
+            ),
+            60,
+            "the follower shown as DEFERRED",
+        )
+        assert "fl-remote-gone" in deferred["result"]
     finally:
         flower.stop()

@@ -20,7 +20,7 @@ import redis
 from sqlalchemy import create_engine, func, select, text
 
 from celery_causal.sql.schema import followers
-from celery_causal.task import SWEEP_TASK
+from celery_causal.wiring import SWEEP_TASK
 from tests.acceptance.conftest import CeleryProcess, Log, Spawned, WorkerProcess, retried
 from tests.conftest import PG_ADMIN_URL
 from tests.helpers import wait_for

@@ -12,8 +12,8 @@ import redis
 from celery import Celery
 
 import celery_causal
+from celery_causal.registry import runtime_for
 from celery_causal.sql import SQLStore
-from celery_causal.task import runtime_for
 from tests.helpers import age, follower
 
 

@@ -20,10 +20,10 @@ from celery_causal.errors import (
     StoreError,
     StoreUnavailable,
 )
+from celery_causal.registry import runtime_for
 from celery_causal.sql import SQLStore, open_store
 from celery_causal.sql.schema import followers
 from celery_causal.store import CausalStore
-from celery_causal.task import runtime_for
 from celery_causal.testing import MemoryStore
 from tests.helpers import age, follower
 from tests.integration.harness import Harness

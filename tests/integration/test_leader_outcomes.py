@@ -17,8 +17,8 @@ from celery.contrib.testing.worker import start_worker
 
 import celery_causal
 from celery_causal import LeaderFailed
+from celery_causal.registry import runtime_for
 from celery_causal.store import CausalStore
-from celery_causal.task import runtime_for
 from tests.helpers import age, wait_for
 from tests.integration.harness import Harness
 

@@ -19,9 +19,9 @@ from kombu import Producer
 
 import celery_causal
 from celery_causal.payload import RELEASED, build_message, pack
+from celery_causal.registry import runtime_for
 from celery_causal.release import _IMMEDIATE, _batch
 from celery_causal.store import CausalStore
-from celery_causal.task import runtime_for
 from celery_causal.testing import MemoryStore
 from tests.helpers import age
 

@@ -109,7 +109,7 @@ def test_a_task_of_an_app_without_install_is_a_clear_error() -> None:
     @app.task(base=celery_causal.CausalTask, shared=False)
     def lonely() -> None: ...
 
-    from celery_causal.task import runtime_for
+    from celery_causal.registry import runtime_for
 
     with pytest.raises(NotInstalledError, match="install"):
         runtime_for(app)
@@ -162,7 +162,8 @@ def test_sqlite_parks_are_durable_and_the_worker_forks_with_no_connection_open(
 
     from sqlalchemy import text
 
-    from celery_causal.task import CausalWorkerStep, runtime_for
+    from celery_causal.registry import runtime_for
+    from celery_causal.wiring import CausalWorkerStep
 
     # Given an app on the embedded SQLite store
     app = Celery(f"sqlite{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)

@@ -10,8 +10,8 @@ from celery import Celery
 
 import celery_causal
 from celery_causal.cli_show import story, text
+from celery_causal.registry import runtime_for
 from celery_causal.runtime import CausalRuntime
-from celery_causal.task import runtime_for
 from celery_causal.testing import MemoryStore
 from tests.helpers import follower
 

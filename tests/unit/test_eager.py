@@ -86,3 +86,24 @@ def test_a_chain_longer_than_the_depth_guard_runs_to_its_end() -> None:
     step.apply_async(("e0",), task_id="e0")
     assert ran == [f"e{i}" for i in range(11)]
     assert store.stats() == []
+
+
+@pytest.mark.parametrize("beat", [True, False])
+def test_an_app_dropped_after_install_is_freed(beat: bool) -> None:
+    import gc
+    import weakref
+
+    from celery_causal.registry import runtime_for
+    from celery_causal.testing import MemoryStore
+
+    app = Celery(f"freed-{beat}", broker="memory://", set_as_current=False)
+    celery_causal.install(app, store=MemoryStore(), beat=beat)
+
+    @celery_causal.causal_task(app, shared=False)
+    def step() -> None: ...
+
+    runtime_for(app)  # its runtime is built and kept for the app
+    gone = weakref.ref(app)
+    del app, step
+    gc.collect()
+    assert gone() is None
