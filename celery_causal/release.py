@@ -121,12 +121,33 @@ class _Release:
             self.producer.maybe_declare(_queue(self.app, queue))
             self.declared.add(queue)
 
+    def declare_exchange(self, name: str) -> None:
+        """Declare exchange ``name`` as the app's queues define it, if it is not direct.
+
+        kombu's virtual transports (Redis) route a publish by the exchange type their own
+        connection declared, and take an exchange they have not declared for a direct one:
+        a follower delivered through a topic or fanout exchange would then match no binding
+        and be dropped, after which its row is deleted as released. RabbitMQ routes by the
+        type the broker knows; there the declaration is a no-op.
+        """
+        key = f"exchange:{name}"
+        if key in self.declared:
+            return
+        self.declared.add(key)
+        for queue in self.app.amqp.queues.values():
+            exchange = queue.exchange
+            if exchange is not None and exchange.name == name and exchange.type != "direct":
+                self.producer.maybe_declare(exchange)
+                return
+
     def send(self, follower: ClaimedFollower) -> bool:
         """Publish one follower's message; ``False`` if it was refused and moved aside."""
         try:
             message = unpack(follower, self.accept)
             if message.queue is not None:
                 self.declare(message.queue)
+            elif message.exchange:
+                self.declare_exchange(message.exchange)
         except PayloadError as exc:
             bury_unreadable(self.store, follower, exc)
             self.report.refused.append(follower.follower_id)

@@ -1,11 +1,13 @@
 """The Celery app the acceptance tests run in real worker processes.
 
 Configured from the environment the test fixtures set, so each test run (and each worker a
-test starts for itself) uses its own database and Redis key prefix.
+test starts for itself) uses its own database and its own key prefix on Redis, or queue
+names on RabbitMQ (CAUSAL_TEST_BROKER_URL; the result backend is Redis either way).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -13,10 +15,12 @@ from typing import Any
 
 import redis
 from celery import Celery, Task, signals
+from kombu import Exchange, Queue
 
 import celery_causal
 
 REDIS_URL = os.environ.get("CAUSAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+BROKER_URL = os.environ.get("CAUSAL_TEST_BROKER_URL") or REDIS_URL
 _redis = redis.Redis.from_url(REDIS_URL)
 
 
@@ -37,20 +41,84 @@ class Handle:
     observe: Any = None
     #: Plain: sending it takes CAUSAL_TEST_SLOW_SEND seconds (a slow link callback).
     slow_to_send: Any = None
+    routing: Routing | None = None
+    #: Causal: logs, as JSON, the delivery its worker received (test_brokers).
+    probe: Any = None
+    #: Causal: logs "<label>:first" or "<label>:redelivered", then waits for the test.
+    hold: Any = None
 
 
-def create(prefix: str | None = None, store_url: str | None = None) -> Handle:
+@dataclass(frozen=True)
+class Routing:
+    """The queues of one prefix. On Redis its key prefix isolates them already; on RabbitMQ
+    (one vhost per test run) their names carry the prefix."""
+
+    default: str
+    #: Bound to the topic exchange ``topic`` by "<routed>.#"; x-max-priority 9.
+    routed: str
+    topic: str
+    #: A quorum queue, declared only with CAUSAL_TEST_QUORUM_QUEUE set (RabbitMQ).
+    quorum: str
+
+
+def routing(prefix: str, broker_url: str) -> Routing:
+    own = prefix if broker_url.startswith(("amqp://", "pyamqp://")) else ""
+    return Routing(f"{own}celery", f"{prefix}routed", f"{prefix}topic", f"{prefix}quorum")
+
+
+def _queues(names: Routing) -> list[Queue]:
+    queues = [
+        Queue(names.default, Exchange(names.default), routing_key=names.default),
+        Queue(
+            names.routed,
+            Exchange(names.topic, type="topic"),
+            routing_key=f"{names.routed}.#",
+            queue_arguments={"x-max-priority": 9},
+        ),
+    ]
+    if os.environ.get("CAUSAL_TEST_QUORUM_QUEUE"):
+        # Only where a test asks: a worker that consumes a quorum queue also declares
+        # Celery's native delayed-delivery exchanges and queues.
+        queues.append(
+            Queue(
+                names.quorum,
+                Exchange(names.quorum),
+                routing_key=names.quorum,
+                queue_arguments={"x-queue-type": "quorum"},
+            )
+        )
+    return queues
+
+
+def create(
+    prefix: str | None = None, store_url: str | None = None, broker_url: str | None = None
+) -> Handle:
     prefix = prefix or _env("CAUSAL_TEST_PREFIX", "causal-test-local:")
-    app = _configured(prefix, store_url)
+    broker_url = broker_url or BROKER_URL
+    app = _configured(prefix, store_url, broker_url)
     celery_causal.install(app)
     # A user who assigns beat_schedule after install: the sweep's beat entry must survive.
     app.conf.beat_schedule = {"acc-hourly-ping": {"task": "acc.ping", "schedule": 3600.0}}
     step, other_scope_step, flaky, broken = _ordering_tasks(app, prefix)
     ping, observe, slow_to_send = _probe_tasks(app, prefix)
-    return Handle(app, prefix, step, other_scope_step, flaky, broken, ping, observe, slow_to_send)
+    probe, hold = _broker_tasks(app, prefix)
+    return Handle(
+        app,
+        prefix,
+        step,
+        other_scope_step,
+        flaky,
+        broken,
+        ping,
+        observe,
+        slow_to_send,
+        routing(prefix, broker_url),
+        probe,
+        hold,
+    )
 
 
-def _configured(prefix: str, store_url: str | None) -> Celery:
+def _configured(prefix: str, store_url: str | None, broker_url: str) -> Celery:
     transport = {"global_keyprefix": prefix}
     if os.environ.get("CAUSAL_TEST_VISIBILITY_TIMEOUT"):
         # Unacked messages of a killed worker come back after this many seconds.
@@ -59,9 +127,12 @@ def _configured(prefix: str, store_url: str | None) -> Celery:
             unacked_restore_interval=1,
             unacked_restore_throttle=1,
         )
-    app = Celery("causal_acceptance", broker=REDIS_URL, backend=REDIS_URL)
+    app = Celery("causal_acceptance", broker=broker_url, backend=REDIS_URL)
     acks_late = bool(os.environ.get("CAUSAL_TEST_ACKS_LATE"))
+    names = routing(prefix, broker_url)
     app.conf.update(
+        task_default_queue=names.default,
+        task_queues=_queues(names),
         broker_transport_options=transport,
         result_backend_transport_options={"global_keyprefix": prefix},
         broker_connection_retry_on_startup=True,
@@ -165,6 +236,39 @@ def _probe_tasks(app: Celery, prefix: str) -> tuple[Any, Any, Any]:
         return "sent"
 
     return ping, observe, slow_to_send
+
+
+def _broker_tasks(app: Celery, prefix: str) -> tuple[Any, Any]:
+    @celery_causal.causal_task(app, name="acc.probe", scope="acc", shared=False, bind=True)
+    def probe(self: Any, log: str, label: str) -> str:
+        """Log the delivery this body received: routing, priority, reply-to, release."""
+        request = self.request
+        delivery = request.delivery_info or {}
+        released = (request.headers or {}).get("causal_released") or getattr(
+            request, "causal_released", None
+        )
+        seen = {
+            "label": label,
+            "exchange": delivery.get("exchange"),
+            "routing_key": delivery.get("routing_key"),
+            "priority": delivery.get("priority"),
+            "redelivered": bool(delivery.get("redelivered")),
+            "reply_to": request.reply_to,
+            "released": released,
+        }
+        _redis.rpush(prefix + log, json.dumps(seen))
+        return label
+
+    @celery_causal.causal_task(app, name="acc.hold", scope="acc", shared=False, bind=True)
+    def hold(self: Any, log: str, label: str) -> str:
+        """Log whether this delivery is a redelivery, then wait for the test's go."""
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        _redis.rpush(prefix + log, f"{label}:{'redelivered' if redelivered else 'first'}")
+        if _redis.blpop([f"{prefix}go:{label}"], timeout=120) is None:
+            raise TimeoutError(f"no go for {label}")
+        return label
+
+    return probe, hold
 
 
 _default = create()

@@ -1,4 +1,5 @@
-"""Real worker processes (prefork, 2 processes) against real Redis and PostgreSQL."""
+"""Real worker processes (prefork, 2 processes unless a test picks another pool) against
+real PostgreSQL and a real broker: Redis, and RabbitMQ for tests marked ``brokers``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 import redis
 
 from celery_causal.sql import SQLStore, open_store
+from tests.acceptance.brokers import fresh_vhost, messages_held
 from tests.conftest import fresh_database
 from tests.helpers import wait_for
 
@@ -60,9 +62,19 @@ class CeleryProcess:
         return self.log_path.read_text(errors="replace")
 
 
+#: Concurrency of each pool in the tests: prefork and threads as two processes would be;
+#: gevent with more greenlets than the store keeps connections, so some wait for one.
+CONCURRENCY = {"prefork": 2, "threads": 4, "solo": 1, "gevent": 20}
+
+
 class WorkerProcess(CeleryProcess):
     def __init__(
-        self, env: dict[str, str], log_path: Path, name: str, extra: tuple[str, ...] = ()
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        name: str,
+        extra: tuple[str, ...] = (),
+        pool: str = "prefork",
     ) -> None:
         super().__init__(
             env,
@@ -70,9 +82,9 @@ class WorkerProcess(CeleryProcess):
             [
                 "worker",
                 "-P",
-                "prefork",
+                pool,
                 "-c",
-                "2",
+                str(CONCURRENCY[pool]),
                 "-l",
                 "info",
                 "-n",
@@ -92,12 +104,43 @@ class WorkerProcess(CeleryProcess):
         return [c.pid for c in psutil.Process(self.proc.pid).children()]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that reaches a broker runs on Redis; one marked ``brokers`` on each named.
+
+    All of them are parametrised (so their ids name the broker): session fixtures are then
+    set up once per broker, not again each time a test of the other broker comes between.
+    """
+    if "broker" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("brokers")
+        names = marker.args if marker else ("redis",)
+        metafunc.parametrize("broker", names, indirect=True, scope="session")
+
+
+AMQP_ADMIN_URL = os.environ.get("CAUSAL_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
 @pytest.fixture(scope="session")
-def acceptance_env(pg_url: str, redis_url: str, key_prefix: str) -> dict[str, str]:
+def amqp_url() -> Iterator[str]:
+    """A RabbitMQ vhost of this run (override the node with CAUSAL_TEST_AMQP_URL)."""
+    with fresh_vhost(AMQP_ADMIN_URL) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def broker(request: pytest.FixtureRequest) -> str:
+    """The broker's URL: "redis" or "rabbitmq", as parametrised by pytest_generate_tests."""
+    if request.param == "rabbitmq":
+        return str(request.getfixturevalue("amqp_url"))
+    return str(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture(scope="session")
+def acceptance_env(pg_url: str, redis_url: str, broker: str, key_prefix: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         CAUSAL_STORE_URL=pg_url,
         CAUSAL_TEST_REDIS_URL=redis_url,
+        CAUSAL_TEST_BROKER_URL=broker,
         CAUSAL_TEST_PREFIX=key_prefix,
         PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
     )
@@ -110,7 +153,9 @@ def causal_app(acceptance_env: dict[str, str]) -> Any:
     from tests.acceptance import causal_app as module
 
     return module.create(
-        acceptance_env["CAUSAL_TEST_PREFIX"], store_url=acceptance_env["CAUSAL_STORE_URL"]
+        acceptance_env["CAUSAL_TEST_PREFIX"],
+        store_url=acceptance_env["CAUSAL_STORE_URL"],
+        broker_url=acceptance_env["CAUSAL_TEST_BROKER_URL"],
     )
 
 
@@ -181,6 +226,14 @@ class Spawned:
         """Ids of the tasks Celery retried, once per retry (causal_app's task_retry hook)."""
         return retried(self.env["CAUSAL_TEST_REDIS_URL"], self.handle.prefix)
 
+    def messages_held(self, queue: str | None = None) -> int:
+        """Messages the broker holds for ``queue`` (the default one), queued or unacked."""
+        return messages_held(
+            self.env["CAUSAL_TEST_BROKER_URL"],
+            self.handle.prefix,
+            queue or self.handle.routing.default,
+        )
+
     def wait_ready(self) -> None:
         try:
             assert self.handle.ping.delay().get(timeout=60) == "pong"
@@ -198,18 +251,20 @@ def spawn(
 
     cleanup = ExitStack()
 
-    def start(*worker_args: str, **overrides: str) -> Spawned:
+    def start(*worker_args: str, pool: str = "prefork", **overrides: str) -> Spawned:
         suffix = uuid.uuid4().hex[:6]
         db_url = cleanup.enter_context(fresh_database(f"_{suffix}"))
         prefix = f"{acceptance_env['CAUSAL_TEST_PREFIX']}{suffix}:"
         env = dict(acceptance_env, CAUSAL_STORE_URL=db_url, CAUSAL_TEST_PREFIX=prefix, **overrides)
         for key, value in overrides.items():  # the producer's app sees the same settings
             monkeypatch.setenv(key, value)
-        handle = module.create(prefix, store_url=db_url)
+        handle = module.create(
+            prefix, store_url=db_url, broker_url=acceptance_env["CAUSAL_TEST_BROKER_URL"]
+        )
         store = open_store(db_url)
         cleanup.callback(store.close)
         worker = WorkerProcess(
-            env, tmp_path / f"worker-{suffix}.log", f"w{suffix}", tuple(worker_args)
+            env, tmp_path / f"worker-{suffix}.log", f"w{suffix}", tuple(worker_args), pool
         )
         worker.start()
         cleanup.callback(worker.stop)

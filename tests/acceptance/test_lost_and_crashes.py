@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from sqlalchemy import create_engine, func, select, text
 
 from celery_causal.sql.schema import followers
 from celery_causal.wiring import SWEEP_TASK
+from tests.acceptance.brokers import every_broker
 from tests.acceptance.conftest import CeleryProcess, Log, Spawned, WorkerProcess, retried
 from tests.conftest import PG_ADMIN_URL
 from tests.helpers import wait_for
@@ -59,13 +59,7 @@ def broker_settled(s: Spawned) -> bool:
     With acks_late a message stays unacked until its task ended (or it is requeued), so
     once this holds no further run of any body can come from a message already sent.
     """
-    client = redis.Redis.from_url(s.env["CAUSAL_TEST_REDIS_URL"])
-    try:
-        return client.llen(f"{s.handle.prefix}celery") == 0 and (
-            client.hlen(f"{s.handle.prefix}unacked") == 0
-        )
-    finally:
-        client.close()
+    return s.messages_held() == 0
 
 
 def oldest_claim_age(s: Spawned) -> float:
@@ -74,6 +68,7 @@ def oldest_claim_age(s: Spawned) -> float:
     return 0.0 if oldest is None else s.store.clock() - oldest
 
 
+@every_broker
 def test_lost_followers_wait_for_the_lookback_then_come_back_in_occurred_order(
     spawn: Callable[..., Spawned],
 ) -> None:
@@ -158,6 +153,7 @@ def test_worker_killed_between_claim_and_publish_loses_no_follower(
         s.worker.stop()
 
 
+@every_broker
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("deduplicate", ["always", "redelivered"])
 def test_worker_killed_after_its_done_record_loses_no_follower(

@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from celery_causal.sql import SQLStore
 from celery_causal.sql.schema import followers
+from tests.acceptance.brokers import every_broker
 from tests.acceptance.conftest import Log, Spawned, WorkerProcess
 from tests.helpers import wait_for
 
@@ -23,6 +24,7 @@ def _ids(prefix: str) -> dict[str, str]:
     return {label: f"{prefix}-{label}" for label in SEED}
 
 
+@every_broker
 @pytest.mark.parametrize(
     "arrival",
     [
@@ -120,6 +122,7 @@ def test_two_scopes_do_not_interfere(
     assert other.info == {"follows": leader, "scope": "acc-other"}
 
 
+@every_broker
 def test_fifty_reversed_chains_of_five_run_in_order(
     worker: WorkerProcess, causal_app: Any, log: Log, pg_store: SQLStore
 ) -> None:
@@ -139,6 +142,7 @@ def test_fifty_reversed_chains_of_five_run_in_order(
     assert sum(s.waiting + s.releasing for s in pg_store.stats()) == 0
 
 
+@every_broker
 def test_a_parked_follower_starts_only_once_it_is_released(
     worker: WorkerProcess, causal_app: Any, log: Log, pg_store: SQLStore
 ) -> None:
@@ -174,6 +178,7 @@ def test_one_leader_releases_a_thousand_followers_exactly_once(
     wait_for(lambda: not pg_store.stats(), 30, "follower table empty")
 
 
+@every_broker
 def test_async_result_of_a_parked_follower_returns_its_value(
     worker: WorkerProcess, causal_app: Any, log: Log, pg_store: SQLStore
 ) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from kombu import Producer
+from kombu import Exchange, Producer, Queue
 
 import celery_causal
 from celery_causal.payload import RELEASED, build_message, pack
@@ -236,3 +236,36 @@ def test_a_released_message_keeps_its_priority_and_its_expiry_counts_from_the_re
     assert received.properties["priority"] == 3
     ttl_ms = int(received.properties["expiration"])
     assert 3_500_000 < ttl_ms <= 3_600_000
+
+
+def test_a_follower_routed_through_a_topic_exchange_is_released_to_its_queue(
+    app: Celery,
+) -> None:
+    # Given a queue bound to a topic exchange by a pattern, declared by a consumer's
+    # connection, and a follower delivered through that exchange with a key the pattern
+    # matches (as a worker parks it: exchange and routing key, no queue name)
+    runtime = runtime_for(app)
+    name = f"q-{uuid.uuid4().hex[:6]}"
+    queue = Queue(name, Exchange(f"{name}-topic", type="topic"), routing_key=f"{name}.#")
+    app.conf.task_queues = [queue]
+    with app.connection_for_write() as conn:
+        queue.bind(conn.default_channel).declare()
+    leader, task_id = "leader-" + uuid.uuid4().hex[:6], "f-" + uuid.uuid4().hex[:6]
+    options = {"task_id": task_id, "exchange": f"{name}-topic", "routing_key": f"{name}.orders"}
+    message = build_message(app, "tests.step", [1], {}, options, "json")
+    follower = pack(
+        scope=SCOPE,
+        task_name="tests.step",
+        task_id=task_id,
+        leader=leader,
+        occurred_at=1.0,
+        message=message,
+        max_bytes=1 << 20,
+    )
+    runtime.store.park(follower, 900)
+    assert runtime.store.record_done(SCOPE, leader)
+    # When its leader releases it, from a connection that never declared the exchange
+    assert runtime.release_followers(SCOPE, leader, depth=1) == 1
+    # Then it is in the queue (kombu's Redis transport took an undeclared exchange for a
+    # direct one, matched no binding, and dropped the message)
+    assert queued(app, name) == [task_id]
