@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+from . import signals
 from .errors import PayloadError
 from .payload import DEPTH, RELEASED, unpack
 from .release import bury_unreadable
@@ -60,6 +61,15 @@ def apply_released(
         applied.append(follower.follower_id)
         rows.append(follower.row_id)
     store.finish(rows)
+    for follower in claimed:
+        if follower.follower_id in applied:
+            signals.follower_released.send(
+                sender=None,
+                task_id=follower.follower_id,
+                leader_id=follower.leader_id,
+                scope=follower.scope,
+                released_by=reason,
+            )
     for call in calls:
         _enqueue(call)
     return applied

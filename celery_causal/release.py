@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, cast
 
+from . import signals
 from .errors import PayloadError
 from .faults import CRASH_AFTER_CLAIM, crash_point
 from .payload import DEPTH, RELEASED, unpack
@@ -66,6 +67,16 @@ def publish(
         # left by an exception discarded what it had not flushed, so none of its rows
         # counts (any the broker did get are republished later and skipped as duplicates).
         store.finish(sent if immediate or flushed else [])
+    published = set(sent)
+    for follower in claimed:
+        if follower.row_id in published:
+            signals.follower_released.send(
+                sender=None,
+                task_id=follower.follower_id,
+                leader_id=follower.leader_id,
+                scope=follower.scope,
+                released_by=reason,
+            )
     return report
 
 

@@ -19,6 +19,7 @@ from celery.states import FAILURE, IGNORED, SUCCESS
 from celery.utils import uuid
 from kombu.utils.functional import maybe_list
 
+from . import signals
 from .core import DEFERRED, Action, Arrival, store_retry_countdown
 from .errors import InvalidIdError, LeaderFailed, StoreUnavailable
 from .payload import FOLLOWS, PUBLISHED_AT, SERIALIZER, check_id, follower_of, leader_id
@@ -268,6 +269,7 @@ class CausalTask(Task):  # type: ignore[misc]
             arrival.follows,
             scope,
         )
+        signals.duplicate_skipped.send(sender=self, task_id=arrival.task_id, scope=scope)
         # A redelivered task whose earlier run died after its done record was stored and
         # before its followers were claimed: release what it left waiting. A store outage
         # here retries the message, which comes back to this same step.
@@ -311,6 +313,9 @@ class CausalTask(Task):  # type: ignore[misc]
             )
             request.causal_held = DEFERRED
             request.causal_deferred = fields  # the worker's main process sends the event
+            signals.follower_parked.send(
+                sender=self, task_id=arrival.task_id, leader_id=arrival.leader, scope=scope
+            )
             return False
         if outcome is ParkOutcome.LEADER_FAILED and runtime.settings.on_leader_failure == "fail":
             raise leader_failed_error(arrival, scope)

@@ -19,6 +19,7 @@ from typing import Any
 
 from celery.contrib.testing.worker import start_worker
 
+from celery_causal import signals
 from celery_causal.registry import runtime_for
 from example_project import shop
 from example_project.stream import LEADS, STREAM, send, task_id
@@ -37,33 +38,44 @@ def tid(order_id: int, event: str) -> str:
     return task_id(RUN, order_id, event)
 
 
-class _Narrator(logging.Handler):
-    """Turns celery-causal's log lines into the demo's story."""
+class _Narrator:
+    """Tells the demo's story from celery-causal's signals."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.deferred = self.released = self.swept = 0
         #: Set when the lost follower parked: its wait (causal_lookback) starts there.
         self.lost_parked = threading.Event()
         self.lost_parked_at = 0.0
+        signals.follower_parked.connect(self.parked, weak=False)
+        signals.follower_released.connect(self.released_one, weak=False)
 
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if f"{RUN}-" not in message:  # another run's task, in a shared store
+    def close(self) -> None:
+        signals.follower_parked.disconnect(self.parked)
+        signals.follower_released.disconnect(self.released_one)
+
+    @staticmethod
+    def _ours(task_id: str) -> str | None:
+        """The task's name in the story, or None for another run's task (a shared store)."""
+        return task_id.removeprefix(f"{RUN}-") if task_id.startswith(f"{RUN}-") else None
+
+    def parked(self, task_id: str, leader_id: str, **_: Any) -> None:
+        task = self._ours(task_id)
+        if task is None:
             return
-        text = message.replace(f"{RUN}-", "")
-        if text.startswith("parked task"):
-            self.deferred += 1
-            task, leader = text.removeprefix("parked task ").split(": follows ")
-            print(f"    deferred  {task} waits for {leader.split(' ')[0]}", flush=True)
-            if task == LOST_TASK:
-                self.lost_parked_at = time.monotonic()
-                self.lost_parked.set()
-        elif text.startswith("released task") and text.endswith("by leader"):
+        self.deferred += 1
+        print(f"    deferred  {task} waits for {self._ours(leader_id)}", flush=True)
+        if task == LOST_TASK:
+            self.lost_parked_at = time.monotonic()
+            self.lost_parked.set()
+
+    def released_one(self, task_id: str, released_by: str, **_: Any) -> None:
+        task = self._ours(task_id)
+        if task is None:
+            return
+        if released_by == "leader":
             self.released += 1
-        elif text.startswith("lost follower"):
+        elif released_by == "sweep":
             self.swept += 1
-            task = text.removeprefix("lost follower ").split(" ")[0]
             print(f"    swept     {task}: its leader never came", flush=True)
 
 
@@ -111,10 +123,8 @@ def main() -> int:
 
 def _run() -> int:
     narrator = _Narrator()
-    log = logging.getLogger("celery_causal")
-    log.addHandler(narrator)
-    log.setLevel(logging.INFO)
-    log.propagate = False  # the narrator tells the story; keep stderr for real problems
+    # The narrator tells the story; celery-causal's own lines would repeat it.
+    logging.getLogger("celery_causal").setLevel(logging.ERROR)
     # kombu notes that memory:// has no host name; nothing to act on in a demo.
     logging.getLogger("kombu.connection").setLevel(logging.ERROR)
     started = time.monotonic()
