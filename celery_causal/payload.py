@@ -167,14 +167,7 @@ def build_message(
     encoding = content_encoding or "binary"
     if priority is not None:
         properties["priority"] = priority
-    delivery_mode = None
-    if queue is not None:
-        declared = app.amqp.queues[queue]
-        delivery_mode = declared.exchange.delivery_mode
-        if declared.exchange.type == "direct":
-            exchange, routing_key = "", queue  # the default exchange, as send_task does
-        else:
-            exchange, routing_key = declared.exchange.name, declared.routing_key
+    exchange, routing_key, delivery_mode = _routing(app, queue, exchange, routing_key)
     return Message(
         headers=headers,
         properties=properties,
@@ -186,6 +179,19 @@ def build_message(
         content_type=content_type,
         content_encoding=encoding,
     )
+
+
+def _routing(
+    app: Any, queue: str | None, exchange: str | None, routing_key: str | None
+) -> tuple[str | None, str | None, Any]:
+    """Exchange, routing key and delivery mode of a delivery, as ``send_task`` resolves a
+    named queue's."""
+    if queue is None:
+        return exchange, routing_key, None
+    declared = app.amqp.queues[queue]
+    if declared.exchange.type == "direct":
+        return "", queue, declared.exchange.delivery_mode  # the default exchange
+    return declared.exchange.name, declared.routing_key, declared.exchange.delivery_mode
 
 
 #: The envelope's fields: everything of a :class:`Message` but its body.
