@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -52,6 +53,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()
+
+
+def _dispose(engine: Engine, pid: int) -> None:
+    engine.dispose(close=os.getpid() == pid)
 
 
 def _require_read_committed(dbapi_connection: Any, _record: Any) -> None:
@@ -127,6 +132,9 @@ class Database:
                     if self._engine is not None:
                         self._engine.dispose(close=False)
                     self._engine = self._make_engine()
+                    # A store dropped with its app (the registry holds apps weakly) closes
+                    # its pooled connections, in the process that opened them only.
+                    weakref.finalize(self, _dispose, self._engine, pid)
                     self._pid = pid
                     if self._on_new_engine is not None:
                         self._on_new_engine()
