@@ -44,6 +44,15 @@ pg_stat_statements.track = top
 pg_stat_statements.max = 5000
 """
 
+#: With CAUSAL_BENCH_EXPLAIN_MS set, the plan of every statement slower than that many
+#: milliseconds goes to the server log, which is kept in $TMPDIR as causal-bench-pg.log.
+EXPLAIN_SETTINGS = """
+session_preload_libraries = 'auto_explain'
+auto_explain.log_min_duration = '{ms}ms'
+auto_explain.log_analyze = on
+auto_explain.log_buffers = on
+"""
+
 
 class ClusterUnavailable(RuntimeError):
     """The benchmark cannot start its own PostgreSQL cluster here."""
@@ -142,6 +151,8 @@ def _init(bindir: Path, folder: Path) -> Cluster:
     port = _free_port()
     with open(datadir / "postgresql.conf", "a") as conf:
         conf.write(SETTINGS.format(port=port, socket_dir=folder))
+        if os.environ.get("CAUSAL_BENCH_EXPLAIN_MS"):
+            conf.write(EXPLAIN_SETTINGS.format(ms=int(os.environ["CAUSAL_BENCH_EXPLAIN_MS"])))
     return Cluster(bindir, datadir, port)
 
 
@@ -192,4 +203,7 @@ def throwaway_cluster() -> Iterator[Cluster]:
                 capture_output=True,
                 check=False,
             )
+        if os.environ.get("CAUSAL_BENCH_EXPLAIN_MS") and (folder / "server.log").exists():
+            keep = Path(os.environ.get("TMPDIR", "/tmp")) / "causal-bench-pg.log"
+            shutil.copyfile(folder / "server.log", keep)
         shutil.rmtree(folder, ignore_errors=True)

@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         stack.callback(bench.close)
         bench.settle_wait = 0.0 if args.quick else 120.0
+        head = header(cluster.version, args.quick)
         if args.soak:
             return _soak(bench, args.soak)
         for ids, step in _workloads(args.quick, repeats):
@@ -133,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
                 out = out if isinstance(out, list) else [out]
                 results += out
                 print(f"  {', '.join(r.id for r in out)} done", flush=True)
-        head = header(cluster.version, args.quick)
     print_report(head, results, bench.statements, time.time() - started, args.json)
     return 0
 
