@@ -1,7 +1,9 @@
 """The benchmark's Celery app: the same trivial body as a plain task and as a causal task.
 
 Configured from the environment the benchmark sets (own database, own Redis key prefix).
-Bodies count completions in Redis, so no result backend is needed.
+Bodies count completions in Redis, so no result backend is needed; with
+``CAUSAL_BENCH_RESULTS=1`` (W1r) results go to a Redis result backend all the same, as
+most deployments have one.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import celery_causal
 REDIS_URL = os.environ.get("CAUSAL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 PREFIX = os.environ.get("CAUSAL_BENCH_PREFIX", "causal-bench:")
 COUNTER = PREFIX + "done"
+RESULTS = os.environ.get("CAUSAL_BENCH_RESULTS") == "1"
 
-app = Celery("causal_bench", broker=REDIS_URL)
+app = Celery("causal_bench", broker=REDIS_URL, backend=REDIS_URL if RESULTS else None)
 app.conf.update(
     broker_transport_options={"global_keyprefix": PREFIX},
+    result_backend_transport_options={"global_keyprefix": PREFIX},
+    result_expires=600,
     broker_connection_retry_on_startup=True,
-    task_ignore_result=True,
+    task_ignore_result=not RESULTS,
     worker_prefetch_multiplier=16,
     causal_store_url=os.environ.get("CAUSAL_STORE_URL"),
     causal_deduplicate=os.environ.get("CAUSAL_DEDUPLICATE", "always"),
