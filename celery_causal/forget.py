@@ -42,15 +42,7 @@ def forget(runtime: CausalRuntime, scope: str, follower_id: str) -> Follower | N
             backend.mark_as_revoked(follower_id, REASON, request=request)
     except Exception as exc:
         logger.warning("forgot follower %s but could not store it as REVOKED: %r", follower_id, exc)
-    runtime.send_task_event(
-        "task-revoked",
-        follower_id,
-        forgotten.hostname,
-        always=True,
-        terminated=False,
-        signum=None,
-        expired=False,
-    )
+    _send_revoked(runtime.app, follower_id, forgotten.hostname)
     logger.info(
         "forgot follower %s (follows %s, scope %r)", follower_id, forgotten.leader_id, scope
     )
@@ -69,3 +61,16 @@ def _request(runtime: CausalRuntime, follower: Follower) -> Any:
         )
         return None
     return Context({**message.headers, **(embed or {})}, args=args, kwargs=kwargs)
+
+
+def _send_revoked(app: Any, task_id: str, hostname: str) -> None:
+    """Send ``task-revoked`` on behalf of the worker that parked the task (``hostname``),
+    so monitors such as Flower see no worker that does not exist. Sent whatever the
+    workers' event switch: an operator's command has no ``-E`` of its own."""
+    try:
+        with app.events.default_dispatcher(hostname=hostname or None) as dispatcher:
+            dispatcher.send(
+                "task-revoked", uuid=task_id, terminated=False, signum=None, expired=False
+            )
+    except Exception as exc:  # monitoring must never undo the operator's decision
+        logger.warning("could not send task-revoked for task %s: %r", task_id, exc)

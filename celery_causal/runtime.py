@@ -1,7 +1,8 @@
 """One app's causal machinery: settings, store, seen cache; the steps a causal task takes.
 
-Celery-free except for publishing through the app; ``task.py`` calls these steps from the
-task's ``__call__`` and from the sweep task.
+It takes plain values (an arrival, a follower row, ids) and touches Celery only to publish
+released followers through the app (``release.py``, ``eager.py``). The wiring
+(``task.py``, ``tracing.py``, ``wiring.py``) calls these steps and sends the events.
 """
 
 from __future__ import annotations
@@ -60,9 +61,6 @@ class CausalRuntime:
             else None
         )
         self._seen_lock = threading.Lock()
-        #: Send Celery events (task-deferred, task-failed) as the worker does with ``-E``;
-        #: the worker's start-up step sets it from the worker's own switch.
-        self.send_events = bool(app.conf.worker_send_task_events)
 
     @property
     def app(self) -> Any:
@@ -70,24 +68,6 @@ class CausalRuntime:
         if app is None:
             raise ReferenceError("the Celery app of this causal runtime was freed")
         return app
-
-    def send_task_event(
-        self, type_: str, task_id: str, hostname: str, *, always: bool = False, **fields: Any
-    ) -> None:
-        """Send a Celery event about ``task_id`` on behalf of the worker ``hostname``.
-
-        Events about a parked task sent from another process (the leader's worker, the
-        sweep) carry the hostname that parked it, so monitors such as Flower do not see
-        a worker that does not exist. ``always`` sends it even where events are off (an
-        operator's command, which has no ``-E``).
-        """
-        if not (self.send_events or always):
-            return
-        try:
-            with self.app.events.default_dispatcher(hostname=hostname or None) as dispatcher:
-                dispatcher.send(type_, uuid=task_id, **fields)
-        except Exception as exc:  # monitoring must never break ordering
-            logger.warning("could not send %s event for task %s: %r", type_, task_id, exc)
 
     # -- seen cache --------------------------------------------------------------------
 

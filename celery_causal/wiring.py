@@ -56,7 +56,6 @@ class CausalWorkerStep(bootsteps.Step):  # type: ignore[misc]
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         runtime = runtime_or_exit(worker.app)
-        runtime.send_events = bool(worker.task_events)  # -E; inherited by pool processes
         try:
             runtime.store.create_schema()
         except StoreUnavailable as exc:

@@ -109,7 +109,6 @@ def test_flower_lists_a_parked_task_as_deferred_then_success(
         s.handle.step.apply_async(("flower", "other"), task_id=other, follows="fl-gone")
         wait_for(lambda: s.store.count_followers("acc", "fl-gone") == 1, 60, "parked")
         runtime = runtime_for(s.handle.app)
-        runtime.send_events = True
         assert runtime.leader_failed("acc", "fl-gone", 0) == 1
         failed = wait_for(
             lambda: (
