@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from celery import Celery, Task, signals
 from kombu import Exchange, Queue
 
 import celery_causal
+from celery_causal import signals as causal_signals
 
 REDIS_URL = os.environ.get("CAUSAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 BROKER_URL = os.environ.get("CAUSAL_TEST_BROKER_URL") or REDIS_URL
@@ -195,20 +197,30 @@ def _ordering_tasks(app: Celery, prefix: str) -> tuple[Any, Any, Any, Any]:
     return step, other_scope_step, flaky, broken
 
 
+def _record_hooks(app: Celery, prefix: str) -> None:
+    """Task ids the signals name, appended to Redis lists (prefix + what): what happened in
+    the worker's processes, without reading its log. "started": Celery's task_prerun;
+    "retried": task_retry; "parked" and "skipped": celery_causal's follower_parked and
+    duplicate_skipped. One entry per occurrence."""
+
+    def recorder(what: str, task_id: Callable[[dict[str, Any]], str]) -> Callable[..., None]:
+        def record(sender: Any = None, **fields: Any) -> None:
+            if getattr(sender, "app", None) is app:
+                _redis.rpush(prefix + what, task_id(fields))
+
+        return record
+
+    signals.task_prerun.connect(recorder("started", lambda f: f["task_id"]), weak=False)
+    signals.task_retry.connect(recorder("retried", lambda f: f["request"].id), weak=False)
+    for what, signal in (
+        ("parked", causal_signals.follower_parked),
+        ("skipped", causal_signals.duplicate_skipped),
+    ):
+        signal.connect(recorder(what, lambda f: f["task_id"]), weak=False)
+
+
 def _probe_tasks(app: Celery, prefix: str) -> tuple[Any, Any, Any]:
-    def record_start(sender: Any = None, task_id: str = "", **_: Any) -> None:
-        """Task ids whose body was about to start (Celery's task_prerun), across processes."""
-        if getattr(sender, "app", None) is app:
-            _redis.rpush(prefix + "started", task_id)
-
-    signals.task_prerun.connect(record_start, weak=False)
-
-    def record_retry(sender: Any = None, request: Any = None, **_: Any) -> None:
-        """Task ids Celery retried (its task_retry signal), one entry per retry."""
-        if getattr(sender, "app", None) is app:
-            _redis.rpush(prefix + "retried", request.id)
-
-    signals.task_retry.connect(record_retry, weak=False)
+    _record_hooks(app, prefix)
 
     @app.task(name="acc.ping", shared=False)
     def ping() -> str:

@@ -199,12 +199,18 @@ def log(redis_url: str, key_prefix: str, request: pytest.FixtureRequest) -> Log:
     return Log(redis.Redis.from_url(redis_url), key_prefix, f"log-{uuid.uuid4().hex[:8]}")
 
 
-def retried(redis_url: str, prefix: str) -> list[str]:
+def recorded(redis_url: str, prefix: str, what: str) -> list[str]:
+    """Task ids the workers' hooks recorded (causal_app): "started", "retried", "parked"
+    or "skipped", one entry per occurrence, across processes."""
     client = redis.Redis.from_url(redis_url)
     try:
-        return [e.decode() for e in client.lrange(prefix + "retried", 0, -1)]
+        return [e.decode() for e in client.lrange(prefix + what, 0, -1)]
     finally:
         client.close()
+
+
+def retried(redis_url: str, prefix: str) -> list[str]:
+    return recorded(redis_url, prefix, "retried")
 
 
 @dataclass
