@@ -122,6 +122,7 @@ def test_release_and_forget_one_follower(parked: tuple[Spawned, str, list[str]])
     assert log.wait_len(3) == [ids[0], "leader", ids[2]]
 
 
+@pytest.mark.core
 def test_sweep_releases_lost_followers(parked: tuple[Spawned, str, list[str]]) -> None:
     s, _, ids = parked
     wait_for(lambda: sum(x.overdue for x in s.store.stats()) == 3, 60, "lookback passed")

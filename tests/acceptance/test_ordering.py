@@ -23,6 +23,7 @@ def _ids(prefix: str) -> dict[str, str]:
     return {label: f"{prefix}-{label}" for label in SEED}
 
 
+@pytest.mark.core
 @pytest.mark.parametrize(
     "arrival",
     [
@@ -139,6 +140,7 @@ def test_fifty_reversed_chains_of_five_run_in_order(
     assert sum(s.waiting + s.releasing for s in store.stats()) == 0
 
 
+@pytest.mark.core
 def test_a_parked_follower_starts_only_once_it_is_released(
     worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
 ) -> None:
@@ -174,6 +176,7 @@ def test_one_leader_releases_a_thousand_followers_exactly_once(
     wait_for(lambda: not store.stats(), 30, "follower table empty")
 
 
+@pytest.mark.core
 def test_async_result_of_a_parked_follower_returns_its_value(
     worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
 ) -> None:
@@ -186,6 +189,7 @@ def test_async_result_of_a_parked_follower_returns_its_value(
     assert log.entries() == ["leader", "follower"]
 
 
+@pytest.mark.core
 def test_duplicate_deliveries_run_no_body_twice(
     worker: WorkerProcess, causal_app: Any, log: Log, store: SQLStore
 ) -> None:
