@@ -142,6 +142,7 @@ def test_a_forgotten_follower_ends_revoked_and_its_producer_stops_waiting(
     assert s.handle.step.AsyncResult(ids[1]).state == "DEFERRED"  # the others still wait
 
 
+@pytest.mark.core
 def test_sweep_releases_lost_followers(parked: tuple[Spawned, str, list[str]]) -> None:
     s, _, ids = parked
     wait_for(lambda: sum(x.overdue for x in s.store.stats()) == 3, 60, "lookback passed")

@@ -55,6 +55,7 @@ def _healthy(port: int) -> bool:
         return False
 
 
+@pytest.mark.core
 @pytest.mark.timeout(300)
 def test_flower_lists_a_parked_task_as_deferred_then_success(
     spawn: Callable[..., Spawned], tmp_path: Path

@@ -68,6 +68,7 @@ def oldest_claim_age(s: Spawned) -> float:
     return 0.0 if oldest is None else s.store.clock() - oldest
 
 
+@pytest.mark.core
 @every_broker
 def test_lost_followers_wait_for_the_lookback_then_come_back_in_occurred_order(
     spawn: Callable[..., Spawned],
@@ -98,6 +99,7 @@ def test_lost_followers_wait_for_the_lookback_then_come_back_in_occurred_order(
     assert s.store.stats() == []
 
 
+@pytest.mark.core
 @pytest.mark.timeout(300)
 def test_beat_schedules_the_sweep_despite_a_later_beat_schedule_assignment(
     spawn: Callable[..., Spawned], tmp_path: Path
@@ -351,6 +353,7 @@ def test_failed_leader_policy_release_runs_followers_at_once(
     assert s.store.stats() == []
 
 
+@pytest.mark.core
 def test_failed_leader_policy_fail_marks_followers_failed(
     spawn: Callable[..., Spawned],
 ) -> None:

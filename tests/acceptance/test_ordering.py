@@ -24,6 +24,7 @@ def _ids(prefix: str) -> dict[str, str]:
     return {label: f"{prefix}-{label}" for label in SEED}
 
 
+@pytest.mark.core
 @every_broker
 @pytest.mark.parametrize(
     "arrival",
@@ -144,6 +145,7 @@ def test_fifty_reversed_chains_of_five_run_in_order(
     assert sum(s.waiting + s.releasing for s in pg_store.stats()) == 0
 
 
+@pytest.mark.core
 @every_broker
 def test_a_parked_follower_starts_only_once_it_is_released(
     worker: WorkerProcess, causal_app: Any, log: Log, pg_store: SQLStore
@@ -180,6 +182,7 @@ def test_one_leader_releases_a_thousand_followers_exactly_once(
     wait_for(lambda: not pg_store.stats(), 30, "follower table empty")
 
 
+@pytest.mark.core
 @every_broker
 def test_async_result_of_a_parked_follower_returns_its_value(
     worker: WorkerProcess, causal_app: Any, log: Log, pg_store: SQLStore
@@ -193,6 +196,7 @@ def test_async_result_of_a_parked_follower_returns_its_value(
     assert log.entries() == ["leader", "follower"]
 
 
+@pytest.mark.core
 def test_duplicate_deliveries_run_no_body_twice(
     worker: WorkerProcess,
     causal_app: Any,

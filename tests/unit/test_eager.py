@@ -107,3 +107,20 @@ def test_an_app_dropped_after_install_is_freed(beat: bool) -> None:
     del app, step
     gc.collect()
     assert gone() is None
+
+
+def test_a_bound_task_sees_its_own_request_when_run_and_when_released() -> None:
+    app, _, _, step, _ = eager_app()
+    seen: list[tuple[str, Any]] = []
+
+    @celery_causal.causal_task(app, name="eager.bound", bind=True, shared=False)
+    def bound(self: Any) -> None:
+        seen.append((self.request.id, (self.request.headers or {}).get("tenant")))
+
+    # Given a follower applied before its leader, with a header of the caller's
+    bound.apply_async(task_id="f", follows="L", headers={"tenant": "acme"})
+    # When the leader runs and releases it, and a task with no leader runs at once
+    step.apply_async(("L",), task_id="L")
+    bound.apply_async(task_id="g", headers={"tenant": "acme"})
+    # Then each body saw its own id and headers, not a request holding only its arguments
+    assert seen == [("f", "acme"), ("g", "acme")]
