@@ -13,9 +13,11 @@ wraps what is assigned with :func:`check_then_trace`:
   ``task_success`` / ``task_postrun`` handlers, so a follower that reads its leader's result,
   or relies on a commit made in a post-run hook, finds it.
 
-It relies on these Celery internals, checked against Celery 5.7: ``trace_ok_t`` (what a
-tracer returns: retval, info, runtime, retstr; ``info`` is None on success, a ``TraceInfo``
-with the state otherwise), ``TraceInfo`` and ``ExceptionInfo``.
+It relies on these Celery internals, checked by CI against the oldest Celery the package
+admits (5.5.0) and the newest 5.x (5.7 today): ``trace_ok_t`` (what a tracer returns:
+retval, info, runtime, retstr; ``info`` is None on success, a ``TraceInfo`` with the state
+otherwise), ``TraceInfo`` and ``ExceptionInfo``, and a worker request class of the task's
+own (``Task.Request``, a documented hook) whose ``on_failure`` sees a parked delivery.
 """
 
 from __future__ import annotations
