@@ -68,7 +68,9 @@ def oldest_claim_age(s: Spawned) -> float:
     return 0.0 if oldest is None else s.store.clock() - oldest
 
 
-@pytest.mark.core
+# Not in the core subset run on the oldest Celery: it asks the worker's sweep for its
+# outcome per call (ignore_result=False), which Celery 5.5's tracer does not honour. The
+# core subset has the sweep run by beat and by the CLI.
 @every_broker
 def test_lost_followers_wait_for_the_lookback_then_come_back_in_occurred_order(
     spawn: Callable[..., Spawned],
