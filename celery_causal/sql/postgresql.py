@@ -63,11 +63,11 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 
 from ..core import release_order
-from ..store import DEFAULT_SEEN_TTL, DoneRecord, Follower, ParkOutcome
+from ..store import DEFAULT_SEEN_TTL, DoneRecord
 from . import housekeeping as hk
 from . import statements as sql
 from .schema import db_clock, done, followers
-from .store import SQLStore, claimed_row, park_values
+from .store import SQLStore, claimed_row
 
 # Any constant: serialises concurrent CREATE TABLE from many processes starting at once.
 _SCHEMA_LOCK_KEY = 0x636175736C
@@ -203,16 +203,9 @@ class PostgresStore(SQLStore):
             conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
             yield
 
-    def park(self, follower: Follower, lookback: float) -> ParkOutcome:
-        values = park_values(follower, lookback)
-        while True:
-            ((marked, had_row, _),) = self._fetch(PARK, values)
-            if marked or had_row:
-                return ParkOutcome.PARKED
-            # The leader's outcome was there. None: it expired meanwhile; park again.
-            outcome = self._settled(follower.scope, follower.leader_id)
-            if outcome is not None:
-                return outcome
+    def _park_once(self, values: dict[str, Any]) -> bool:
+        ((marked, had_row, _),) = self._fetch(PARK, values)
+        return bool(marked or had_row)
 
     def record_done_and_claim(
         self,

@@ -43,11 +43,11 @@ from typing import Any, ClassVar
 from sqlalchemy import bindparam, delete, literal, select
 from sqlalchemy.dialects import sqlite
 
-from ..store import DEFAULT_SEEN_TTL, DoneRecord, Follower, ParkOutcome
+from ..store import DEFAULT_SEEN_TTL, DoneRecord
 from . import housekeeping as hk
 from . import statements as sql
 from .schema import followers
-from .store import SQLStore, park_values
+from .store import SQLStore
 
 _MARK = sql.mark_statement(sqlite.insert, strictly_later=False)
 _PARK_ROW = sql.park_insert(sqlite.insert)
@@ -86,9 +86,7 @@ class SQLiteStore(SQLStore):
     claim_one_sql: ClassVar[Any] = sql.CLAIM_ONE
     bury_sql: ClassVar[Any] = hk.bury_statement(sqlite.insert)
 
-    def park(self, follower: Follower, lookback: float) -> ParkOutcome:
-        values = park_values(follower, lookback)
-
+    def _park_once(self, values: dict[str, Any]) -> bool:
         def mark_row_take_back(conn: Any) -> bool:
             if conn.execute(_MARK, values).first() is None:
                 # An outcome is recorded, or a redelivery finds the row it parked before.
@@ -96,13 +94,7 @@ class SQLiteStore(SQLStore):
             conn.execute(_PARK_ROW, values)
             return conn.execute(TAKE_BACK, values).first() is None
 
-        while True:
-            if self._run(mark_row_take_back):
-                return ParkOutcome.PARKED
-            # The leader's outcome was there. None: it expired meanwhile; park again.
-            outcome = self._settled(follower.scope, follower.leader_id)
-            if outcome is not None:
-                return outcome
+        return self._run(mark_row_take_back)
 
     def record_done_and_claim(
         self,

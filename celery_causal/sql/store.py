@@ -175,6 +175,17 @@ class SQLStore:
     # -- the protocol: what differs per dialect ------------------------------------------
 
     def park(self, follower: Follower, lookback: float) -> ParkOutcome:
+        values = park_values(follower, lookback)
+        while not self._park_once(values):
+            # The leader's outcome was there. None: it expired meanwhile; park again.
+            outcome = self._settled(follower.scope, follower.leader_id)
+            if outcome is not None:
+                return outcome
+        return ParkOutcome.PARKED
+
+    def _park_once(self, values: dict[str, Any]) -> bool:
+        """Park with these bound values unless the leader's outcome is recorded; whether a
+        row waits now (this park's, or an earlier delivery's). Each dialect argues it."""
         raise NotImplementedError
 
     def record_done_and_claim(
