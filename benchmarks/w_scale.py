@@ -45,7 +45,7 @@ def _park_release(b: Bench, ops: int) -> tuple[float, float]:
         b.store.park(f, lookback)
         t1 = time.perf_counter()
         record = b.store.record_done_and_claim("bench-w6", f.leader_id, 500)
-        b.store.finish([c.row_id for c in record.claimed])
+        b.store.finish(record.claimed)
         t2 = time.perf_counter()
         parks.append(t1 - t0)
         releases.append(t2 - t1)

@@ -41,7 +41,7 @@ def apply_released(
     """
     calls: list[Callable[[], object]] = []
     applied: list[str] = []
-    rows: list[int] = []
+    rows: list[ClaimedFollower] = []
     for follower in claimed:
         try:
             message = unpack(follower, accept)
@@ -59,7 +59,7 @@ def apply_released(
         task = app.tasks[follower.task_name]
         calls.append(functools.partial(task.apply, args, kwargs, **options))
         applied.append(follower.follower_id)
-        rows.append(follower.row_id)
+        rows.append(follower)
     store.finish(rows)
     for follower in claimed:
         if follower.follower_id in applied:

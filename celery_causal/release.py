@@ -48,7 +48,7 @@ def publish(
     if not claimed:
         return report
     crash_point(CRASH_AFTER_CLAIM, reason)
-    sent: list[int] = []  # row ids handed to the producer, in order
+    sent: list[ClaimedFollower] = []  # rows handed to the producer, in order
     immediate, flushed = True, False
     try:
         with app.producer_or_acquire() as producer:
@@ -58,7 +58,7 @@ def publish(
             with batch:
                 for follower in claimed:
                     if release.send(follower):
-                        sent.append(follower.row_id)
+                        sent.append(follower)
             flushed = True
     finally:
         # Only rows whose message the broker holds are deleted; the others stay claimed and
@@ -67,7 +67,7 @@ def publish(
         # left by an exception discarded what it had not flushed, so none of its rows
         # counts (any the broker did get are republished later and skipped as duplicates).
         store.finish(sent if immediate or flushed else [])
-    published = set(sent)
+    published = {follower.row_id for follower in sent}
     for follower in claimed:
         if follower.row_id in published:
             signals.follower_released.send(
@@ -206,7 +206,7 @@ def bury_unreadable(store: CausalStore, follower: ClaimedFollower, exc: Exceptio
         follower.scope,
         exc,
     )
-    store.bury(follower.row_id, str(exc))
+    store.bury(follower, str(exc))
 
 
 def _queue(app: Any, name: str) -> Any:

@@ -242,17 +242,17 @@ class CausalStore(Protocol):
         instead of a lookback later.
         """
 
-    def finish(self, row_ids: Sequence[int]) -> None:
-        """Delete released rows (after their messages were published).
+    def finish(self, rows: Sequence[ClaimedFollower]) -> None:
+        """Delete released rows (after their messages were published), by row id.
 
         Their own waiting followers start their lookback again (deadline moved), no later
         than the rows disappear: their leader has come, and is on its way to run.
         """
 
-    def bury(self, row_id: int, reason: str) -> None:
+    def bury(self, row: ClaimedFollower, reason: str) -> None:
         """Move a claimed row whose message cannot be read to the dead followers (idempotent)."""
 
-    def unclaim(self, row_ids: Sequence[int]) -> None:
+    def unclaim(self, rows: Sequence[ClaimedFollower]) -> None:
         """Put claimed rows back to waiting (publishing them failed)."""
 
     def forget(self, scope: str, follower_id: str) -> Follower | None:

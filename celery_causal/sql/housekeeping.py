@@ -165,23 +165,26 @@ _DEAD_COPIED = [c.name for c in dead_followers.c if c.name not in ("died_at", "r
 
 
 def bury_statement(insert: Insert) -> Any:
-    """Copy a follower row (``b_id``) aside with ``b_reason``; a second copy is a no-op."""
+    """Copy a follower row (``b_scope``, ``b_id``) aside with ``b_reason``; a second copy
+    is a no-op."""
     source = select(
         *(followers.c[name] for name in _DEAD_COPIED),
         db_clock().label("died_at"),
         bindparam("b_reason").label("reason"),
-    ).where(followers.c.id == bindparam("b_id"))
+    ).where(followers.c.scope == bindparam("b_scope"), followers.c.id == bindparam("b_id"))
     return (
         insert(dead_followers)
         .from_select([*_DEAD_COPIED, "died_at", "reason"], source)
-        .on_conflict_do_nothing(index_elements=["id"])
+        # No conflict target: whatever key the table has (its id here; scope and id where
+        # the table is distributed by scope), a second copy of the row is a no-op.
+        .on_conflict_do_nothing()
     )
 
 
 REMOVE_ROW = (
     delete(followers)
-    .where(followers.c.id == bindparam("b_id"))
-    .returning(followers.c.scope, followers.c.follower_id)
+    .where(followers.c.scope == bindparam("b_scope"), followers.c.id == bindparam("b_id"))
+    .returning(followers.c.follower_id)
 )
 COUNT_WAITING = select(func.count()).where(
     followers.c.scope == bindparam("b_scope"),

@@ -63,11 +63,11 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 
 from ..core import release_order
-from ..store import DEFAULT_SEEN_TTL, DoneRecord
+from ..store import DEFAULT_SEEN_TTL, ClaimedFollower, DoneRecord
 from . import housekeeping as hk
 from . import statements as sql
 from .schema import db_clock, done, followers
-from .store import SQLStore, claimed_row
+from .store import SQLStore, by_scope, claimed_row
 
 # Any constant: serialises concurrent CREATE TABLE from many processes starting at once.
 _SCHEMA_LOCK_KEY = 0x636175736C
@@ -76,22 +76,25 @@ _MARK = sql.mark_statement(postgresql.insert, strictly_later=True)
 _RECORD = sql.record_statement(postgresql.insert, relaxed_commit=True)
 
 
-def _restart_behind(claimed: Any) -> Any:
-    """A CTE restarting the lookback of the waiting followers of ``claimed`` rows."""
+def _restart_behind(claimed: Any, *, scoped: bool) -> Any:
+    """A CTE restarting the lookback of the waiting followers of ``claimed`` rows, all of
+    scope ``b_scope`` if ``scoped``."""
     # OFFSET 0 keeps the planner from flattening the LATERAL into a hash join over the
     # table; with the leader index's order (waiting_behind) the index stays its cheapest
     # path, whatever statistics the table has.
-    behind = sql.waiting_behind(claimed).offset(0).lateral("behind")
+    heads = sql.marked(claimed, scoped=scoped).subquery("heads")
+    behind = sql.waiting_behind(heads, scoped=scoped).offset(0).lateral("behind")
     return sql.restart_lookback(
-        select(behind.c.id).select_from(claimed.join(behind, literal(True)))
+        select(behind.c.id).select_from(heads.join(behind, literal(True))), scoped=scoped
     ).cte("restarted")
 
 
-def restarting(claim: Any) -> Any:
+def restarting(claim: Any, *, scoped: bool) -> Any:
     """``claim`` (an UPDATE ... RETURNING the follower columns), which also restarts the
-    lookback of the claimed rows' waiting followers, in the same statement."""
+    lookback of the claimed rows' waiting followers, in the same statement. ``scoped``:
+    the claim takes rows of scope ``b_scope`` only."""
     claimed = claim.cte("claimed")
-    return select(*claimed.c).add_cte(_restart_behind(claimed))
+    return select(*claimed.c).add_cte(_restart_behind(claimed, scoped=scoped))
 
 
 def _park_statement() -> Any:
@@ -123,8 +126,7 @@ def _park_statement() -> Any:
     # The statement's snapshot predates its own insert: "had_row" is a row parked by an
     # earlier delivery of the same follower.
     had_row = exists().where(
-        followers.c.scope == bindparam("b_scope"),
-        followers.c.follower_id == bindparam("b_follower"),
+        *sql.in_scope(followers), followers.c.follower_id == bindparam("b_follower")
     )
     return select(
         exists(select(mark)).label("marked"),
@@ -138,12 +140,12 @@ def _record_and_claim_statement() -> Any:
     the first waiting followers (restarting their own followers' lookback)."""
     record = _RECORD.cte("record")
     snapshot = select(done.c.waited_at).where(
-        done.c.scope == bindparam("b_scope"), done.c.task_id == bindparam("b_task_id")
+        *sql.in_scope(done), done.c.task_id == bindparam("b_task_id")
     )
-    ids = (
+    ids = sql.claimable(
         select(followers.c.id)
         .where(
-            followers.c.scope == bindparam("b_scope"),
+            *sql.in_scope(followers),
             followers.c.leader_id == bindparam("b_task_id"),
             sql.WAITING,
             # Nothing to look for when no follower ever marked the row (most tasks).
@@ -151,11 +153,12 @@ def _record_and_claim_statement() -> Any:
         )
         .order_by(followers.c.occurred_at, followers.c.follower_id)
         .limit(bindparam("b_limit"))
-        .with_for_update(skip_locked=True, of=followers)
+        .with_for_update(skip_locked=True, of=followers),
+        "claimable",
     )
     claimed = (
         update(followers)
-        .where(followers.c.id.in_(ids.scalar_subquery()))
+        .where(followers.c.id.in_(select(ids.c.id)), *sql.in_scope(followers))
         .values(claimed_at=db_clock())
         .returning(*sql.FOLLOWER_COLUMNS)
         .cte("claimed")
@@ -167,16 +170,17 @@ def _record_and_claim_statement() -> Any:
             *claimed.c,
         )
         .select_from(record.outerjoin(claimed, literal(True)))
-        .add_cte(_restart_behind(claimed))
+        .add_cte(_restart_behind(claimed, scoped=True))
     )
 
 
 PARK = _park_statement()
 RECORD_AND_CLAIM = _record_and_claim_statement()
-#: Released rows go once published: one prebuilt statement whatever the batch size (an
-#: array parameter). Their followers' lookback restarted when the rows were claimed.
+#: Released rows of one scope go once published: one prebuilt statement whatever the batch
+#: size (an array parameter). Their followers' lookback restarted when they were claimed.
 FINISH = delete(followers).where(
-    followers.c.id == func.any(bindparam("b_ids", type_=postgresql.ARRAY(BigInteger)))
+    *sql.in_scope(followers),
+    followers.c.id == func.any(bindparam("b_ids", type_=postgresql.ARRAY(BigInteger))),
 )
 
 
@@ -185,11 +189,11 @@ class PostgresStore(SQLStore):
 
     insert: ClassVar[Any] = postgresql.insert
     record_sql: ClassVar[Any] = _RECORD
-    claim_followers_sql: ClassVar[Any] = restarting(sql.CLAIM_FOLLOWERS)
-    claim_lost_sql: ClassVar[Any] = restarting(sql.CLAIM_LOST)
-    claim_stuck_sql: ClassVar[Any] = restarting(sql.CLAIM_STUCK)
-    claim_due_one_sql: ClassVar[Any] = restarting(sql.CLAIM_DUE_ONE)
-    claim_one_sql: ClassVar[Any] = restarting(sql.CLAIM_ONE)
+    claim_followers_sql: ClassVar[Any] = restarting(sql.CLAIM_FOLLOWERS, scoped=True)
+    claim_lost_sql: ClassVar[Any] = restarting(sql.CLAIM_LOST, scoped=False)
+    claim_stuck_sql: ClassVar[Any] = restarting(sql.CLAIM_STUCK, scoped=False)
+    claim_due_one_sql: ClassVar[Any] = restarting(sql.CLAIM_DUE_ONE, scoped=True)
+    claim_one_sql: ClassVar[Any] = restarting(sql.CLAIM_ONE, scoped=True)
     bury_sql: ClassVar[Any] = hk.bury_statement(postgresql.insert)
 
     @contextlib.contextmanager
@@ -235,6 +239,6 @@ class PostgresStore(SQLStore):
         complete = waited_at == seen_waited_at and limit > 0 and len(claimed) < limit
         return DoneRecord(True, claimed, complete)
 
-    def finish(self, row_ids: Sequence[int]) -> None:
-        if row_ids:
-            self._fetch(FINISH, {"b_ids": list(row_ids)})
+    def finish(self, rows: Sequence[ClaimedFollower]) -> None:
+        for scope, row_ids in by_scope(rows).items():
+            self._fetch(FINISH, {"b_scope": scope, "b_ids": row_ids})

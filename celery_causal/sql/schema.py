@@ -166,6 +166,12 @@ def _pg_clock(element: db_clock, compiler: Any, **kw: Any) -> str:
     return "CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)"
 
 
+@compiles(db_clock, "default")
+def _str_clock(element: db_clock, compiler: Any, **kw: Any) -> str:
+    # Only for str(statement), in debugging and in SQLAlchemy's own messages.
+    return "db_clock()"
+
+
 @compiles(db_clock, "sqlite")
 def _sqlite_clock(element: db_clock, compiler: Any, **kw: Any) -> str:
     # Julian day with millisecond precision, moved to the Unix epoch.

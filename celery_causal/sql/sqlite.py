@@ -43,11 +43,11 @@ from typing import Any, ClassVar
 from sqlalchemy import bindparam, delete, literal, select
 from sqlalchemy.dialects import sqlite
 
-from ..store import DEFAULT_SEEN_TTL, DoneRecord
+from ..store import DEFAULT_SEEN_TTL, ClaimedFollower, DoneRecord
 from . import housekeeping as hk
 from . import statements as sql
 from .schema import followers
-from .store import SQLStore
+from .store import SQLStore, by_scope
 
 _MARK = sql.mark_statement(sqlite.insert, strictly_later=False)
 _PARK_ROW = sql.park_insert(sqlite.insert)
@@ -65,13 +65,13 @@ TAKE_BACK = (
     )
     .returning(followers.c.id)
 )
+_ROWS = (*sql.in_scope(followers), followers.c.id.in_(bindparam("b_ids", expanding=True)))
 _released_rows = (
-    select(followers.c.scope, followers.c.follower_id)
-    .where(followers.c.id.in_(bindparam("b_ids", expanding=True)))
-    .subquery("released")
+    select(followers.c.scope, followers.c.follower_id).where(*_ROWS).subquery("released")
 )
-RESTART_BEHIND = sql.restart_lookback(sql.waiting_behind(_released_rows))
-FINISH = delete(followers).where(followers.c.id.in_(bindparam("b_ids", expanding=True)))
+_heads = sql.marked(_released_rows, scoped=True).subquery("heads")
+RESTART_BEHIND = sql.restart_lookback(sql.waiting_behind(_heads, scoped=True), scoped=True)
+FINISH = delete(followers).where(*_ROWS)
 
 
 class SQLiteStore(SQLStore):
@@ -115,13 +115,12 @@ class SQLiteStore(SQLStore):
         claimed = self.claim_followers(scope, task_id, limit) if limit else []
         return DoneRecord(True, claimed, complete=limit > 0 and len(claimed) < limit)
 
-    def finish(self, row_ids: Sequence[int]) -> None:
-        if not row_ids:
-            return
-        ids = {"b_ids": list(row_ids)}
-
+    def finish(self, rows: Sequence[ClaimedFollower]) -> None:
         def run(conn: Any) -> None:
-            conn.execute(RESTART_BEHIND, ids)
-            conn.execute(FINISH, ids)
+            for scope, row_ids in by_scope(rows).items():
+                ids = {"b_scope": scope, "b_ids": row_ids}
+                conn.execute(RESTART_BEHIND, ids)
+                conn.execute(FINISH, ids)
 
-        self._run(run)
+        if rows:
+            self._run(run)

@@ -54,6 +54,17 @@ DONE, FAILED = 1, 2
 _LIVE = done.c.expires_at > db_clock()
 
 
+def in_scope(table: Any, scoped: bool = True) -> tuple[Any, ...]:
+    """The filter ``scope = :b_scope`` on ``table`` (or on nothing, unless ``scoped``).
+
+    Every statement of the park, release and duplicate paths has it on each table it
+    touches, even where a join already implies the scope: a distributed PostgreSQL such as
+    Citus, with ``scope`` as distribution column, then routes each of them to one node
+    (ARCHITECTURE.md, "Past one PostgreSQL"; ``tests/unit/test_routable.py`` checks it).
+    """
+    return (table.c.scope == bindparam("b_scope"),) if scoped else ()
+
+
 @functools.cache
 def lookup_statement(count: int) -> Any:
     """One row whatever the answer: the clock plus one primary-key probe per asked id.
@@ -220,59 +231,82 @@ DUE = and_(WAITING, followers.c.deadline < db_clock())
 LOST = and_(DUE, ~LEADER_PARKED)
 
 
-def restart_lookback(ids: Any) -> Any:
+def restart_lookback(ids: Any, *, scoped: bool = False) -> Any:
     """Followers of released rows start their lookback again: their leader has come.
 
     Without it, a follower whose leader was parked (a chain whose first task never came)
     could be swept as lost while that leader, just released, is still on its way. The
-    deadline moves by the row's own lookback, the one its app set.
+    deadline moves by the row's own lookback, the one its app set. ``scoped``: the
+    released rows are all of scope ``b_scope`` (see :func:`in_scope`).
     """
     return (
         update(followers)
-        .where(followers.c.id.in_(ids))
+        .where(followers.c.id.in_(ids), *in_scope(followers, scoped))
         .values(parked_at=db_clock(), deadline=db_clock() + followers.c.lookback)
     )
 
 
-def waiting_behind(released: Any) -> Any:
-    """Ids of the waiting followers of ``released`` rows (their scope and follower id).
+def marked(released: Any, *, scoped: bool = False) -> Any:
+    """The ``released`` rows (scope, follower id) that followers may wait behind: those
+    whose own task id holds a mark.
 
-    Not those of a released row whose own outcome is recorded already (it ran before its
-    releaser got this far): that outcome governs them (its record claimed them, or the
-    depth guard made them due), and a restart would undo the latter.
+    A follower parks only by marking its leader's row, and a mark stays while a follower
+    row references it, so a released row without a mark has nobody waiting behind it (most
+    rows: a lookup by primary key each, before any of their followers is looked for). Not a
+    released row whose own outcome is recorded already (it ran before its releaser got this
+    far): that outcome governs its followers (its record claimed them, or the depth guard
+    made them due), and a restart would undo the latter.
     """
+    return (
+        select(released.c.scope, released.c.follower_id)
+        .join(
+            done,
+            and_(done.c.scope == released.c.scope, done.c.task_id == released.c.follower_id),
+        )
+        .where(*in_scope(done, scoped), done.c.done_at.is_(None), done.c.failed_at.is_(None))
+    )
+
+
+def waiting_behind(heads: Any, *, scoped: bool = False) -> Any:
+    """Ids of the waiting followers of ``heads`` (scope, follower id: see :func:`marked`)."""
     return (
         select(leader_row.c.id)
         .where(
-            leader_row.c.scope == released.c.scope,
-            leader_row.c.leader_id == released.c.follower_id,
+            leader_row.c.scope == heads.c.scope,
+            leader_row.c.leader_id == heads.c.follower_id,
             leader_row.c.claimed_at.is_(None),
-            ~exists()
-            .where(
-                done.c.scope == released.c.scope,
-                done.c.task_id == released.c.follower_id,
-                or_(done.c.done_at.is_not(None), done.c.failed_at.is_not(None)),
-            )
-            .correlate_except(done),  # the released row is the enclosing query's
+            *in_scope(leader_row, scoped),
         )
         .order_by(leader_row.c.occurred_at, leader_row.c.follower_id)
     )
 
 
-def _claim_statement(where: Any, order_by: Any) -> Any:
+def claimable(ids: Any, name: str) -> Any:
+    """The ids a claim takes (a SELECT ... LIMIT ... FOR UPDATE SKIP LOCKED), as a CTE that
+    PostgreSQL runs once per statement.
+
+    As a plain subquery, the planner may run it again for each row the UPDATE tests (a
+    semi-join); each run skips the rows locked so far, this statement's own included, and
+    returns the next ones, so the claim would take rows past its LIMIT.
+    """
+    return ids.cte(name).prefix_with("MATERIALIZED", dialect="postgresql")
+
+
+def _claim_statement(where: Any, order_by: Any, *, scoped: bool) -> Any:
     # SKIP LOCKED: concurrent claimers (two sweeps, a sweep and a leader) take disjoint
     # rows instead of waiting on each other; the claim is one UPDATE, so a row is never
     # selected by one statement and taken by another.
-    ids = (
+    ids = claimable(
         select(followers.c.id)
         .where(where)
         .order_by(*order_by)
         .limit(bindparam("b_limit"))
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True),
+        "claimable",
     )
     return (
         update(followers)
-        .where(followers.c.id.in_(ids.scalar_subquery()))
+        .where(followers.c.id.in_(select(ids.c.id)), *in_scope(followers, scoped))
         .values(claimed_at=db_clock())
         .returning(*FOLLOWER_COLUMNS)
     )
@@ -285,10 +319,11 @@ CLAIM_FOLLOWERS = _claim_statement(
         WAITING,
     ),
     (followers.c.occurred_at, followers.c.follower_id),
+    scoped=True,
 )
-CLAIM_STUCK = _claim_statement(STUCK, (followers.c.claimed_at,))
+CLAIM_STUCK = _claim_statement(STUCK, (followers.c.claimed_at,), scoped=False)
 # Earliest deadline first; each batch is then sorted by occurred time.
-CLAIM_LOST = _claim_statement(LOST, (followers.c.deadline,))
+CLAIM_LOST = _claim_statement(LOST, (followers.c.deadline,), scoped=False)
 
 #: Claim one waiting row past its deadline by its key (the first of a ring).
 CLAIM_DUE_ONE = (
@@ -313,7 +348,10 @@ CLAIM_ONE = (
 )
 UNCLAIM = (
     update(followers)
-    .where(followers.c.id.in_(bindparam("b_ids", expanding=True)))
+    .where(
+        followers.c.scope == bindparam("b_scope"),
+        followers.c.id.in_(bindparam("b_ids", expanding=True)),
+    )
     .values(claimed_at=None)
 )
 

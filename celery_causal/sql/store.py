@@ -42,6 +42,14 @@ T = TypeVar("T")
 _STATS_RING_LIMIT = 10_000
 
 
+def by_scope(rows: Sequence[ClaimedFollower]) -> dict[str, list[int]]:
+    """Row ids per scope: statements on claimed rows run once per scope, each routable."""
+    grouped: dict[str, list[int]] = {}
+    for row in rows:
+        grouped.setdefault(row.scope, []).append(row.row_id)
+    return grouped
+
+
 def claimed_row(row: Sequence[Any]) -> ClaimedFollower:
     """A row of :data:`~.statements.FOLLOWER_COLUMNS` (positional: from the bare cursor)."""
     (row_id, scope, follower_id, leader_id, task_name, occurred_at, parked_at) = row[:7]
@@ -200,7 +208,7 @@ class SQLStore:
     ) -> DoneRecord:
         raise NotImplementedError
 
-    def finish(self, row_ids: Sequence[int]) -> None:
+    def finish(self, rows: Sequence[ClaimedFollower]) -> None:
         raise NotImplementedError
 
     # -- the protocol: shared ------------------------------------------------------------
@@ -314,19 +322,21 @@ class SQLStore:
 
     # -- operators -----------------------------------------------------------------------
 
-    def bury(self, row_id: int, reason: str) -> None:
+    def bury(self, row: ClaimedFollower, reason: str) -> None:
         # Copy, then delete: a crash in between leaves the row claimed, the sweep claims
         # it again, and the copy's ON CONFLICT makes the second burial a no-op.
+        key = {"b_scope": row.scope, "b_id": row.row_id}
+
         def run(conn: Any) -> None:
-            conn.execute(self.bury_sql, {"b_id": row_id, "b_reason": reason[:2000]})
-            for scope, follower_id in conn.execute(hk.REMOVE_ROW, {"b_id": row_id}).all():
-                conn.execute(hk.UNPOSTPONE, {"b_scope": scope, "b_leader": follower_id})
+            conn.execute(self.bury_sql, {**key, "b_reason": reason[:2000]})
+            for (follower_id,) in conn.execute(hk.REMOVE_ROW, key).all():
+                conn.execute(hk.UNPOSTPONE, {"b_scope": row.scope, "b_leader": follower_id})
 
         self._run(run)
 
-    def unclaim(self, row_ids: Sequence[int]) -> None:
-        if row_ids:
-            self._rowcount(sql.UNCLAIM, {"b_ids": list(row_ids)})
+    def unclaim(self, rows: Sequence[ClaimedFollower]) -> None:
+        for scope, row_ids in by_scope(rows).items():
+            self._rowcount(sql.UNCLAIM, {"b_scope": scope, "b_ids": row_ids})
 
     def forget(self, scope: str, follower_id: str) -> Follower | None:
         key = {"b_scope": scope, "b_follower": follower_id}

@@ -243,9 +243,9 @@ class MemoryStore:
         wanted = set(row_ids)
         return [k for k, r in self._rows.items() if r.row_id in wanted]
 
-    def finish(self, row_ids: Sequence[int]) -> None:
+    def finish(self, rows: Sequence[ClaimedFollower]) -> None:
         with self._lock:
-            released = set(self._by_row_ids(row_ids))
+            released = set(self._by_row_ids([r.row_id for r in rows]))
             for key in released:
                 del self._rows[key]
             # Their followers start their lookback again: their leader has come. A released
@@ -258,15 +258,15 @@ class MemoryStore:
                     row.deadline = now + row.lookback
                     row.parked_at = now
 
-    def bury(self, row_id: int, reason: str) -> None:
+    def bury(self, row: ClaimedFollower, reason: str) -> None:
         with self._lock:
-            for key in self._by_row_ids([row_id]):
-                self._dead.setdefault(row_id, (self._rows.pop(key).follower, reason))
+            for key in self._by_row_ids([row.row_id]):
+                self._dead.setdefault(row.row_id, (self._rows.pop(key).follower, reason))
                 self._unpostpone(*key)
 
-    def unclaim(self, row_ids: Sequence[int]) -> None:
+    def unclaim(self, rows: Sequence[ClaimedFollower]) -> None:
         with self._lock:
-            for key in self._by_row_ids(row_ids):
+            for key in self._by_row_ids([r.row_id for r in rows]):
                 self._rows[key].claimed_at = None
 
     def forget(self, scope: str, follower_id: str) -> Follower | None:

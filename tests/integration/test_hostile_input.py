@@ -51,11 +51,11 @@ def test_hostile_ids_and_scopes_round_trip_and_leave_tables_intact(
     assert store.lookup(value, [value]).done == {value}
     claimed = store.claim_followers(value, value, 1)
     assert [(f.scope, f.follower_id, f.leader_id) for f in claimed] == [(value, value, value)]
-    store.finish([claimed[0].row_id])
+    store.finish([claimed[0]])
     age(store, 2000)
     (lost,) = store.claim_lost(release_timeout=900, limit=10)
     assert lost.follower_id == value + "2"
-    store.finish([lost.row_id])
+    store.finish([lost])
     assert store.stats() == []
     assert store.expire_done(TTL, 10) == 1  # the done table is still there, and intact
 
@@ -201,10 +201,10 @@ def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
         store.record_done("default", "L")
         assert store.lookup("default", ["L"]).done == {"L"}
         (claimed,) = store.claim_followers("default", "L", 10)
-        store.finish([claimed.row_id])
+        store.finish([claimed])
         age(pg_store, 2000)
         (lost,) = store.claim_lost(900, 10)
-        store.bury(lost.row_id, "test")
+        store.bury(lost, "test")
         assert store.expire_done(TTL, 10) == 2  # L's done record and the mark f2 left on M
         assert store.stats()[0].dead == 1
         assert store.forget("default", "nothing") is None

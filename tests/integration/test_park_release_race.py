@@ -59,7 +59,7 @@ def _run_pair(store: CausalStore, fid: str, leader: str, order: list[str]) -> Co
             assert follower_parked.wait(10)
         for claimed in leader_claims(store, leader):
             runs[claimed.follower_id] += 1
-            store.finish([claimed.row_id])
+            store.finish([claimed])
         leader_finished.set()
 
     threads = [threading.Thread(target=follower_side), threading.Thread(target=leader_side)]
@@ -100,7 +100,7 @@ def test_racing_pairs_released_through_a_barrier(store: CausalStore) -> None:
         for kind, fid, leader in my_steps:
             if kind == "lead":
                 for claimed in leader_claims(store, leader):
-                    store.finish([claimed.row_id])
+                    store.finish([claimed])
                     with lock:
                         runs[claimed.follower_id] += 1
             elif leader in store.lookup("default", [leader]).done or (

@@ -132,7 +132,7 @@ def test_many_clients_park_and_release_through_a_transaction_pooler(
                 claimed = list(record.claimed)
                 if not record.complete:
                     claimed += store.claim_followers("default", leader, 10)
-                store.finish([c.row_id for c in claimed])
+                store.finish(claimed)
                 with lock:
                     released.extend(c.follower_id for c in claimed)
                 store.stats()

@@ -224,7 +224,7 @@ class Protocol(RuleBasedStateMachine):
         if self.restart_at_claim:
             self._restart_behind(fids)
         if claimed and data.draw(st.booleans()):  # published and deleted, or the releaser died
-            self.store.finish([c.row_id for c in claimed])
+            self.store.finish(claimed)
             for fid in fids:
                 del self.model.rows[fid]
             if not self.restart_at_claim:
@@ -336,9 +336,9 @@ class Protocol(RuleBasedStateMachine):
         # Every follower still parked is released once its leader is done or it is lost.
         for leader in LEADERS + MIDDLE:
             self.store.record_done("s", leader, seen_ttl=TTL)
-            self.store.finish([c.row_id for c in self.store.claim_followers("s", leader, 100)])
+            self.store.finish(self.store.claim_followers("s", leader, 100))
         age(self.store, 10 * max(LOOKBACKS))
-        self.store.finish([c.row_id for c in self.store.claim_lost(TIMEOUT, 100)])
+        self.store.finish(self.store.claim_lost(TIMEOUT, 100))
         assert self.store.stats(TIMEOUT) == []
 
 

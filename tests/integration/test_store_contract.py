@@ -120,9 +120,32 @@ def test_finish_deletes_and_unclaim_puts_back(store: CausalStore) -> None:
     store.park(follower("f1", "L"), LOOKBACK)
     store.park(follower("f2", "L"), LOOKBACK)
     first, second = store.claim_followers("default", "L", 10)
-    store.finish([first.row_id])
-    store.unclaim([second.row_id])
+    store.finish([first])
+    store.unclaim([second])
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f2"]
+
+
+def test_a_claim_takes_no_more_rows_than_its_limit(store: CausalStore) -> None:
+    # Each claim takes the next batch in occurred order, whatever plan the database picks
+    for i in range(4):
+        store.park(follower(f"f{i}", "L", occurred_at=float(i)), LOOKBACK)
+    record = store.record_done_and_claim("default", "L", 1)
+    assert [f.follower_id for f in record.claimed] == ["f0"] and not record.complete
+    assert [f.follower_id for f in store.claim_followers("default", "L", 1)] == ["f1"]
+    assert [f.follower_id for f in store.claim_followers("default", "L", 2)] == ["f2", "f3"]
+
+
+def test_finish_and_unclaim_touch_only_the_rows_of_their_own_scope(store: CausalStore) -> None:
+    # Rows of several scopes released in one batch (a sweep's) are finished scope by scope
+    store.park(follower("f1", "L", scope="a"), LOOKBACK)
+    store.park(follower("f1", "L", scope="b"), LOOKBACK)
+    store.park(follower("f2", "L", scope="b"), LOOKBACK)
+    age(store, LOOKBACK + 1)
+    lost = store.claim_lost(600, 10)
+    assert sorted((f.scope, f.follower_id) for f in lost) == [("a", "f1"), ("b", "f1"), ("b", "f2")]
+    store.finish([f for f in lost if f.follower_id == "f1"])
+    store.unclaim([f for f in lost if f.follower_id == "f2"])
+    assert [(s.scope, s.waiting, s.releasing) for s in store.stats()] == [("b", 1, 0)]
 
 
 def test_scopes_are_isolated(store: CausalStore) -> None:
@@ -246,7 +269,7 @@ def test_a_lost_chain_comes_back_in_causal_order(store: CausalStore) -> None:
     assert [f.follower_id for f in lost] == ["two"]
     # and once "two" is released, its followers' lookback starts again: no sweep takes
     # them ahead of it while it is on its way
-    store.finish([f.row_id for f in lost])
+    store.finish(lost)
     assert store.claim_lost(release_timeout=600, limit=100) == []
     assert store.stats()[0].overdue == 0
     # Then "two" runs and releases them, in occurred order
@@ -260,7 +283,7 @@ def test_followers_of_a_released_leader_that_never_runs_are_lost_a_lookback_late
     store.park(follower("f2", "f1"), LOOKBACK)
     store.park(follower("f1", "gone"), LOOKBACK)
     age(store, 61)
-    store.finish([f.row_id for f in store.claim_lost(600, 100)])  # f1, which then dies
+    store.finish(store.claim_lost(600, 100))  # f1, which then dies
     age(store, 59)
     assert store.claim_lost(release_timeout=600, limit=100) == []
     age(store, 2)
@@ -279,7 +302,7 @@ def test_a_leader_releasing_a_parked_chain_restarts_the_lookback_behind_it(
     record = store.record_done_and_claim("default", "L", limit)
     claimed = record.claimed or store.claim_followers("default", "L", 100)
     assert [f.follower_id for f in claimed] == ["f1"]
-    store.finish([f.row_id for f in claimed])
+    store.finish(claimed)
     # Then f2 waits a whole lookback more for f1, which is on its way
     age(store, 2)
     assert store.claim_lost(release_timeout=600, limit=100) == []
@@ -399,8 +422,8 @@ def test_bury_moves_a_claimed_row_aside_once(store: CausalStore) -> None:
     store.park(follower("good", "L", scope="a"), LOOKBACK)
     store.record_done("a", "L")
     bad, _ = sorted(store.claim_followers("a", "L", 10), key=lambda f: f.follower_id)
-    store.bury(bad.row_id, "corrupt payload")
-    store.bury(bad.row_id, "corrupt payload")  # a second burial (after a crash) is a no-op
+    store.bury(bad, "corrupt payload")
+    store.bury(bad, "corrupt payload")  # a second burial (after a crash) is a no-op
     (stats,) = store.stats()
     assert (stats.dead, stats.releasing, stats.waiting) == (1, 1, 0)
     assert [i.follower_id for i in store.list_followers("a", None, 10)] == ["good"]
@@ -414,7 +437,7 @@ def test_postgresql_connections_of_the_store_carry_no_session_state(pg_store: SQ
         for i in range(6):
             pg_store.park(follower(f"f{i}", f"L{i}"), LOOKBACK)
             record = pg_store.record_done_and_claim("default", f"L{i}", 10)
-            pg_store.finish([f.row_id for f in record.claimed])
+            pg_store.finish(record.claimed)
         pg_store.stats()
         pg_store.claim_lost(60.0, 10)
         raw = pg_store.engine.raw_connection()  # the pooled connection those calls used
@@ -442,7 +465,7 @@ def test_each_row_keeps_the_lookback_of_the_app_that_parked_it(store: CausalStor
     age(store, 61)
     short = store.claim_lost(600, 100)
     assert [f.follower_id for f in short] == ["short"]
-    store.finish([f.row_id for f in short])
+    store.finish(short)
     assert store.stats()[0].overdue == 0
     # Then the long one is due once its own 900 s have passed
     age(store, 840)
@@ -453,7 +476,7 @@ def test_a_restarted_lookback_is_the_rows_own(store: CausalStore) -> None:
     store.park(follower("f2", "f1"), 900)
     store.park(follower("f1", "gone"), 60)
     age(store, 901)
-    store.finish([f.row_id for f in store.claim_lost(600, 100)])  # f1, which never runs
+    store.finish(store.claim_lost(600, 100))  # f1, which never runs
     age(store, 61)  # f1's lookback is over, not f2's (900 s from f1's release)
     assert store.claim_lost(600, 100) == []
     age(store, 840)
@@ -470,10 +493,10 @@ def test_a_mark_stays_while_its_followers_wait(store: CausalStore) -> None:
     # Then L's success still finds f1, and f1's finds f2: no follower waits a lookback
     record = store.record_done_and_claim("default", "L", 100)
     assert [f.follower_id for f in record.claimed] == ["f1"]
-    store.finish([f.row_id for f in record.claimed])
+    store.finish(record.claimed)
     record = store.record_done_and_claim("default", "f1", 100)
     assert [f.follower_id for f in record.claimed] == ["f2"]
-    store.finish([f.row_id for f in record.claimed])
+    store.finish(record.claimed)
     # and once nothing waits, old marks and records go
     age(store, 2 * TTL)
     assert store.expire_done(seen_ttl=TTL, limit=100) == 2
@@ -513,7 +536,7 @@ def test_a_ring_of_followers_is_broken_at_its_first_member(store: CausalStore) -
     broken = store.claim_cycles(100)
     assert [f.follower_id for f in broken] == ["A"]
     assert store.claim_cycles(100) == []
-    store.finish([f.row_id for f in broken])
+    store.finish(broken)
     # Then A's release restarts B's and C's wait, and A's success releases them in order
     assert store.claim_lost(600, 100) == []
     record = store.record_done_and_claim("default", "A", 100)
@@ -538,9 +561,9 @@ def test_row_ids_are_never_reused(store: CausalStore) -> None:
     (stalled,) = store.claim_followers("default", "L", 10)
     age(store, 61)
     (republished,) = store.claim_lost(60, 10)  # the sweep takes it over ...
-    store.finish([republished.row_id])  # ... and publishes it
+    store.finish([republished])  # ... and publishes it
     store.park(follower("new", "L"), LOOKBACK)  # a newer follower parks
-    store.finish([stalled.row_id])  # the stalled releaser wakes up and deletes "its" row
+    store.finish([stalled])  # the stalled releaser wakes up and deletes "its" row
     assert [i.follower_id for i in store.list_followers(None, None, 10)] == ["new"]
 
 
@@ -578,7 +601,7 @@ def test_followers_made_due_stay_due_when_their_leaders_row_is_deleted_after_it_
     # limit: its follower is made due for the next sweep
     assert store.record_done_and_claim("default", "L", 0).waited
     assert store.make_due("default", "L") == 1
-    store.finish([claimed_l.row_id])
+    store.finish([claimed_l])
     # Then the delete of L's row does not push F's deadline back: the next sweep takes it
     age(store, 1)
     assert [f.follower_id for f in store.claim_lost(600, 10)] == ["F"]
