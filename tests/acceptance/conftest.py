@@ -27,16 +27,35 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class CeleryProcess:
-    """``celery -A tests.acceptance.causal_app <args>`` as a subprocess, logging to a file."""
+    """``celery -A tests.acceptance.causal_app <args>`` as a subprocess, logging to a file.
 
-    def __init__(self, env: dict[str, str], log_path: Path, args: list[str]) -> None:
-        self.env, self.log_path, self.args = env, log_path, args
+    ``launcher`` is a command that runs it, such as ``("ip", "netns", "exec", name)`` to
+    start it in a network namespace; it must leave it in its process group, the group
+    :meth:`kill` and :meth:`stop` signal.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        args: list[str],
+        launcher: tuple[str, ...] = (),
+    ) -> None:
+        self.env, self.log_path, self.args, self.launcher = env, log_path, args, launcher
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tests.acceptance.causal_app", *self.args],
+                [
+                    *self.launcher,
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "tests.acceptance.causal_app",
+                    *self.args,
+                ],
                 cwd=ROOT,
                 env=self.env,
                 stdout=log,
@@ -75,6 +94,7 @@ class WorkerProcess(CeleryProcess):
         name: str,
         extra: tuple[str, ...] = (),
         pool: str = "prefork",
+        launcher: tuple[str, ...] = (),
     ) -> None:
         super().__init__(
             env,
@@ -93,6 +113,7 @@ class WorkerProcess(CeleryProcess):
                 "--without-gossip",
                 *extra,
             ],
+            launcher,
         )
 
         self.nodename = f"{name}@{socket.gethostname()}"
