@@ -266,8 +266,8 @@ class CausalStore(Protocol):
     def expire_done(self, seen_ttl: float, limit: int) -> int:
         """Delete up to ``limit`` records that are over; return how many.
 
-        An outcome (done or failed) goes once its own expiry passed; a mark once it is older
-        than ``seen_ttl`` and no follower row references it any more. Each row is tested
+        An outcome (done or failed) goes once its own expiry passed, a mark once it is older
+        than ``seen_ttl``; neither while a follower row references it. Each row is tested
         again as it is deleted: a record or a mark written meanwhile stays.
         """
 

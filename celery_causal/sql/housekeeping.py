@@ -135,8 +135,15 @@ def _expire(where: Any, order_by: Any) -> Any:
     return delete(done).where(tuple_(done.c.scope, done.c.task_id).in_(old), where)
 
 
-# An outcome expires when the app that recorded it said (its own causal_seen_ttl).
-EXPIRE_OUTCOMES = _expire(done.c.expires_at <= db_clock(), done.c.expires_at)
+#: No follower row (waiting or being released) references the row.
+_UNREFERENCED = ~exists().where(
+    followers.c.scope == done.c.scope, followers.c.leader_id == done.c.task_id
+)
+# An outcome expires when the app that recorded it said (its own causal_seen_ttl), once no
+# follower row references it: followers its releaser left (it died after the record) are
+# the orphan handover's, and until then the outcome tells every release that they are
+# not to be restarted (statements.marked).
+EXPIRE_OUTCOMES = _expire(and_(done.c.expires_at <= db_clock(), _UNREFERENCED), done.c.expires_at)
 # A mark goes only once no follower row references it: a follower of a parked leader, or
 # one whose lookback restarted, may wait longer than the seen TTL, and its leader's
 # outcome must still find it through the mark (the record returns waited_at).
@@ -145,7 +152,7 @@ EXPIRE_MARKS = _expire(
         done.c.done_at.is_(None),
         done.c.failed_at.is_(None),
         done.c.waited_at <= db_clock() - bindparam("b_ttl", type_=Double),
-        ~exists().where(followers.c.scope == done.c.scope, followers.c.leader_id == done.c.task_id),
+        _UNREFERENCED,
     ),
     done.c.waited_at,
 )

@@ -84,9 +84,14 @@ def _restart_behind(claimed: Any, *, scoped: bool) -> Any:
     # path, whatever statistics the table has.
     heads = sql.marked(claimed, scoped=scoped).subquery("heads")
     behind = sql.waiting_behind(heads, scoped=scoped).offset(0).lateral("behind")
-    return sql.restart_lookback(
+    restart = sql.restart_lookback(
         select(behind.c.id).select_from(heads.join(behind, literal(True))), scoped=scoped
-    ).cte("restarted")
+    )
+    # Most claims (and every record that claims nothing) have no head: this test, on its
+    # own, runs once, before the UPDATE reads anything. Without it a generic plan made
+    # while the table was small, which scans the scope's rows for the ids, would do so on
+    # every record.
+    return restart.where(exists(select(literal(1)).select_from(heads))).cte("restarted")
 
 
 def restarting(claim: Any, *, scoped: bool) -> Any:
@@ -158,7 +163,11 @@ def _record_and_claim_statement() -> Any:
     )
     claimed = (
         update(followers)
-        .where(followers.c.id.in_(select(ids.c.id)), *sql.in_scope(followers))
+        .where(
+            followers.c.id.in_(select(ids.c.id)),
+            *sql.in_scope(followers),
+            followers.c.leader_id == bindparam("b_task_id"),  # as in CLAIM_FOLLOWERS
+        )
         .values(claimed_at=db_clock())
         .returning(*sql.FOLLOWER_COLUMNS)
         .cte("claimed")

@@ -250,9 +250,10 @@ def marked(released: Any, *, scoped: bool = False) -> Any:
     """The ``released`` rows (scope, follower id) that followers may wait behind: those
     whose own task id holds a mark.
 
-    A follower parks only by marking its leader's row, and a mark stays while a follower
-    row references it, so a released row without a mark has nobody waiting behind it (most
-    rows: a lookup by primary key each, before any of their followers is looked for). Not a
+    A follower parks only by marking its leader's row, and neither a mark nor an outcome
+    leaves causal_done while a follower row references it (``housekeeping``'s expiry), so a
+    released row without a row there has nobody waiting behind it (most rows: a lookup by
+    primary key each, before any of their followers is looked for). Not a
     released row whose own outcome is recorded already (it ran before its releaser got this
     far): that outcome governs its followers (its record claimed them, or the depth guard
     made them due), and a restart would undo the latter.
@@ -292,7 +293,7 @@ def claimable(ids: Any, name: str) -> Any:
     return ids.cte(name).prefix_with("MATERIALIZED", dialect="postgresql")
 
 
-def _claim_statement(where: Any, order_by: Any, *, scoped: bool) -> Any:
+def _claim_statement(where: Any, order_by: Any, *, scoped: bool, also: Any = ()) -> Any:
     # SKIP LOCKED: concurrent claimers (two sweeps, a sweep and a leader) take disjoint
     # rows instead of waiting on each other; the claim is one UPDATE, so a row is never
     # selected by one statement and taken by another.
@@ -306,7 +307,7 @@ def _claim_statement(where: Any, order_by: Any, *, scoped: bool) -> Any:
     )
     return (
         update(followers)
-        .where(followers.c.id.in_(select(ids.c.id)), *in_scope(followers, scoped))
+        .where(followers.c.id.in_(select(ids.c.id)), *in_scope(followers, scoped), *also)
         .values(claimed_at=db_clock())
         .returning(*FOLLOWER_COLUMNS)
     )
@@ -320,6 +321,10 @@ CLAIM_FOLLOWERS = _claim_statement(
     ),
     (followers.c.occurred_at, followers.c.follower_id),
     scoped=True,
+    # The UPDATE repeats the leader: whatever plan PostgreSQL keeps for it (a generic plan
+    # made while the table was small may scan by the scope alone), it reads no more than
+    # the leader's own followers, never the whole scope's.
+    also=(followers.c.leader_id == bindparam("b_leader"),),
 )
 CLAIM_STUCK = _claim_statement(STUCK, (followers.c.claimed_at,), scoped=False)
 # Earliest deadline first; each batch is then sorted by occurred time.

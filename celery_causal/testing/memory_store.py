@@ -80,15 +80,20 @@ class MemoryStore:
         key = (follower.scope, follower.follower_id)
         with self._lock:
             now = self.clock()
+            leader = (follower.scope, follower.leader_id)
+            outcome = self._outcome(*leader, now)
+            if outcome is None:
+                # The follower marks its leader, as in the SQL stores: an expired outcome
+                # gives way to the mark (its release is not this one, and it no longer
+                # governs the leader's followers), whether or not a row is parked already.
+                self._release_due.pop(leader, None)
+                self._done.pop(leader, None)
             if key in self._rows:
                 # An earlier delivery's row: whoever releases it (the leader whose record
                 # found it, or the sweep) publishes it; this copy does not run.
                 return ParkOutcome.PARKED
-            outcome = self._outcome(follower.scope, follower.leader_id, now)
             if outcome is not None:
                 return ParkOutcome.LEADER_FAILED if outcome else ParkOutcome.LEADER_DONE
-            # An expired outcome's release is not this one.
-            self._release_due.pop((follower.scope, follower.leader_id), None)
             self._rows[key] = _Row(
                 self._next_id, follower, parked_at=now, lookback=lookback, deadline=now + lookback
             )
@@ -290,7 +295,13 @@ class MemoryStore:
         # No marks here: park and record are one locked step, so nothing needs them.
         with self._lock:
             now = self.clock()
-            old = [k for k, (expires, _) in self._done.items() if expires <= now][:limit]
+            # As in the SQL stores, an outcome stays while a follower row references it.
+            referenced = {(r.follower.scope, r.follower.leader_id) for r in self._rows.values()}
+            old = [
+                k
+                for k, (expires, _) in self._done.items()
+                if expires <= now and k not in referenced
+            ][:limit]
             for key in old:
                 del self._done[key]
                 self._release_due.pop(key, None)

@@ -144,8 +144,7 @@ class Protocol(RuleBasedStateMachine):
         if state is None:
             self.model.mark_age[leader] = 0.0
             self.model.release_due.pop(leader, None)  # an expired outcome's release
-            if self.marks:  # an expired outcome becomes the mark
-                self.model.outcome.pop(leader, None)
+            self.model.outcome.pop(leader, None)  # an expired outcome becomes the mark
             if fid not in self.model.rows:
                 self.model.rows[fid] = Row("waiting", lookback)
                 self.model.rows_created[fid] = self.model.rows_created.get(fid, 0) + 1
@@ -294,9 +293,9 @@ class Protocol(RuleBasedStateMachine):
     @rule()
     def expire(self) -> None:
         expired = self.store.expire_done(TTL, 100)
-        old = [t for t, (at, _) in self.model.outcome.items() if at >= TTL]
         referenced = {FOLLOWERS[f] for f in self.model.rows}
-        # A mark goes only once no follower row references it.
+        # An outcome or a mark goes only once no follower row references it.
+        old = [t for t, (at, _) in self.model.outcome.items() if at >= TTL and t not in referenced]
         old_marks = [t for t, a in self.model.mark_age.items() if a >= TTL and t not in referenced]
         assert expired == len(old) + (len(old_marks) if self.marks else 0)
         for task_id in old:

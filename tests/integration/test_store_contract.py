@@ -125,6 +125,43 @@ def test_finish_deletes_and_unclaim_puts_back(store: CausalStore) -> None:
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f2"]
 
 
+def test_an_expired_outcome_stays_while_a_follower_waits_behind_it(store: CausalStore) -> None:
+    # Given f2 parked behind f1, and f1's outcome recorded without a claim (its worker died
+    # after the record), then past its TTL
+    store.park(follower("f2", "f1"), 60)
+    assert store.record_done("default", "f1", seen_ttl=50)
+    age(store, 51)
+    # Then the sweep's expiry keeps it: f2 is the orphan handover's, not a lost follower
+    assert store.expire_done(seen_ttl=50, limit=100) == 0
+    # and when f1 is delivered again, parks behind K and is released, f1's outcome still
+    # governs f2 (no restart of its lookback): f2 is due as it was
+    assert store.park(follower("f1", "K"), 60) is ParkOutcome.PARKED
+    store.record_done("default", "K")
+    store.finish(store.claim_followers("default", "K", 10))
+    age(store, 10)
+    assert [f.follower_id for f in store.claim_orphans(100)] == ["f2"]
+
+
+def test_a_released_row_whose_expired_outcome_was_marked_again_restarts_its_followers(
+    store: CausalStore,
+) -> None:
+    # Given f1's outcome, expired but not yet swept, and f2 parking behind f1 afterwards:
+    # its mark replaces the expired outcome
+    assert store.record_done("default", "f1", seen_ttl=50) is False
+    age(store, 51)
+    assert store.park(follower("f2", "f1"), 60) is ParkOutcome.PARKED
+    age(store, 30)
+    # When f1, delivered again and parked behind K, is released by K
+    assert store.park(follower("f1", "K"), 60) is ParkOutcome.PARKED
+    store.record_done("default", "K")
+    claimed = store.claim_followers("default", "K", 10)
+    assert [f.follower_id for f in claimed] == ["f1"]
+    store.finish(claimed)
+    # Then f2 waits a whole lookback again from the release: f1 is on its way to run
+    age(store, 31)
+    assert store.claim_lost(600, 100) == []
+
+
 def test_a_claim_takes_no_more_rows_than_its_limit(store: CausalStore) -> None:
     # Each claim takes the next batch in occurred order, whatever plan the database picks
     for i in range(4):
@@ -506,6 +543,7 @@ def test_a_failure_is_recorded_and_met_by_later_parks(store: CausalStore) -> Non
     store.park(follower("early", "L"), LOOKBACK)
     record = store.record_done_and_claim("default", "L", 100, failed=True)
     assert record.waited and [f.follower_id for f in record.claimed] == ["early"]
+    store.finish(record.claimed)
     lookup = store.lookup("default", ["L", "other"])
     assert (lookup.done, lookup.failed) == (frozenset(), {"L"})
     assert store.park(follower("late", "L"), LOOKBACK) is ParkOutcome.LEADER_FAILED

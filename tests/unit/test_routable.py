@@ -22,7 +22,7 @@ from sqlalchemy.sql.elements import (
     ColumnClause,
     Label,
 )
-from sqlalchemy.sql.selectable import Select
+from sqlalchemy.sql.selectable import Exists, Join, ScalarSelect, Select, SelectBase
 
 from celery_causal.sql import housekeeping as hk
 from celery_causal.sql import postgresql as pg
@@ -80,6 +80,28 @@ def _inserts_pinned_scope(insert: Insert) -> bool:
     return table is not None and _pins_scope(insert.select.whereclause, table)
 
 
+def _tables(from_: Any) -> Iterator[Any]:
+    """The tables (and aliases) of a FROM item, a join's on both sides."""
+    if isinstance(from_, Join):
+        yield from _tables(from_.left)
+        yield from _tables(from_.right)
+    elif _store_table(from_) is not None:
+        yield from_
+
+
+def _read_in(where: Any) -> Iterator[Any]:
+    """The tables whose columns ``where`` reads outside its subqueries (an UPDATE ... FROM
+    or DELETE ... USING reads them); a subquery is checked as a statement of its own."""
+    stack = [where] if where is not None else []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, SelectBase | Exists | ScalarSelect):
+            continue
+        if isinstance(node, ColumnClause) and _store_table(node.table) is not None:
+            yield node.table
+        stack.extend(node.get_children())
+
+
 def unpinned(statement: Any) -> list[str]:
     """Descriptions of the parts of ``statement`` that touch a store table without pinning
     its scope; empty if the statement is routable by scope."""
@@ -87,12 +109,13 @@ def unpinned(statement: Any) -> list[str]:
     for node in visitors.iterate(statement):
         if isinstance(node, Select):
             for from_ in node.get_final_froms():
-                table = _store_table(from_)
-                if table is not None and not _pins_scope(node.whereclause, table):
-                    found.append(f"SELECT over {from_.name}")
+                for table in _tables(from_):
+                    if not _pins_scope(node.whereclause, table):
+                        found.append(f"SELECT over {table.name}")
         elif isinstance(node, Update | Delete):
-            if not _pins_scope(node.whereclause, node.table):
-                found.append(f"{type(node).__name__.upper()} of {node.table.name}")
+            for table in {node.table, *_read_in(node.whereclause)}:
+                if not _pins_scope(node.whereclause, table):
+                    found.append(f"{type(node).__name__.upper()} reading {table.name}")
         elif isinstance(node, Insert) and not _inserts_pinned_scope(node):
             found.append(f"INSERT into {node.table.name}")
     return sorted(set(found))
@@ -138,6 +161,10 @@ ACROSS_SCOPES = {
     "status": hk.STATS,
     "status: dead per scope": hk.DEAD_PER_SCOPE,
     "scopes of a task id": hk.SCOPES_OF,
+    "list across scopes": hk.list_statement(["scope"], by_scope=False, by_leader=False),
+    "list by leader across scopes": hk.list_statement(["scope"], by_scope=False, by_leader=True),
+    "count across scopes": hk.count_statement(by_scope=False, by_leader=False),
+    "count by leader across scopes": hk.count_statement(by_scope=False, by_leader=True),
 }
 
 
@@ -172,7 +199,7 @@ def test_every_statement_of_the_store_that_spans_scopes_is_listed() -> None:
 
 def test_the_check_catches_a_statement_that_does_not_pin_its_scope() -> None:
     """The checker itself: a claim by row id alone, or a scope pinned only in a subquery."""
-    from sqlalchemy import bindparam, select, update
+    from sqlalchemy import bindparam, literal, select, update
 
     by_id = update(followers).where(followers.c.id == bindparam("b_id"))
     inner_only = update(followers).where(
@@ -183,6 +210,22 @@ def test_the_check_catches_a_statement_that_does_not_pin_its_scope() -> None:
         )
     )
     other_scope = select(done.c.task_id).where(done.c.scope == bindparam("b_other"))
-    assert unpinned(by_id) == ["UPDATE of causal_followers"]
-    assert unpinned(inner_only) == ["UPDATE of causal_followers"]
+    joined = select(followers.c.id).select_from(
+        followers.join(done, done.c.task_id == followers.c.leader_id)
+    )
+    reading_another_table = update(followers).where(
+        followers.c.scope == bindparam("b_scope"), followers.c.leader_id == done.c.task_id
+    )
+    # The restart as postgresql.py builds it, its probe of causal_done's marks unscoped
+    claimed = sql.CLAIM_FOLLOWERS.cte("claimed")
+    heads = sql.marked(claimed, scoped=False).subquery("heads")
+    behind = sql.waiting_behind(heads, scoped=True).offset(0).lateral("behind")
+    restart = sql.restart_lookback(
+        select(behind.c.id).select_from(heads.join(behind, literal(True))), scoped=True
+    ).cte("restarted")
+    assert unpinned(by_id) == ["UPDATE reading causal_followers"]
+    assert unpinned(inner_only) == ["UPDATE reading causal_followers"]
     assert unpinned(other_scope) == ["SELECT over causal_done"]
+    assert unpinned(joined) == ["SELECT over causal_done", "SELECT over causal_followers"]
+    assert unpinned(reading_another_table) == ["UPDATE reading causal_done"]
+    assert unpinned(select(*claimed.c).add_cte(restart)) == ["SELECT over causal_done"]
