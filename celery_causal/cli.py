@@ -33,6 +33,7 @@ from .metrics import (
     prometheus_text,
     write_textfile,
 )
+from .runtime import CausalRuntime
 from .settings import mask_url
 from .store import ScopeStats
 
@@ -152,6 +153,7 @@ def _write_textfile(ctx: click.Context, path: str) -> None:
 @causal.command(name="list")
 @click.option("--scope", help="Only followers of this scope.")
 @click.option("--leader", help="Only followers of this leader task id.")
+@click.option("--key", help="Only tasks sent under this ordering key, and the key's newest.")
 @click.option(
     "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Rows at most."
 )
@@ -159,13 +161,21 @@ def _write_textfile(ctx: click.Context, path: str) -> None:
 @click.pass_context
 @one_line_errors
 def list_(
-    ctx: click.Context, scope: str | None, leader: str | None, limit: int, as_json: bool
+    ctx: click.Context,
+    scope: str | None,
+    leader: str | None,
+    key: str | None,
+    limit: int,
+    as_json: bool,
 ) -> None:
     """Parked followers, oldest first."""
     runtime = runtime_of(ctx)
-    infos = runtime.store.list_followers(scope, leader, limit)
+    infos = runtime.store.list_followers(scope, leader, limit, key=key)
+    if key is not None and not as_json:
+        for line in key_lines(runtime, key, scope):
+            click.echo(line)
     if len(infos) == limit:
-        total = runtime.store.count_parked(scope, leader)
+        total = runtime.store.count_parked(scope, leader, key=key)
         if total > limit:  # on stderr: the listing itself, text or JSON, stays as it was
             click.echo(f"showing {limit} of {total}, oldest first; use --limit for more", err=True)
     now = runtime.store.clock()
@@ -177,6 +187,7 @@ def list_(
             "leader_id": i.leader_id,
             "age_seconds": round(now - i.parked_at, 3),
             "state": "waiting" if i.claimed_at is None else "releasing",
+            "ordering_key": i.ordering_key,
         }
         for i in infos
     ]
@@ -202,6 +213,23 @@ def list_(
             ],
         )
     )
+
+
+def key_lines(runtime: CausalRuntime, key: str, scope: str | None) -> list[str]:
+    """Where an ordering key stands: its newest task in each scope where it is in use."""
+    tails = runtime.store.key_tails(key, scope)
+    if not tails:
+        where = f" in scope {scope!r}" if scope is not None else ""
+        return [f"key {key!r} is free{where}: its next send runs at once"]
+    now = runtime.store.clock()
+    lines = []
+    for tail in tails:
+        follows = f"follows {tail.previous}" if tail.previous else "sent when the key was free"
+        lines.append(
+            f"key {key!r} (scope {tail.scope!r}): newest task {tail.task_id} ({follows}), "
+            f"recorded {age(now - tail.recorded_at)} ago"
+        )
+    return lines
 
 
 # -- sweep, release, forget, migrate --------------------------------------------------

@@ -93,6 +93,7 @@ def story(runtime: CausalRuntime, row: ParkedFollower) -> dict[str, Any]:
         "claimed_at": row.claimed_at,
         "release": release_outlook(runtime, row, leader, now),
         "parked_by": row.hostname,
+        "ordering_key": row.ordering_key,
     }
 
 
@@ -116,6 +117,7 @@ def text(s: dict[str, Any]) -> str:
         ("deadline", _when(s["deadline"], -s["due_in_seconds"])),
         ("release", s["release"]),
         ("parked by", s["parked_by"] or "-"),
+        *([("ordering key", s["ordering_key"])] if s["ordering_key"] else []),
     ]
     width = max(len(label) for label, _ in lines)
     return "\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in lines)

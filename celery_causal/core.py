@@ -48,6 +48,8 @@ class Arrival:
     published_at: float | None = None
     #: The broker delivered this message before (acks_late, visibility timeout, requeue).
     redelivered: bool = False
+    #: The ordering key it was sent under, which it frees once it finished; or ``None``.
+    key: str | None = None
 
     @property
     def leader(self) -> str | None:

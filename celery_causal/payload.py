@@ -33,6 +33,8 @@ DEPTH = "causal_depth"
 #: The serializer a producer chose for this one send (``apply_async(serializer=...)``): a
 #: parked copy is stored with it, not with the task's default.
 SERIALIZER = "causal_serializer"
+#: The ordering key a task was sent under; the key is freed when the task finishes.
+KEY = "causal_key"
 
 # Execution options that describe one delivery, not the task: never replayed.
 _DELIVERY_ONLY = frozenset({"redelivered", "eta", "countdown"})
@@ -210,6 +212,7 @@ def pack(
     message: Message,
     max_bytes: int,
     hostname: str = "",
+    ordering_key: str | None = None,
 ) -> Follower:
     """The row of a follower; raise :class:`PayloadError` if it cannot be stored."""
     try:
@@ -235,6 +238,7 @@ def pack(
         content_type=message.content_type,
         content_encoding=message.content_encoding,
         hostname=hostname,
+        ordering_key=ordering_key,
     )
 
 
@@ -272,6 +276,7 @@ def follower_of(
     leader: str,
     occurred_at: float,
     max_bytes: int,
+    ordering_key: str | None = None,
 ) -> Follower:
     """The row that parks a delivered ``request`` of ``task``: its message, as the task's
     serializer encodes it, and the routing it was delivered with."""
@@ -295,6 +300,7 @@ def follower_of(
         message=message,
         max_bytes=max_bytes,
         hostname=request.hostname or "",
+        ordering_key=ordering_key,
     )
 
 

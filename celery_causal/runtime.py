@@ -174,6 +174,23 @@ class CausalRuntime:
             return 0
         return self.release_followers(scope, task_id, depth + 1, reason=reason)
 
+    def record_key(self, scope: str, key: str, task_id: str) -> str | None:
+        """Record ``task_id`` as the newest task sent under ordering key ``key``; return
+        the task it must follow (``None``: the key was free)."""
+        return self.store.record_key(scope, key, task_id)
+
+    def free_key(self, scope: str, key: str, task_id: str, *, failed: bool = False) -> bool:
+        """Free ``key`` once ``task_id``, its newest task, finished; whether it did.
+
+        A success frees it, so the next send runs at once however long after. A failure
+        frees it only under ``causal_on_leader_failure="release"`` (the key goes on): under
+        "wait" the key's next task waits for the sweep, under "fail" it fails, as any
+        follower of the failed task would.
+        """
+        if failed and self.settings.on_leader_failure != "release":
+            return False
+        return self.store.free_key(scope, key, task_id)
+
     def leader_failed(self, scope: str, task_id: str, depth: int) -> int:
         """Apply ``causal_on_leader_failure`` to the followers of a task that failed for good."""
         policy = self.settings.on_leader_failure

@@ -1,4 +1,5 @@
-"""What ``install(app)`` checks when a producer sends a task with ``follows=``.
+"""What ``install(app)`` checks when a producer sends a task with ``follows=`` or
+``ordering_key=``.
 
 Only a causal task can wait for a leader. A plain task given ``follows=`` would run at once
 (Celery passes unknown options on as message properties, which nothing reads), so a
@@ -13,6 +14,8 @@ from __future__ import annotations
 import functools
 import time
 from typing import Any
+
+from celery.utils import uuid
 
 from .errors import NotCausalError
 from .payload import FOLLOWS, PUBLISHED_AT, leader_id
@@ -31,17 +34,23 @@ def guard_send_task(app: Any, causal_base: type) -> None:
     @functools.wraps(send_task)
     def checked_send_task(name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         follows = options.pop("follows", None)
-        if follows is not None:
+        key = options.pop("ordering_key", None)
+        if follows is not None or key is not None:
             task = options.get("task_type") or app.tasks.get(name)
             if not isinstance(task, causal_base):
+                wait = f"follows={follows!r}" if key is None else f"ordering_key={key!r}"
                 raise NotCausalError(
-                    f"task {name} is not a causal task, so it cannot wait for follows="
-                    f"{follows!r}; declare it with @celery_causal.causal_task(app) or "
+                    f"task {name} is not a causal task, so it cannot wait for {wait}; "
+                    "declare it with @celery_causal.causal_task(app) or "
                     "base=celery_causal.CausalTask"
                     + ("" if task is not None else " (no task of that name in this app)")
                 )
             headers = dict(options.pop("headers", None) or {})
-            headers[FOLLOWS] = leader_id(follows)
+            if key is not None:
+                options["task_id"] = options.get("task_id") or uuid()
+                task._send_under_key(key, options["task_id"], headers, follows)  # type: ignore[attr-defined]
+            else:
+                headers[FOLLOWS] = leader_id(follows)
             headers.setdefault(PUBLISHED_AT, time.time())
             options["headers"] = headers
         return send_task(name, args, kwargs, **options)

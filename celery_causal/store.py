@@ -59,6 +59,8 @@ class Follower:
     content_encoding: str
     #: Worker host that parked it; events sent later about this task use it.
     hostname: str = ""
+    #: The ordering key it was sent under (``ordering_key=``), for operators; ``None``.
+    ordering_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,21 @@ class FollowerInfo:
     occurred_at: float
     parked_at: float
     claimed_at: float | None
+    #: The ordering key it was sent under, or ``None``.
+    ordering_key: str | None
+
+
+@dataclass(frozen=True)
+class KeyTail:
+    """The newest task recorded under an ordering key (:meth:`CausalStore.record_key`)."""
+
+    scope: str
+    key: str
+    task_id: str
+    #: The task it follows: the key's newest task before it, ``None`` if the key was free.
+    previous: str | None
+    #: When it was recorded (store clock).
+    recorded_at: float
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,7 @@ class ParkedFollower(FollowerInfo):
             content_type=self.content_type,
             content_encoding=self.content_encoding,
             hostname=self.hostname,
+            ordering_key=self.ordering_key,
         )
 
 
@@ -263,6 +281,22 @@ class CausalStore(Protocol):
     def count_followers(self, scope: str, leader_id: str) -> int:
         """How many followers of ``leader_id`` are waiting."""
 
+    def record_key(self, scope: str, key: str, task_id: str) -> str | None:
+        """Atomically make ``task_id`` the newest task of ordering key ``key``; return the
+        task it follows: the key's newest task before it, or ``None`` if the key was free.
+
+        Concurrent producers on one key serialise on its row, so each send gets the one
+        before it and the sends form one chain. Recording the same task again returns
+        what it returned the first time (a producer retrying a send)."""
+
+    def free_key(self, scope: str, key: str, task_id: str) -> bool:
+        """Free ``key`` if ``task_id`` is still its newest task (it finished, nothing was
+        sent after it); whether it did. The next send then follows nothing."""
+
+    def key_tails(self, key: str, scope: str | None = None) -> list[KeyTail]:
+        """The newest task recorded under ``key`` in each scope (or in ``scope``) where the
+        key is not free, by scope."""
+
     def expire_done(self, seen_ttl: float, limit: int) -> int:
         """Delete up to ``limit`` records that are over; return how many.
 
@@ -275,11 +309,11 @@ class CausalStore(Protocol):
         """Per scope: waiting, releasing, oldest park time, overdue, stuck in releasing."""
 
     def list_followers(
-        self, scope: str | None, leader_id: str | None, limit: int
+        self, scope: str | None, leader_id: str | None, limit: int, key: str | None = None
     ) -> list[FollowerInfo]:
-        """Rows, oldest parked first, optionally of one scope and/or one leader."""
+        """Rows, oldest parked first, optionally of one scope, one leader, one ordering key."""
 
-    def count_parked(self, scope: str | None, leader_id: str | None) -> int:
+    def count_parked(self, scope: str | None, leader_id: str | None, key: str | None = None) -> int:
         """How many rows (waiting or releasing) :meth:`list_followers` would list unlimited."""
 
     def parked_follower(self, scope: str, follower_id: str) -> ParkedFollower | None:

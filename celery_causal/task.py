@@ -21,8 +21,8 @@ from kombu.utils.functional import maybe_list
 
 from . import signals
 from .core import DEFERRED, Action, Arrival, store_retry_countdown
-from .errors import InvalidIdError, LeaderFailed, StoreUnavailable
-from .payload import FOLLOWS, PUBLISHED_AT, SERIALIZER, check_id, follower_of, leader_id
+from .errors import InvalidIdError, InvalidLeaderError, LeaderFailed, StoreUnavailable
+from .payload import FOLLOWS, KEY, PUBLISHED_AT, SERIALIZER, check_id, follower_of, leader_id
 from .registry import runtime_for
 from .runtime import CausalRuntime
 from .settings import CausalSettings
@@ -54,6 +54,9 @@ class CausalTask(Task):  # type: ignore[misc]
 
     #: Followers and done records are isolated by scope; leader and follower share one.
     scope: str = "default"
+    #: ``ordering_key(*args, **kwargs)``: the ordering key of every send of this task
+    #: (``@causal_task(app, ordering_key=...)``), or ``None``.
+    ordering_key: Callable[..., Any] | None = None
     #: Its request in the worker's main process sends ``task-deferred`` (tracing.py).
     Request = "celery_causal.tracing:CausalRequest"
 
@@ -67,6 +70,7 @@ class CausalTask(Task):  # type: ignore[misc]
         link_error: Any = None,
         shadow: str | None = None,
         follows: Any = None,
+        ordering_key: str | None = None,
         **options: Any,
     ) -> Any:
         headers = dict(options.pop("headers", None) or {})
@@ -77,6 +81,13 @@ class CausalTask(Task):  # type: ignore[misc]
         if not isinstance(self.scope, str):
             raise InvalidIdError(f"scope of {self.name} must be a string, not {self.scope!r}")
         check_id(self.scope, f"scope of {self.name}")
+        if KEY not in headers:  # a retry or a resend carries its key and its place already
+            key = ordering_key
+            if key is None and self.ordering_key is not None:
+                key = self.ordering_key(*(args or ()), **(kwargs or {}))
+            if key is not None:
+                task_id = task_id or uuid()
+                self._send_under_key(key, task_id, headers, follows)
         # The event's occurrence time, which orders a leader's followers when they are
         # released; retries and re-enqueues keep it (setdefault).
         headers.setdefault(PUBLISHED_AT, time.time())
@@ -93,6 +104,26 @@ class CausalTask(Task):  # type: ignore[misc]
             headers=headers,
             **options,
         )
+
+    def _send_under_key(
+        self, key: object, task_id: str, headers: dict[str, Any], follows: Any
+    ) -> None:
+        """Record ``task_id`` as the newest task of ordering key ``key`` (one store
+        statement) and make it a follower of the task recorded before it."""
+        if not isinstance(key, str):
+            raise InvalidIdError(
+                f"ordering_key of {self.name} must be a string, not {type(key).__name__}"
+            )
+        check_id(key, f"ordering_key of {self.name}")
+        if follows is not None:
+            raise InvalidLeaderError(
+                f"{self.name} was sent with both follows= and ordering_key=: a task sent "
+                "under a key follows the key's previous task; give one of them"
+            )
+        previous = runtime_for(self.app).record_key(self.scope, key, task_id)
+        headers[KEY] = key
+        if previous is not None:
+            headers[FOLLOWS] = previous
 
     def apply(
         self,
@@ -147,12 +178,13 @@ class CausalTask(Task):  # type: ignore[misc]
                 **options,
             )
         except Exception:
-            record_outcome(runtime, scope, task_id, depth, failed=True)  # propagated
-            raise
+            record_outcome(runtime, scope, task_id, depth, failed=True, key=arrival.key)
+            raise  # propagated
         finally:
             pre_checked.note = None
         if result.state in (SUCCESS, FAILURE):
-            record_outcome(runtime, scope, task_id, depth, failed=result.state == FAILURE)
+            failed = result.state == FAILURE
+            record_outcome(runtime, scope, task_id, depth, failed=failed, key=arrival.key)
         return result
 
     def _eager_request(
@@ -215,9 +247,9 @@ class CausalTask(Task):  # type: ignore[misc]
         except (Retry, Ignore, Reject):
             raise  # not a final outcome: a retry succeeds later or the message comes back
         except Exception:
-            record_outcome(runtime, scope, arrival.task_id, depth, failed=True)
+            record_outcome(runtime, scope, arrival.task_id, depth, failed=True, key=arrival.key)
             raise
-        record_outcome(runtime, scope, arrival.task_id, depth, failed=False)
+        record_outcome(runtime, scope, arrival.task_id, depth, failed=False, key=arrival.key)
         return retval
 
     def _retry_for_store(
@@ -302,6 +334,7 @@ class CausalTask(Task):  # type: ignore[misc]
             leader=arrival.leader,
             occurred_at=arrival.published_at if arrival.published_at is not None else now,
             max_bytes=runtime.settings.max_payload_bytes,
+            ordering_key=arrival.key,
         )
         outcome = runtime.park(follower)
         if outcome is ParkOutcome.PARKED:
@@ -353,9 +386,23 @@ def _first_line(text: str, limit: int = 200) -> str:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def causal_task(app: Celery, *, scope: str = "default", **options: Any) -> Callable[[F], Any]:
-    """``@causal_task(app, scope="orders", **app_task_options)``: a causal task."""
+def causal_task(
+    app: Celery,
+    *,
+    scope: str = "default",
+    ordering_key: Callable[..., str] | None = None,
+    **options: Any,
+) -> Callable[[F], Any]:
+    """``@causal_task(app, scope="orders", **app_task_options)``: a causal task.
+
+    ``ordering_key``, called with a send's arguments, gives the key under which every send
+    of the task is ordered: per key, one at a time, in the order the sends were recorded.
+    """
     options.setdefault("base", CausalTask)
+    if ordering_key is not None:
+        if not callable(ordering_key):
+            raise TypeError(f"ordering_key must be callable, not {type(ordering_key).__name__}")
+        options["ordering_key"] = staticmethod(ordering_key)
     return app.task(scope=scope, **options)  # type: ignore[no-any-return]
 
 

@@ -40,7 +40,7 @@ from celery.worker.request import Request
 
 from .core import DEFERRED, Arrival
 from .errors import InvalidIdError, InvalidMessageError, LeaderFailed, StoreUnavailable
-from .payload import DEPTH, FOLLOWS, PUBLISHED_AT, RELEASED, check_id
+from .payload import DEPTH, FOLLOWS, KEY, PUBLISHED_AT, RELEASED, check_id
 from .runtime import CausalRuntime
 
 logger = logging.getLogger("celery_causal")
@@ -77,6 +77,7 @@ def arrival_from(request: Any) -> tuple[Arrival, int]:
         raise InvalidMessageError("a causal task message without a task id")
     follows = _id_or_none(_header(request, FOLLOWS), f"header {FOLLOWS}", task_id)
     released = _id_or_none(_header(request, RELEASED), f"header {RELEASED}", task_id)
+    key = _id_or_none(_header(request, KEY), f"header {KEY}", task_id)
     published_at = _header(request, PUBLISHED_AT)
     if published_at is not None and not _is_real(published_at):
         raise _invalid(task_id, PUBLISHED_AT, "must be a time in epoch seconds", published_at)
@@ -90,6 +91,7 @@ def arrival_from(request: Any) -> tuple[Arrival, int]:
         released=released or "",
         published_at=float(published_at) if published_at is not None else None,
         redelivered=bool(delivery_info.get("redelivered")),
+        key=key,
     )
     return arrival, depth or 0
 
@@ -140,8 +142,10 @@ def check_then_trace(
     runtime: CausalRuntime = task.causal_runtime()
     checked: bool | BaseException | None
     depth = 0
+    key = None
     try:
         arrival, depth = arrival_from(context)
+        key = arrival.key
         runs = task._may_run(runtime, task.scope, arrival, depth, context)
         checked = runs
     except (StoreUnavailable, LeaderFailed) as exc:
@@ -161,9 +165,9 @@ def check_then_trace(
         pre_checked.note = None
     retval, info = traced[0], traced[1]
     if info is None and not isinstance(retval, ExceptionInfo):
-        record_outcome(runtime, task.scope, context.id, depth, failed=False)
+        record_outcome(runtime, task.scope, context.id, depth, failed=False, key=key)
     elif info is not None and info.state == FAILURE:
-        record_outcome(runtime, task.scope, context.id, depth, failed=True)
+        record_outcome(runtime, task.scope, context.id, depth, failed=True, key=key)
     return traced
 
 
@@ -175,9 +179,31 @@ def leader_failed_error(arrival: Arrival, scope: str) -> LeaderFailed:
 
 
 def record_outcome(
+    runtime: CausalRuntime,
+    scope: str,
+    task_id: str,
+    depth: int,
+    *,
+    failed: bool,
+    key: str | None = None,
+) -> None:
+    """After a task ran: record its outcome and release (or fail) its followers; then
+    free its ordering key, unless a failure holds the key (see ``CausalRuntime.free_key``)."""
+    _record_outcome(runtime, scope, task_id, depth, failed=failed)
+    if key is not None:
+        # After the record: a send that still finds this task as the key's newest follows
+        # it and meets its outcome; one that finds the key free follows nothing.
+        _after_body(
+            "its ordering key could not be freed",
+            functools.partial(runtime.free_key, scope, key, task_id, failed=failed),
+            task_id,
+            scope,
+        )
+
+
+def _record_outcome(
     runtime: CausalRuntime, scope: str, task_id: str, depth: int, *, failed: bool
 ) -> None:
-    """After a task ran: record its outcome and release (or fail) its followers."""
     if failed:
         _after_body(
             "its followers could not be handled after its failure",

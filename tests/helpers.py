@@ -25,6 +25,7 @@ def follower(
     scope: str = "default",
     occurred_at: float = 1.0,
     task_name: str = "tests.step",
+    ordering_key: str | None = None,
 ) -> Follower:
     """A parked follower as a worker stores it, its message bound for the default queue."""
     message = build_message(
@@ -39,6 +40,7 @@ def follower(
         message=message,
         max_bytes=1 << 20,
         hostname="worker@test",
+        ordering_key=ordering_key,
     )
 
 
@@ -70,7 +72,7 @@ def age(store: CausalStore, seconds: float) -> None:
 
 def truncate(store: SQLStore) -> None:
     with store.engine.connect() as conn:
-        for table in ("causal_followers", "causal_done", "causal_dead_followers"):
+        for table in ("causal_followers", "causal_done", "causal_dead_followers", "causal_keys"):
             conn.execute(text(f"DELETE FROM {table}"))
 
 

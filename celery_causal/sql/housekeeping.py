@@ -220,27 +220,34 @@ SCOPES_OF = (
 CLOCK = select(db_clock())
 
 
-def _matching(stmt: Any, *, by_scope: bool, by_leader: bool) -> Any:
-    """``stmt`` on the follower rows of ``b_scope`` and/or ``b_leader``."""
+def _matching(stmt: Any, *, by_scope: bool, by_leader: bool, by_key: bool) -> Any:
+    """``stmt`` on the follower rows of ``b_scope``, ``b_leader`` and/or ``b_key``."""
     if by_scope:
         stmt = stmt.where(followers.c.scope == bindparam("b_scope"))
     if by_leader:
         stmt = stmt.where(followers.c.leader_id == bindparam("b_leader"))
+    if by_key:
+        stmt = stmt.where(followers.c.ordering_key == bindparam("b_key"))
     return stmt
 
 
-def list_statement(columns: list[str], *, by_scope: bool, by_leader: bool) -> Any:
-    """Rows, oldest parked first, filtered by ``b_scope`` and/or ``b_leader``."""
+def list_statement(
+    columns: list[str], *, by_scope: bool, by_leader: bool, by_key: bool = False
+) -> Any:
+    """Rows, oldest parked first, filtered by ``b_scope``, ``b_leader`` and/or ``b_key``."""
     stmt = _matching(
-        select(*(followers.c[name] for name in columns)), by_scope=by_scope, by_leader=by_leader
+        select(*(followers.c[name] for name in columns)),
+        by_scope=by_scope,
+        by_leader=by_leader,
+        by_key=by_key,
     )
     return stmt.order_by(followers.c.parked_at, followers.c.id).limit(bindparam("b_limit"))
 
 
-def count_statement(*, by_scope: bool, by_leader: bool) -> Any:
+def count_statement(*, by_scope: bool, by_leader: bool, by_key: bool = False) -> Any:
     """How many rows :func:`list_statement` would select without its limit."""
     stmt = select(func.count()).select_from(followers)
-    return _matching(stmt, by_scope=by_scope, by_leader=by_leader)
+    return _matching(stmt, by_scope=by_scope, by_leader=by_leader, by_key=by_key)
 
 
 def follower_statement(columns: list[str]) -> Any:

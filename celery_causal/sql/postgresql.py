@@ -52,6 +52,7 @@ from sqlalchemy import (
     BigInteger,
     Double,
     LargeBinary,
+    String,
     bindparam,
     delete,
     exists,
@@ -66,6 +67,7 @@ from ..core import release_order
 from ..store import DEFAULT_SEEN_TTL, ClaimedFollower, DoneRecord
 from . import housekeeping as hk
 from . import statements as sql
+from .keys import record_key_statement
 from .schema import db_clock, done, followers
 from .store import SQLStore, by_scope, claimed_row
 
@@ -118,12 +120,13 @@ def _park_statement() -> Any:
         bindparam("b_cenc"),
         bindparam("b_payload", type_=LargeBinary),
         bindparam("b_host"),
+        bindparam("b_key", type_=String),
     ).where(exists(select(mark)))
     columns = ["scope", "follower_id", "leader_id", "task_name", "occurred_at", "parked_at"]
     columns += ["lookback", "deadline", "content_type", "content_encoding", "payload"]
     parked = (
         postgresql.insert(followers)
-        .from_select([*columns, "hostname"], row)
+        .from_select([*columns, "hostname", "ordering_key"], row)
         .on_conflict_do_nothing(index_elements=["scope", "follower_id"])
         .returning(followers.c.id)
         .cte("parked")
@@ -204,6 +207,7 @@ class PostgresStore(SQLStore):
     claim_due_one_sql: ClassVar[Any] = restarting(sql.CLAIM_DUE_ONE, scoped=True)
     claim_one_sql: ClassVar[Any] = restarting(sql.CLAIM_ONE, scoped=True)
     bury_sql: ClassVar[Any] = hk.bury_statement(postgresql.insert)
+    record_key_sql: ClassVar[Any] = record_key_statement(postgresql.insert)
 
     @contextlib.contextmanager
     def _schema_lock(self, conn: Any) -> Iterator[None]:

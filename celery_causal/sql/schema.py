@@ -42,6 +42,7 @@ def _message_columns() -> list[Column[object]]:
         Column("content_encoding", String(64), nullable=False),
         Column("payload", LargeBinary, nullable=False),
         Column("hostname", _Id, nullable=False, server_default=""),
+        Column("ordering_key", _Id, nullable=True),
     ]
 
 
@@ -129,7 +130,10 @@ done = Table(
     #: Set with an outcome that followers waited for: from then on the sweep takes over
     #: the release of whatever still waits for it (its releaser died after the record).
     Column("release_due_at", Double, nullable=True),
-    PrimaryKeyConstraint("scope", "task_id", name="causal_done_pkey"),
+    # Task id first: every probe of a record names its task. Scope first would let a plan
+    # made without statistics (a fresh table, or a generic plan kept from a small one) read
+    # a whole scope by the key's prefix and test the task id on each row.
+    PrimaryKeyConstraint("task_id", "scope", name="causal_done_pkey"),
 )
 Index(
     "causal_done_expires_idx",
@@ -148,6 +152,23 @@ Index(
     done.c.waited_at,
     postgresql_where=and_(done.c.done_at.is_(None), done.c.failed_at.is_(None)),
     sqlite_where=and_(done.c.done_at.is_(None), done.c.failed_at.is_(None)),
+)
+
+
+#: Ordering keys: each key's newest recorded task. A producer sending under a key upserts
+#: its row in one statement (``INSERT ... ON CONFLICT DO UPDATE``), which the database
+#: serialises per key, so concurrent sends get distinct predecessors and form one chain.
+#: The row goes when its newest task finished and nothing was sent after it.
+keys = Table(
+    "causal_keys",
+    metadata,
+    Column("scope", _Id, nullable=False),
+    Column("key", _Id, nullable=False),
+    Column("task_id", _Id, nullable=False),
+    #: The task ``task_id`` follows: the key's newest task before it (NULL: the key was free).
+    Column("previous", _Id, nullable=True),
+    Column("recorded_at", Double, nullable=False),
+    PrimaryKeyConstraint("scope", "key", name="causal_keys_pkey"),
 )
 
 

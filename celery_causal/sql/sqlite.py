@@ -46,6 +46,7 @@ from sqlalchemy.dialects import sqlite
 from ..store import DEFAULT_SEEN_TTL, ClaimedFollower, DoneRecord
 from . import housekeeping as hk
 from . import statements as sql
+from .keys import record_key_statement
 from .schema import followers
 from .store import SQLStore, by_scope
 
@@ -85,6 +86,7 @@ class SQLiteStore(SQLStore):
     claim_due_one_sql: ClassVar[Any] = sql.CLAIM_DUE_ONE
     claim_one_sql: ClassVar[Any] = sql.CLAIM_ONE
     bury_sql: ClassVar[Any] = hk.bury_statement(sqlite.insert)
+    record_key_sql: ClassVar[Any] = record_key_statement(sqlite.insert)
 
     def _park_once(self, values: dict[str, Any]) -> bool:
         def mark_row_take_back(conn: Any) -> bool:

@@ -45,6 +45,7 @@ FOLLOWER_COLUMNS = (
     followers.c.content_encoding,
     followers.c.payload,
     followers.c.hostname,
+    followers.c.ordering_key,
 )
 
 #: What a lookup answers per task id: succeeded, failed for good, or neither (NULL or 0).
@@ -114,6 +115,7 @@ def park_insert(insert: Insert) -> Any:
             content_encoding=bindparam("b_cenc"),
             payload=bindparam("b_payload"),
             hostname=bindparam("b_host"),
+            ordering_key=bindparam("b_key"),
         )
         .on_conflict_do_nothing(index_elements=["scope", "follower_id"])
     )

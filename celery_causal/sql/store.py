@@ -26,12 +26,14 @@ from ..store import (
     DoneRecord,
     Follower,
     FollowerInfo,
+    KeyTail,
     Lookup,
     ParkedFollower,
     ParkOutcome,
     ScopeStats,
 )
 from . import housekeeping as hk
+from . import keys as ks
 from . import statements as sql
 from .engine import Compiled, Database
 from .schema import metadata, schema_objects
@@ -53,7 +55,7 @@ def by_scope(rows: Sequence[ClaimedFollower]) -> dict[str, list[int]]:
 def claimed_row(row: Sequence[Any]) -> ClaimedFollower:
     """A row of :data:`~.statements.FOLLOWER_COLUMNS` (positional: from the bare cursor)."""
     (row_id, scope, follower_id, leader_id, task_name, occurred_at, parked_at) = row[:7]
-    content_type, content_encoding, payload, hostname = row[7:11]
+    content_type, content_encoding, payload, hostname, ordering_key = row[7:12]
     return ClaimedFollower(
         scope=scope,
         follower_id=follower_id,
@@ -64,6 +66,7 @@ def claimed_row(row: Sequence[Any]) -> ClaimedFollower:
         content_type=content_type,
         content_encoding=content_encoding,
         hostname=hostname,
+        ordering_key=ordering_key,
         row_id=row_id,
         parked_at=parked_at,
     )
@@ -81,6 +84,7 @@ def park_values(follower: Follower, lookback: float) -> dict[str, Any]:
         "b_cenc": follower.content_encoding,
         "b_payload": follower.payload,
         "b_host": follower.hostname,
+        "b_key": follower.ordering_key,
         "b_lookback": lookback,
     }
 
@@ -99,6 +103,7 @@ class SQLStore:
     claim_one_sql: ClassVar[Any]
     record_sql: ClassVar[Any]
     bury_sql: ClassVar[Any]
+    record_key_sql: ClassVar[Any]
 
     def __init__(
         self, url: str, *, create_schema: bool = True, transaction_pooler: bool = False
@@ -253,6 +258,20 @@ class SQLStore:
         params = {"b_scope": scope, "b_leader": leader_id, "b_limit": limit}
         return self._claim(self.claim_followers_sql, params)
 
+    def record_key(self, scope: str, key: str, task_id: str) -> str | None:
+        params = {"b_scope": scope, "b_key": key, "b_task": task_id}
+        ((previous,),) = self._fetch(self.record_key_sql, params)
+        return str(previous) if previous is not None else None
+
+    def free_key(self, scope: str, key: str, task_id: str) -> bool:
+        return self._rowcount(ks.FREE_KEY, {"b_scope": scope, "b_key": key, "b_task": task_id}) > 0
+
+    def key_tails(self, key: str, scope: str | None = None) -> list[KeyTail]:
+        stmt = ks.key_tails_statement(by_scope=scope is not None)
+        params = _filter(scope, None, key)
+        rows = self._run(lambda c: c.execute(stmt, params).all())
+        return [KeyTail(*row) for row in rows]
+
     def make_due(self, scope: str, leader_id: str) -> int:
         return self._rowcount(sql.MAKE_DUE, {"b_scope": scope, "b_leader": leader_id})
 
@@ -379,20 +398,26 @@ class SQLStore:
         ]
 
     def list_followers(
-        self, scope: str | None, leader_id: str | None, limit: int
+        self, scope: str | None, leader_id: str | None, limit: int, key: str | None = None
     ) -> list[FollowerInfo]:
         columns = [f.name for f in dataclasses.fields(FollowerInfo)]
         stmt = hk.list_statement(
-            columns, by_scope=scope is not None, by_leader=leader_id is not None
+            columns,
+            by_scope=scope is not None,
+            by_leader=leader_id is not None,
+            by_key=key is not None,
         )
-        params = _filter(scope, leader_id)
+        params = _filter(scope, leader_id, key)
         params["b_limit"] = limit
         rows = self._run(lambda c: c.execute(stmt, params).all())
         return [FollowerInfo(*row) for row in rows]
 
-    def count_parked(self, scope: str | None, leader_id: str | None) -> int:
-        stmt = hk.count_statement(by_scope=scope is not None, by_leader=leader_id is not None)
-        return int(self._run(lambda c: c.execute(stmt, _filter(scope, leader_id)).scalar_one()))
+    def count_parked(self, scope: str | None, leader_id: str | None, key: str | None = None) -> int:
+        stmt = hk.count_statement(
+            by_scope=scope is not None, by_leader=leader_id is not None, by_key=key is not None
+        )
+        params = _filter(scope, leader_id, key)
+        return int(self._run(lambda c: c.execute(stmt, params).scalar_one()))
 
     def parked_follower(self, scope: str, follower_id: str) -> ParkedFollower | None:
         fields = [f.name for f in dataclasses.fields(ParkedFollower)]
@@ -408,10 +433,12 @@ class SQLStore:
         return list(self._run(lambda c: c.execute(hk.SCOPES_OF, params).scalars().all()))
 
 
-def _filter(scope: str | None, leader_id: str | None) -> dict[str, Any]:
+def _filter(scope: str | None, leader_id: str | None, key: str | None) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if scope is not None:
         params["b_scope"] = scope
     if leader_id is not None:
         params["b_leader"] = leader_id
+    if key is not None:
+        params["b_key"] = key
     return params

@@ -15,6 +15,7 @@ from ..store import (
     DoneRecord,
     Follower,
     FollowerInfo,
+    KeyTail,
     Lookup,
     ParkedFollower,
     ParkOutcome,
@@ -52,6 +53,8 @@ class MemoryStore:
         self._dead: dict[int, tuple[Follower, str]] = {}
         #: (scope, leader id) -> when the sweep takes over its release
         self._release_due: dict[tuple[str, str], float] = {}
+        #: (scope, ordering key) -> its newest task
+        self._keys: dict[tuple[str, str], KeyTail] = {}
 
     def create_schema(self) -> list[str]:
         return []
@@ -337,18 +340,22 @@ class MemoryStore:
                 )
             return result
 
-    def _matching(self, scope: str | None, leader_id: str | None) -> list[_Row]:
+    def _matching(self, scope: str | None, leader_id: str | None, key: str | None) -> list[_Row]:
         return [
             r
             for r in self._rows.values()
-            if scope in (None, r.follower.scope) and leader_id in (None, r.follower.leader_id)
+            if scope in (None, r.follower.scope)
+            and leader_id in (None, r.follower.leader_id)
+            and key in (None, r.follower.ordering_key)
         ]
 
     def list_followers(
-        self, scope: str | None, leader_id: str | None, limit: int
+        self, scope: str | None, leader_id: str | None, limit: int, key: str | None = None
     ) -> list[FollowerInfo]:
         with self._lock:
-            rows = sorted(self._matching(scope, leader_id), key=lambda r: (r.parked_at, r.row_id))
+            rows = sorted(
+                self._matching(scope, leader_id, key), key=lambda r: (r.parked_at, r.row_id)
+            )
             return [
                 FollowerInfo(
                     scope=r.follower.scope,
@@ -358,13 +365,36 @@ class MemoryStore:
                     occurred_at=r.follower.occurred_at,
                     parked_at=r.parked_at,
                     claimed_at=r.claimed_at,
+                    ordering_key=r.follower.ordering_key,
                 )
                 for r in rows[:limit]
             ]
 
-    def count_parked(self, scope: str | None, leader_id: str | None) -> int:
+    def count_parked(self, scope: str | None, leader_id: str | None, key: str | None = None) -> int:
         with self._lock:
-            return len(self._matching(scope, leader_id))
+            return len(self._matching(scope, leader_id, key))
+
+    def record_key(self, scope: str, key: str, task_id: str) -> str | None:
+        with self._lock:
+            tail = self._keys.get((scope, key))
+            if tail is not None and tail.task_id == task_id:
+                return tail.previous  # the same send recorded again
+            previous = tail.task_id if tail is not None else None
+            self._keys[(scope, key)] = KeyTail(scope, key, task_id, previous, self.clock())
+            return previous
+
+    def free_key(self, scope: str, key: str, task_id: str) -> bool:
+        with self._lock:
+            tail = self._keys.get((scope, key))
+            if tail is None or tail.task_id != task_id:
+                return False
+            del self._keys[(scope, key)]
+            return True
+
+    def key_tails(self, key: str, scope: str | None = None) -> list[KeyTail]:
+        with self._lock:
+            found = [t for (s, k), t in self._keys.items() if k == key and scope in (None, s)]
+            return sorted(found, key=lambda t: t.scope)
 
     def parked_follower(self, scope: str, follower_id: str) -> ParkedFollower | None:
         with self._lock:
@@ -380,6 +410,7 @@ class MemoryStore:
                 occurred_at=f.occurred_at,
                 parked_at=row.parked_at,
                 claimed_at=row.claimed_at,
+                ordering_key=f.ordering_key,
                 lookback=row.lookback,
                 deadline=row.deadline,
                 hostname=f.hostname,

@@ -48,6 +48,8 @@ class Handle:
     probe: Any = None
     #: Causal: logs "<label>:first" or "<label>:redelivered", then waits for the test.
     hold: Any = None
+    #: Causal, ordered per ``key`` (its second argument): logs its start and end.
+    keyed: Any = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ def create(
     step, other_scope_step, flaky, broken = _ordering_tasks(app, prefix)
     ping, observe, slow_to_send = _probe_tasks(app, prefix)
     probe, hold = _broker_tasks(app, prefix)
+    keyed = _keyed_task(app, prefix)
     return Handle(
         app,
         prefix,
@@ -117,6 +120,7 @@ def create(
         routing(prefix, broker_url),
         probe,
         hold,
+        keyed,
     )
 
 
@@ -217,6 +221,31 @@ def _record_hooks(app: Celery, prefix: str) -> None:
         ("skipped", causal_signals.duplicate_skipped),
     ):
         signal.connect(recorder(what, lambda f: f["task_id"]), weak=False)
+
+
+def _keyed_task(app: Celery, prefix: str) -> Any:
+    @celery_causal.causal_task(
+        app,
+        name="acc.keyed",
+        scope="acc",
+        shared=False,
+        bind=True,
+        ordering_key=lambda log, key, label, fail=False: key,
+    )
+    def keyed(self: Task, log: str, key: str, label: str, fail: bool = False) -> str:
+        """Log, as JSON, ``[key, label, "start", task id, the task it follows]``, then
+        ``[key, label, "end"]``: the order of a key's bodies, and the chain of its sends."""
+        headers = self.request.headers or {}
+        follows = headers.get("causal_follows", getattr(self.request, "causal_follows", None))
+        entry = [key, label, "start", self.request.id, follows]
+        _redis.rpush(prefix + log, json.dumps(entry))
+        time.sleep(0.002)  # a window in which another body of the key would show
+        _redis.rpush(prefix + log, json.dumps([key, label, "end"]))
+        if fail:
+            raise ValueError(f"{label} fails")
+        return label
+
+    return keyed
 
 
 def _probe_tasks(app: Celery, prefix: str) -> tuple[Any, Any, Any]:

@@ -25,12 +25,13 @@ from sqlalchemy.sql.elements import (
 from sqlalchemy.sql.selectable import Exists, Join, ScalarSelect, Select, SelectBase
 
 from celery_causal.sql import housekeeping as hk
+from celery_causal.sql import keys as ks
 from celery_causal.sql import postgresql as pg
 from celery_causal.sql import statements as sql
 from celery_causal.sql.postgresql import PostgresStore
-from celery_causal.sql.schema import dead_followers, done, followers
+from celery_causal.sql.schema import dead_followers, done, followers, keys
 
-STORE_TABLES = (followers, done, dead_followers)
+STORE_TABLES = (followers, done, dead_followers, keys)
 
 
 def _conjuncts(clause: Any) -> Iterator[Any]:
@@ -142,6 +143,9 @@ TASK_PATH = {
     "operator release": PostgresStore.claim_one_sql,
     "release of a ring's first": PostgresStore.claim_due_one_sql,
     "show one follower": hk.follower_statement(["scope", "follower_id"]),
+    "record a send under a key": PostgresStore.record_key_sql,
+    "free a key": ks.FREE_KEY,
+    "a key's newest task in one scope": ks.key_tails_statement(by_scope=True),
 }
 
 #: The statements that span scopes by design (ARCHITECTURE.md, "Past one PostgreSQL"): the
@@ -165,6 +169,10 @@ ACROSS_SCOPES = {
     "list by leader across scopes": hk.list_statement(["scope"], by_scope=False, by_leader=True),
     "count across scopes": hk.count_statement(by_scope=False, by_leader=False),
     "count by leader across scopes": hk.count_statement(by_scope=False, by_leader=True),
+    "a key's newest task in every scope": ks.key_tails_statement(by_scope=False),
+    "list by key across scopes": hk.list_statement(
+        ["scope"], by_scope=False, by_leader=False, by_key=True
+    ),
 }
 
 
@@ -184,7 +192,7 @@ def test_every_statement_of_the_store_that_spans_scopes_is_listed() -> None:
     listed = {id(s) for s in ACROSS_SCOPES.values()}
     prebuilt = [
         (f"{m.__name__}.{name}", value)
-        for m in (sql, hk, pg)
+        for m in (sql, hk, pg, ks)
         for name, value in vars(m).items()
         if name.isupper()
     ]
