@@ -321,7 +321,7 @@ class CausalTask(Task):  # type: ignore[misc]
     ) -> bool:
         """Park the delivery unless its leader settled meanwhile; whether it may run."""
         assert arrival.leader is not None
-        fields = deferred_fields(arrival.leader, scope, now, runtime.settings.lookback)
+        fields = deferred_fields(arrival.leader, scope, now, runtime.settings.lookback, arrival.key)
         # The DEFERRED state is stored before the row exists: once parked, the leader may
         # release the follower and its SUCCESS must not be overwritten by us.
         if not request.ignore_result:
@@ -406,7 +406,9 @@ def causal_task(
     return app.task(scope=scope, **options)  # type: ignore[no-any-return]
 
 
-def deferred_fields(leader: str, scope: str, now: float, lookback: float) -> dict[str, Any]:
+def deferred_fields(
+    leader: str, scope: str, now: float, lookback: float, ordering_key: str | None = None
+) -> dict[str, Any]:
     """What a parked task's DEFERRED state and ``task-deferred`` event say about it.
 
     ``result`` is the line Flower shows on the task's page; the other fields are for
@@ -418,6 +420,7 @@ def deferred_fields(leader: str, scope: str, now: float, lookback: float) -> dic
     return {
         "follows": leader,
         "scope": scope,
+        **({"ordering_key": ordering_key} if ordering_key is not None else {}),
         "parked_at": since,
         "sweep_releases_at": release,
         "result": (

@@ -108,6 +108,33 @@ def violations(ran: list[tuple[str, int]], lost: set[tuple[str, int]]) -> list[s
     return problems
 
 
+#: Charges the demo sends per customer, in this order.
+CHARGES = {1: [10, 20, 30], 2: [5, 15, 25]}
+
+
+def _send_charges() -> list[Any]:
+    """Send each customer's charges in order, the later ones delivered first (a shorter
+    countdown): the ordering key puts them back in send order, per customer."""
+    results = []
+    for n in range(3):
+        for customer, amounts in CHARGES.items():
+            countdown = (2 - n) * 0.3
+            task = f"{RUN}-charge-{customer}-{amounts[n]}"
+            results.append(
+                shop.charge.apply_async((customer, amounts[n]), task_id=task, countdown=countdown)
+            )
+    return results
+
+
+def charge_violations(task_ids: set[str]) -> list[str]:
+    problems = []
+    for customer, amounts in CHARGES.items():
+        ran = [a for t, c, a in shop.charged if c == customer and t in task_ids]
+        if ran != amounts:
+            problems.append(f"customer {customer} was charged {ran}, sent {amounts}")
+    return problems
+
+
 def main() -> int:
     if os.environ.get("CAUSAL_STORE_URL"):
         return _run()
@@ -143,11 +170,15 @@ def _run() -> int:
         )
         _sweep_until_released(results[-1], narrator)
         results[-1].get(timeout=30)
+        print("\nCharges per customer, sent under an ordering key, the last delivered first:")
+        charges = _send_charges()
+        for result in charges:
+            result.get(timeout=30)
 
     lost = {("order_shipped", 4)}
     # Only this run's tasks: a shared store may release an earlier run's lost followers.
     ran = [(e, o) for task_id, e, o in shop.ran if task_id.startswith(f"{RUN}-")]
-    problems = violations(ran, lost)
+    problems = violations(ran, lost) + charge_violations({r.id for r in charges})
     print("\nBodies ran in this order:")
     print("  " + ", ".join(f"{e}#{o}" for e, o in ran))
     for problem in problems:

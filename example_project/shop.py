@@ -1,5 +1,5 @@
 """The shop's Celery app and tasks: order created <- payment captured <- order shipped,
-and a refund that follows the payment.
+and a refund that follows the payment; charges ordered per customer by an ordering key.
 
 Run a worker for it with ``celery -A example_project.shop worker``. Configuration comes from
 the environment, so the same code runs embedded (no servers) and on PostgreSQL and Redis:
@@ -70,3 +70,21 @@ def ship_order(order_id: int) -> str:
 @celery_causal.causal_task(app, name="shop.refund", scope="orders")
 def refund(order_id: int) -> str:
     return _record("refund_issued", order_id)
+
+
+#: Charges that ran in this process, in order: (task id, customer id, amount).
+charged: list[tuple[str, int, int]] = []
+
+
+@celery_causal.causal_task(
+    app,
+    name="shop.charge",
+    scope="billing",
+    # Every send of a charge is ordered per customer: one at a time, in send order.
+    ordering_key=lambda customer_id, amount: f"customer-{customer_id}",
+)
+def charge(customer_id: int, amount: int) -> str:
+    with _ran_lock:
+        charged.append((current_task.request.id, customer_id, amount))
+    print(f"    charged   customer {customer_id} {amount:>3}", flush=True)
+    return f"charged:{customer_id}:{amount}"

@@ -349,3 +349,34 @@ def test_sweep_of_many_shows_progress_and_status_counts_dead_rows(
         'celery_causal_dead_followers{scope="bulk"} 1'
         in causal_cli(s.env, "status", "--prometheus").stdout
     )
+
+
+def test_list_by_key_shows_the_keys_newest_task_and_its_parked_tasks(
+    spawn: Callable[..., Spawned],
+) -> None:
+    # Given a key whose first task is held back by a countdown, and two sent behind it
+    s = spawn()
+    key = f"customer-{uuid.uuid4().hex[:6]}"
+    first = s.handle.keyed.apply_async(("cli-keys", key, "p0-0"), countdown=600)
+    second = s.handle.keyed.apply_async(("cli-keys", key, "p0-1"))
+    third = s.handle.keyed.apply_async(("cli-keys", key, "p0-2"))
+    wait_for(lambda: s.store.count_parked("acc", None, key=key) == 2, 60, "two parked")
+    # When an operator lists the key
+    listing = causal_cli(s.env, "list", "--key", key)
+    assert listing.returncode == 0, listing.stderr
+    # Then it names the newest task and what it follows, and lists the parked tasks
+    head, *rows = listing.stdout.strip().splitlines()
+    assert head.startswith(f"key '{key}' (scope 'acc'): newest task {third.id} (follows ")
+    assert second.id in head
+    assert sorted(row.split()[1] for row in rows[1:]) == sorted([second.id, third.id])
+    listed = json.loads(causal_cli(s.env, "list", "--key", key, "--json").stdout)
+    assert {(r["follower_id"], r["leader_id"], r["ordering_key"]) for r in listed} == {
+        (second.id, first.id, key),
+        (third.id, second.id, key),
+    }
+    shown = causal_cli(s.env, "show", third.id)
+    assert f"ordering key: {key}" in shown.stdout
+    assert second.info["ordering_key"] == key and second.info["follows"] == first.id
+    # and a key nothing was sent under is free
+    free = causal_cli(s.env, "list", "--key", "no-such-key")
+    assert free.stdout.startswith("key 'no-such-key' is free")

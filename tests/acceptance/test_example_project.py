@@ -42,8 +42,16 @@ def test_demo_on_the_embedded_default_keeps_causal_order(tmp_path: Path) -> None
     assert "broker memory://, store sqlite:///" in result.stdout
     assert "deferred  order1-order_shipped waits for order1-payment_captured" in result.stdout
     assert "swept     order4-order_shipped: its leader never came" in result.stdout
+    # The charges under an ordering key, the last delivered first, wait for the one before
+    assert "deferred  charge-1-30 waits for charge-1-20" in result.stdout
+    charged = [line.split()[1:] for line in result.stdout.splitlines() if "charged" in line]
+    assert [c for c in charged if c[:2] == ["customer", "1"]] == [
+        ["customer", "1", "10"],
+        ["customer", "1", "20"],
+        ["customer", "1", "30"],
+    ]
     summary = result.stdout.strip().splitlines()[-1]
-    assert summary.startswith("Summary: tasks run 11, deferred 5 and released 4")
+    assert summary.startswith("Summary: tasks run 11, deferred 9 and released 8")
     assert "lost and swept 1, order violations: 0" in summary
 
 
