@@ -112,9 +112,9 @@ def test_bad_sends_under_a_key_are_refused_naming_the_problem() -> None:
     @app.task(name="keys.plain", shared=False)
     def plain() -> None: ...
 
-    with pytest.raises(InvalidLeaderError, match="both follows= and ordering_key="):
+    with pytest.raises(InvalidLeaderError, match=r"both follows= and ordering_key="):
         task.apply_async(follows="a", ordering_key="k")
-    with pytest.raises(InvalidIdError, match="ordering_key of keys.t"):
+    with pytest.raises(InvalidIdError, match=r"ordering_key of keys\.t"):
         task.apply_async(ordering_key="")
     with pytest.raises(InvalidIdError, match="must be a string, not int"):
         numbered.delay()
