@@ -10,7 +10,7 @@ import click
 
 from .cli_common import CommandError, age, find_scope, one_line_errors, runtime_of
 from .errors import PayloadError
-from .payload import unpack
+from .payload import FOLLOWS, SEEN, unpack
 from .runtime import CausalRuntime
 from .store import ParkedFollower
 
@@ -43,6 +43,32 @@ def arguments(runtime: CausalRuntime, row: ParkedFollower) -> dict[str, str]:
         "args": _short(str(headers.get("argsrepr", "?"))),
         "kwargs": _short(str(headers.get("kwargsrepr", "?"))),
     }
+
+
+def all_leaders(runtime: CausalRuntime, row: ParkedFollower) -> list[dict[str, str]]:
+    """A follower of several leaders: each leader and what the store knows of it ("done",
+    "failed", or "missing"; the one it is parked behind is "waited for"); empty for a
+    follower of one leader."""
+    try:
+        headers = unpack(row.as_follower(), runtime.accept).headers
+    except PayloadError:
+        return []
+    leaders, seen = headers.get(FOLLOWS), headers.get(SEEN) or []
+    if not isinstance(leaders, list) or not all(isinstance(t, str) for t in leaders):
+        return []
+    lookup = runtime.store.lookup(row.scope, leaders)
+    told = []
+    for leader in dict.fromkeys(leaders):
+        if leader == row.leader_id:
+            state = "waited for"
+        elif leader in lookup.done or leader in seen:
+            state = "done"
+        elif leader in lookup.failed:
+            state = "failed"
+        else:
+            state = "missing"
+        told.append({"id": leader, "state": state})
+    return told
 
 
 def leader_state(runtime: CausalRuntime, row: ParkedFollower) -> str:
@@ -94,6 +120,7 @@ def story(runtime: CausalRuntime, row: ParkedFollower) -> dict[str, Any]:
         "release": release_outlook(runtime, row, leader, now),
         "parked_by": row.hostname,
         "ordering_key": row.ordering_key,
+        "leaders": all_leaders(runtime, row),
     }
 
 
@@ -118,6 +145,11 @@ def text(s: dict[str, Any]) -> str:
         ("release", s["release"]),
         ("parked by", s["parked_by"] or "-"),
         *([("ordering key", s["ordering_key"])] if s["ordering_key"] else []),
+        *(
+            [("all leaders", ", ".join(f"{t['id']} ({t['state']})" for t in s["leaders"]))]
+            if s["leaders"]
+            else []
+        ),
     ]
     width = max(len(label) for label, _ in lines)
     return "\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in lines)

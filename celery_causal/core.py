@@ -26,7 +26,9 @@ class Action(enum.Enum):
 #: Result-backend state and Flower state of a parked task.
 DEFERRED = "DEFERRED"
 
-#: Who released a message (header ``causal_released``) when an operator did.
+#: Who released a message (header ``causal_released``) when its leader succeeded.
+LEADER = "leader"
+#: ... when an operator did.
 OPERATOR = "operator"
 #: ... when its leader failed for good under "fail": it fails on arrival, whatever the store
 #: says by then (the failure record may have expired while the message waited in a queue).
@@ -38,8 +40,13 @@ class Arrival:
     """What a delivered causal message says about its place in the order."""
 
     task_id: str
-    #: Task id of the leader this task follows, or ``None``.
+    #: Task id of the (first) leader this task follows, or ``None``.
     follows: str | None = None
+    #: Its other leaders, when it follows several (fan-in): it runs after all succeeded.
+    more: tuple[str, ...] = ()
+    #: Leaders that released it on an earlier wait (fan-in): they succeeded, whatever the
+    #: store says of them by now.
+    seen: tuple[str, ...] = ()
     #: Who released this message ("leader", "sweep", "cycle", "operator"), once a leader,
     #: the sweep or an operator did: it must not wait again. Empty when never released.
     released: str = ""
@@ -50,19 +57,31 @@ class Arrival:
     redelivered: bool = False
     #: The ordering key it was sent under, which it frees once it finished; or ``None``.
     key: str | None = None
+    #: The leader whose outcome released it (with ``released`` "leader" or "leader-failed").
+    released_by: str | None = None
+    #: A follower of several leaders: when it first parked (store clock), or ``None``.
+    first_parked_at: float | None = None
 
     @property
     def leader(self) -> str | None:
-        """The leader this task follows; none when it follows itself."""
-        if self.follows is None or self.follows == self.task_id:
-            return None
-        return self.follows
+        """The (first) leader this task follows; none when it follows only itself."""
+        return self.leaders[0] if self.leaders else None
+
+    @property
+    def leaders(self) -> tuple[str, ...]:
+        """Every leader it follows, each once, in the order given; never itself."""
+        given = (self.follows,) if self.follows is not None else ()
+        return tuple(dict.fromkeys(t for t in given + self.more if t != self.task_id))
 
 
 @dataclass(frozen=True)
 class Verdict:
     action: Action
     reason: str
+    #: PARK: the leader to wait for (the first not done); FAIL: the leader that failed.
+    leader: str | None = None
+    #: PARK: every leader not done yet, for monitors.
+    missing: tuple[str, ...] = ()
 
 
 def decide(
@@ -73,31 +92,34 @@ def decide(
 ) -> Verdict:
     """Decide what to do with ``arrival``.
 
-    ``done`` and ``failed`` hold the ids (among the task and its leader) whose success or
-    failure is recorded within the seen TTL. A follower whose leader has neither waits,
-    however old its message is: the time it may wait counts from its park (its row's
-    deadline), never from its publish, so a broker backlog, a countdown or a store outage
-    cannot make it overtake its leader. Only a release (by its leader, the sweep or an
-    operator) lets it run without its leader's success.
+    ``done`` and ``failed`` hold the ids (among the task and its leaders) whose success or
+    failure is recorded within the seen TTL. A follower waits while any of its leaders has
+    neither, however old its message is: the time it may wait counts from its park (its
+    row's deadline), never from its publish, so a broker backlog, a countdown or a store
+    outage cannot make it overtake a leader. Only a release lets it run without its
+    leaders' success: by the sweep or an operator, or by its leader when it has one; a
+    follower of several that one leader released waits for the others that are not done.
     """
     if arrival.task_id in done:
         return Verdict(Action.SKIP_DUPLICATE, "already done")
-    leader = arrival.leader
-    if leader is None:
+    leaders = arrival.leaders
+    if not leaders:
         return Verdict(Action.RUN, "no leader" if arrival.follows is None else "follows itself")
-    if leader in done:
-        return Verdict(Action.RUN, "leader done")
     if arrival.released == LEADER_FAILED:
-        return Verdict(Action.FAIL, "leader failed")
-    if leader in failed:
-        if on_leader_failure == "fail" and arrival.released != OPERATOR:
-            return Verdict(Action.FAIL, "leader failed")
-        # "release" runs it; under "wait" no failure is recorded by this app, so the record
-        # is another deployment's: nothing will release this follower, and it runs.
-        return Verdict(Action.RUN, "leader failed")
-    if arrival.released:
+        return Verdict(Action.FAIL, "leader failed", leader=arrival.released_by or leaders[0])
+    missing = [t for t in leaders if t not in done and t not in arrival.seen]
+    for leader in missing:
+        if leader in failed and on_leader_failure == "fail" and arrival.released != OPERATOR:
+            return Verdict(Action.FAIL, "leader failed", leader=leader)
+    # Under "release" a failed leader counts as done; under "wait" no failure is recorded
+    # by this app, so the record is another deployment's: nothing will release this
+    # follower for that leader, and it counts as done too.
+    missing = [t for t in missing if t not in failed]
+    if not missing:
+        return Verdict(Action.RUN, "leaders done" if len(leaders) > 1 else "leader done")
+    if arrival.released and (arrival.released != LEADER or len(leaders) == 1):
         return Verdict(Action.RUN, "released")
-    return Verdict(Action.PARK, "leader not done")
+    return Verdict(Action.PARK, "leader not done", leader=missing[0], missing=tuple(missing))
 
 
 def needs_store(arrival: Arrival, deduplicate: str) -> bool:

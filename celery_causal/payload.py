@@ -35,6 +35,13 @@ DEPTH = "causal_depth"
 SERIALIZER = "causal_serializer"
 #: The ordering key a task was sent under; the key is freed when the task finishes.
 KEY = "causal_key"
+#: The leader whose outcome released this message (stamped by the release).
+RELEASED_BY = "causal_released_by"
+#: A follower of several leaders: those that released it on earlier waits.
+SEEN = "causal_leaders_seen"
+#: A follower of several leaders: when it first parked (store clock). Its lookback counts
+#: from there across its waits for each leader.
+FIRST_PARKED = "causal_first_parked_at"
 
 # Execution options that describe one delivery, not the task: never replayed.
 _DELIVERY_ONLY = frozenset({"redelivered", "eta", "countdown"})
@@ -58,10 +65,25 @@ def leader_id(follows: object) -> str:
         value = value.id
     if not isinstance(value, str):
         raise InvalidLeaderError(
-            f"follows must be a task id (str) or an AsyncResult, not {type(follows).__name__}"
-            + (" (one leader per task)" if isinstance(follows, (list, tuple, set)) else "")
+            f"follows must be a task id (str), an AsyncResult or a list of them, "
+            f"not {type(follows).__name__}"
         )
     return check_id(value, "follows", InvalidLeaderError)
+
+
+def follows_header(follows: object, max_leaders: int | None = None) -> str | list[str]:
+    """The ``causal_follows`` header of a ``follows`` value: one leader's id, or the ids of
+    several (a list, tuple or set of ids or ``AsyncResult`` objects), each once."""
+    if not isinstance(follows, (list, tuple, set, frozenset)):
+        return leader_id(follows)
+    ids = list(dict.fromkeys(leader_id(item) for item in follows))
+    if not ids:
+        raise InvalidLeaderError("follows is an empty list: give at least one leader")
+    if max_leaders is not None and len(ids) > max_leaders:
+        raise InvalidLeaderError(
+            f"follows names {len(ids)} leaders; the limit is causal_max_leaders ({max_leaders})"
+        )
+    return ids[0] if len(ids) == 1 else ids
 
 
 @dataclass(frozen=True)
@@ -277,16 +299,20 @@ def follower_of(
     occurred_at: float,
     max_bytes: int,
     ordering_key: str | None = None,
+    headers: Mapping[str, Any] | None = None,
 ) -> Follower:
     """The row that parks a delivered ``request`` of ``task``: its message, as the task's
-    serializer encodes it, and the routing it was delivered with."""
+    serializer encodes it, and the routing it was delivered with; ``headers`` are added to
+    its own."""
+    options = execution_options(request)
+    options["headers"].update(headers or {})
     try:
         message = build_message(
             app,
             task.name,
             request.args,
             request.kwargs,
-            execution_options(request),
+            options,
             _sent_with(request) or task.serializer or app.conf.task_serializer,
         )
     except (TypeError, ValueError) as exc:

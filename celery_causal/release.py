@@ -18,7 +18,7 @@ from typing import Any, cast
 from . import signals
 from .errors import PayloadError
 from .faults import CRASH_AFTER_CLAIM, crash_point
-from .payload import DEPTH, RELEASED, unpack
+from .payload import DEPTH, RELEASED, RELEASED_BY, unpack
 from .store import CausalStore, ClaimedFollower
 
 logger = logging.getLogger("celery_causal")
@@ -42,7 +42,9 @@ def publish(
     """Publish ``claimed`` followers (already in release order), then delete their rows.
 
     ``reason`` (who released it: "leader", "sweep", "cycle" or "operator") is stamped
-    into each message so it does not wait again; ``depth`` is its release generation.
+    into each message so it does not wait again, with the leader whose row it was (a
+    follower of several leaders waits again for those not done); ``depth`` is its release
+    generation.
     """
     report = ReleaseReport()
     if not claimed:
@@ -176,7 +178,7 @@ class _Release:
             # With a content type, kombu publishes the encoded body as it is.
             content_type=message.content_type,
             content_encoding=message.content_encoding,
-            headers={**message.headers, **self.stamp},
+            headers={**message.headers, **self.stamp, RELEASED_BY: follower.leader_id},
             delivery_mode=message.delivery_mode,
             declare=[],  # declared above, once per batch (kombu may append to this list)
             **self.options,

@@ -89,7 +89,7 @@ class CausalRuntime:
         """Decide run / park / skip for ``arrival``; also return the store's clock."""
         if not needs_store(arrival, self.settings.deduplicate):
             return Verdict(Action.RUN, "no leader"), 0.0
-        wanted = [arrival.task_id] + ([arrival.leader] if arrival.leader else [])
+        wanted = [arrival.task_id] + [t for t in arrival.leaders if t not in arrival.seen]
         known = {t for t in wanted if self._cached(scope, t)}
         if arrival.task_id in known:
             return decide(arrival, known), 0.0
@@ -100,9 +100,9 @@ class CausalRuntime:
         )
         return verdict, lookup.now
 
-    def park(self, follower: Follower) -> ParkOutcome:
-        """Store ``follower`` to wait for its leader, for this app's lookback."""
-        return self.store.park(follower, self.settings.lookback)
+    def park(self, follower: Follower, lookback: float | None = None) -> ParkOutcome:
+        """Store ``follower`` to wait for its leader, for ``lookback`` (this app's)."""
+        return self.store.park(follower, self.settings.lookback if lookback is None else lookback)
 
     # -- after the body ----------------------------------------------------------------
 

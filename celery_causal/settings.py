@@ -84,6 +84,8 @@ class CausalSettings(BaseModel):
     seen_ttl: float = Field(default=30 * 60, gt=0)
     #: Release generations that may cascade from one leader; ``None`` disables the guard.
     max_depth: int | None = Field(default=20, ge=0)
+    #: Most leaders one task may follow (``follows=[...]``); more is refused at send time.
+    max_leaders: int = Field(default=100, ge=1, le=10_000)
     #: Celery beat runs the sweep this often.
     sweep_interval: float = Field(default=30, gt=0)
     #: A row left in "releasing" longer than this (its releaser died) is republished by the sweep.

@@ -4,6 +4,7 @@ worker's start-up in ``wiring.py``."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -20,9 +21,19 @@ from celery.utils import uuid
 from kombu.utils.functional import maybe_list
 
 from . import signals
-from .core import DEFERRED, Action, Arrival, store_retry_countdown
+from .core import DEFERRED, Action, Arrival, Verdict, store_retry_countdown
 from .errors import InvalidIdError, InvalidLeaderError, LeaderFailed, StoreUnavailable
-from .payload import FOLLOWS, KEY, PUBLISHED_AT, SERIALIZER, check_id, follower_of, leader_id
+from .payload import (
+    FIRST_PARKED,
+    FOLLOWS,
+    KEY,
+    PUBLISHED_AT,
+    SEEN,
+    SERIALIZER,
+    check_id,
+    follower_of,
+    follows_header,
+)
 from .registry import runtime_for
 from .runtime import CausalRuntime
 from .settings import CausalSettings
@@ -75,7 +86,7 @@ class CausalTask(Task):  # type: ignore[misc]
     ) -> Any:
         headers = dict(options.pop("headers", None) or {})
         if follows is not None:
-            headers[FOLLOWS] = leader_id(follows)
+            headers[FOLLOWS] = follows_header(follows, self._max_leaders(follows))
         if task_id is not None:
             check_id(task_id, "task_id")
         if not isinstance(self.scope, str):
@@ -104,6 +115,12 @@ class CausalTask(Task):  # type: ignore[misc]
             headers=headers,
             **options,
         )
+
+    def _max_leaders(self, follows: object) -> int | None:
+        """``causal_max_leaders`` when ``follows`` lists leaders (the app's settings)."""
+        if not isinstance(follows, (list, tuple, set, frozenset)) or len(follows) <= 1:
+            return None
+        return runtime_for(self.app).settings.max_leaders
 
     def _send_under_key(
         self, key: object, task_id: str, headers: dict[str, Any], follows: Any
@@ -150,7 +167,7 @@ class CausalTask(Task):  # type: ignore[misc]
         task_id = task_id or uuid()
         headers = dict(headers or {})
         if follows is not None:
-            headers[FOLLOWS] = leader_id(follows)
+            headers[FOLLOWS] = follows_header(follows, self._max_leaders(follows))
         headers.setdefault(PUBLISHED_AT, time.time())
         runtime = runtime_for(self.app)
         scope = self.scope
@@ -280,17 +297,40 @@ class CausalTask(Task):  # type: ignore[misc]
         """Whether the body may run now; ``False`` once the task is parked or skipped.
 
         Sets ``request.causal_held`` to ``DEFERRED`` (parked) or ``IGNORED`` (duplicate).
+        A follower of several leaders waits for one at a time: parked behind the first
+        that is not done, released by it (or finding it done as it parks), it checks the
+        others again. Each wait is the one-leader handshake (``store.py``), so the last of
+        its leaders to succeed is never missed, and one message (so one row) at a time
+        stands for the task: it runs once.
         """
         verdict, now = runtime.check(scope, arrival)
-        if verdict.action is Action.FAIL:
-            raise leader_failed_error(arrival, scope)
-        if verdict.action is Action.SKIP_DUPLICATE:
-            self._skip_duplicate(runtime, scope, arrival, depth)
-            request.causal_held = IGNORED
-            return False
-        if verdict.action is Action.PARK:
-            return self._park(runtime, scope, arrival, request, now)
-        return True
+        while True:
+            if verdict.action is Action.FAIL:
+                raise leader_failed_error(arrival, scope, verdict.leader)
+            if verdict.action is Action.SKIP_DUPLICATE:
+                self._skip_duplicate(runtime, scope, arrival, depth)
+                request.causal_held = IGNORED
+                return False
+            if verdict.action is Action.RUN:
+                return True
+            assert verdict.leader is not None
+            outcome = self._park(runtime, scope, arrival, request, now, verdict)
+            if outcome is ParkOutcome.PARKED:
+                return False
+            failed = outcome is ParkOutcome.LEADER_FAILED
+            if failed and runtime.settings.on_leader_failure == "fail":
+                raise leader_failed_error(arrival, scope, verdict.leader)
+            logger.info(
+                "task %s: its leader %s (scope %r) %s while it was parking",
+                arrival.task_id,
+                verdict.leader,
+                scope,
+                "failed" if failed else "succeeded",
+            )
+            if len(arrival.leaders) == 1:
+                return True
+            arrival = dataclasses.replace(arrival, seen=(*arrival.seen, verdict.leader))
+            verdict, now = runtime.check(scope, arrival)
 
     def _skip_duplicate(
         self, runtime: CausalRuntime, scope: str, arrival: Arrival, depth: int
@@ -317,11 +357,27 @@ class CausalTask(Task):  # type: ignore[misc]
             )
 
     def _park(
-        self, runtime: CausalRuntime, scope: str, arrival: Arrival, request: Any, now: float
-    ) -> bool:
-        """Park the delivery unless its leader settled meanwhile; whether it may run."""
-        assert arrival.leader is not None
-        fields = deferred_fields(arrival.leader, scope, now, runtime.settings.lookback, arrival.key)
+        self,
+        runtime: CausalRuntime,
+        scope: str,
+        arrival: Arrival,
+        request: Any,
+        now: float,
+        verdict: Verdict,
+    ) -> ParkOutcome:
+        """Park the delivery behind ``verdict.leader`` unless it settled meanwhile."""
+        leader = verdict.leader
+        assert leader is not None
+        lookback, extra = runtime.settings.lookback, {}
+        if len(arrival.leaders) > 1:
+            # Its lookback counts from its first park, across its waits for each leader;
+            # the stored message keeps which leaders released it so far.
+            first = arrival.first_parked_at if arrival.first_parked_at is not None else now
+            lookback = max(0.0, first + lookback - now)
+            extra = {SEEN: list(arrival.seen), FIRST_PARKED: first}
+        fields = deferred_fields(
+            leader, scope, now, lookback, arrival.key, arrival.leaders, verdict.missing
+        )
         # The DEFERRED state is stored before the row exists: once parked, the leader may
         # release the follower and its SUCCESS must not be overwritten by us.
         if not request.ignore_result:
@@ -331,35 +387,23 @@ class CausalTask(Task):  # type: ignore[misc]
             self,
             request,
             scope=scope,
-            leader=arrival.leader,
+            leader=leader,
             occurred_at=arrival.published_at if arrival.published_at is not None else now,
             max_bytes=runtime.settings.max_payload_bytes,
             ordering_key=arrival.key,
+            headers=extra,
         )
-        outcome = runtime.park(follower)
+        outcome = runtime.park(follower, lookback)
         if outcome is ParkOutcome.PARKED:
             logger.info(
-                "parked task %s: waits for leader %s (scope %r)",
-                arrival.task_id,
-                arrival.leader,
-                scope,
+                "parked task %s: waits for leader %s (scope %r)", arrival.task_id, leader, scope
             )
             request.causal_held = DEFERRED
             request.causal_deferred = fields  # the worker's main process sends the event
             signals.follower_parked.send(
-                sender=self, task_id=arrival.task_id, leader_id=arrival.leader, scope=scope
+                sender=self, task_id=arrival.task_id, leader_id=leader, scope=scope
             )
-            return False
-        if outcome is ParkOutcome.LEADER_FAILED and runtime.settings.on_leader_failure == "fail":
-            raise leader_failed_error(arrival, scope)
-        logger.info(
-            "task %s runs: its leader %s (scope %r) %s while it was parking",
-            arrival.task_id,
-            arrival.leader,
-            scope,
-            "failed" if outcome is ParkOutcome.LEADER_FAILED else "succeeded",
-        )
-        return True
+        return outcome
 
     def causal_runtime(self) -> CausalRuntime:
         return runtime_for(self.app)
@@ -407,7 +451,13 @@ def causal_task(
 
 
 def deferred_fields(
-    leader: str, scope: str, now: float, lookback: float, ordering_key: str | None = None
+    leader: str,
+    scope: str,
+    now: float,
+    lookback: float,
+    ordering_key: str | None = None,
+    leaders: tuple[str, ...] = (),
+    missing: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """What a parked task's DEFERRED state and ``task-deferred`` event say about it.
 
@@ -421,10 +471,16 @@ def deferred_fields(
         "follows": leader,
         "scope": scope,
         **({"ordering_key": ordering_key} if ordering_key is not None else {}),
+        **({"leaders": list(leaders), "missing": list(missing)} if len(leaders) > 1 else {}),
         "parked_at": since,
         "sweep_releases_at": release,
         "result": (
             f"waits for leader {leader} (scope {scope!r}) since {since}; released when it "
             f"succeeds, or by the sweep from {release}"
+            + (
+                f"; {len(missing)} of its {len(leaders)} leaders not done: {', '.join(missing)}"
+                if len(leaders) > 1
+                else ""
+            )
         ),
     }

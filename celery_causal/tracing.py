@@ -38,9 +38,19 @@ from celery.exceptions import Ignore
 from celery.states import FAILURE, IGNORED
 from celery.worker.request import Request
 
-from .core import DEFERRED, Arrival
+from .core import DEFERRED, LEADER, Arrival
 from .errors import InvalidIdError, InvalidMessageError, LeaderFailed, StoreUnavailable
-from .payload import DEPTH, FOLLOWS, KEY, PUBLISHED_AT, RELEASED, check_id
+from .payload import (
+    DEPTH,
+    FIRST_PARKED,
+    FOLLOWS,
+    KEY,
+    PUBLISHED_AT,
+    RELEASED,
+    RELEASED_BY,
+    SEEN,
+    check_id,
+)
 from .runtime import CausalRuntime
 
 logger = logging.getLogger("celery_causal")
@@ -56,6 +66,8 @@ RELEASE_FAILED = "its followers could not all be released; the sweep releases th
 
 #: Attempts (0.5 s, 1 s, 2 s, ... apart) at recording a finished task while the store is away.
 _AFTER_BODY_ATTEMPTS = 5
+#: Most ids a header may list (the largest ``causal_max_leaders`` allowed).
+_MAX_HEADER_IDS = 10_000
 
 
 def _header(request: Any, name: str) -> Any:
@@ -75,25 +87,53 @@ def arrival_from(request: Any) -> tuple[Arrival, int]:
     task_id = _id_or_none(request.id, "task id", request.id)
     if task_id is None:
         raise InvalidMessageError("a causal task message without a task id")
-    follows = _id_or_none(_header(request, FOLLOWS), f"header {FOLLOWS}", task_id)
+    leaders = _ids(_header(request, FOLLOWS), FOLLOWS, task_id)
+    seen = _ids(_header(request, SEEN), SEEN, task_id)
     released = _id_or_none(_header(request, RELEASED), f"header {RELEASED}", task_id)
+    released_by = _id_or_none(_header(request, RELEASED_BY), f"header {RELEASED_BY}", task_id)
+    if released == LEADER and released_by is not None:
+        seen += (released_by,)
     key = _id_or_none(_header(request, KEY), f"header {KEY}", task_id)
     published_at = _header(request, PUBLISHED_AT)
     if published_at is not None and not _is_real(published_at):
         raise _invalid(task_id, PUBLISHED_AT, "must be a time in epoch seconds", published_at)
+    first_parked = _header(request, FIRST_PARKED)
+    if first_parked is not None and not _is_real(first_parked):
+        raise _invalid(task_id, FIRST_PARKED, "must be a time in epoch seconds", first_parked)
     depth = _header(request, DEPTH)
     if depth is not None and not (isinstance(depth, int) and _is_real(depth) and depth >= 0):
         raise _invalid(task_id, DEPTH, "must be an integer of at least 0", depth)
     delivery_info = request.delivery_info or {}
     arrival = Arrival(
         task_id=task_id,
-        follows=follows,
+        follows=leaders[0] if leaders else None,
+        more=leaders[1:],
+        seen=seen,
         released=released or "",
+        released_by=released_by,
+        first_parked_at=float(first_parked) if first_parked is not None else None,
         published_at=float(published_at) if published_at is not None else None,
         redelivered=bool(delivery_info.get("redelivered")),
         key=key,
     )
     return arrival, depth or 0
+
+
+def _ids(value: object, header: str, task_id: str) -> tuple[str, ...]:
+    """A header that holds one task id or a list of them, as a tuple of ids."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (_id_or_none(value, f"header {header}", task_id) or "",)
+    if (
+        not isinstance(value, list)
+        or len(value) > _MAX_HEADER_IDS
+        or not all(isinstance(item, str) for item in value)
+    ):
+        raise _invalid(
+            task_id, header, f"must be a task id or a list of at most {_MAX_HEADER_IDS}", value
+        )
+    return tuple(_id_or_none(item, f"header {header}", task_id) or "" for item in value)
 
 
 def _is_real(value: object) -> bool:
@@ -171,9 +211,9 @@ def check_then_trace(
     return traced
 
 
-def leader_failed_error(arrival: Arrival, scope: str) -> LeaderFailed:
+def leader_failed_error(arrival: Arrival, scope: str, leader: str | None = None) -> LeaderFailed:
     return LeaderFailed(
-        f"task {arrival.task_id} was not run: the task it follows, {arrival.leader} "
+        f"task {arrival.task_id} was not run: the task it follows, {leader or arrival.leader} "
         f"(scope {scope!r}), failed (causal_on_leader_failure='fail')"
     )
 

@@ -73,7 +73,9 @@ def _app(store: CausalStore, **conf: Any) -> Celery:
         (7, InvalidLeaderError, "not int"),
         ({"id": "x"}, InvalidLeaderError, "not dict"),
         (object(), InvalidLeaderError, "not object"),
-        (["a", "b"], InvalidLeaderError, "one leader per task"),
+        ([f"l{i}" for i in range(101)], InvalidLeaderError, r"101 leaders; the limit is"),
+        ([], InvalidLeaderError, "empty list"),
+        (["a", None], InvalidLeaderError, "not NoneType"),
         ("", InvalidLeaderError, "non-empty"),
         ("x" * 300, InvalidLeaderError, "300 characters long"),
         ("nul\x00byte", InvalidLeaderError, "NUL"),
@@ -219,7 +221,12 @@ def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
 #: Headers another sender may set (send_task, a producer in another language), and what the
 #: error must say about each.
 BAD_HEADERS = [
-    ("causal_follows", ["a", "b"], "header causal_follows must be a string, not list"),
+    ("causal_follows", {"a": "b"}, "header causal_follows must be a task id or a list"),
+    ("causal_follows", ["a", 7], "header causal_follows must be a task id or a list"),
+    ("causal_follows", ["a", ""], "header causal_follows must be a non-empty string"),
+    ("causal_leaders_seen", "", "header causal_leaders_seen must be a non-empty string"),
+    ("causal_released_by", 7, "header causal_released_by must be a string, not int"),
+    ("causal_first_parked_at", "soon", "header causal_first_parked_at must be a time"),
     ("causal_follows", "x" * 10_000, "header causal_follows is 10000 characters long"),
     ("causal_follows", "", "header causal_follows must be a non-empty string"),
     ("causal_published_at", "yesterday", "header causal_published_at must be a time"),

@@ -139,3 +139,62 @@ def test_store_retry_countdown_doubles_from_the_base_up_to_the_cap_with_jitter()
 def test_store_retry_countdown_stays_finite_after_a_very_long_outage() -> None:
     assert store_retry_countdown(10**9, 1.0, 60.0, rand=lambda: 0.0) == 30
     assert store_retry_countdown(0, 0.0, 0.0) == 0
+
+
+def fan_in(**fields: object) -> Arrival:
+    return Arrival("t", follows="A", more=("B", "C"), **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("arrival", "done", "action", "leader", "missing"),
+    [
+        (fan_in(), set(), Action.PARK, "A", ("A", "B", "C")),
+        (fan_in(), {"A", "C"}, Action.PARK, "B", ("B",)),
+        (fan_in(), {"A", "B", "C"}, Action.RUN, None, ()),
+        # A leader that released it counts, whatever the store says of it by now
+        (fan_in(released="leader", released_by="A", seen=("A",)), set(), Action.PARK, "B", None),
+        (fan_in(seen=("A", "B")), {"C"}, Action.RUN, None, ()),
+        # Lost (the sweep) or an operator's decision: it runs
+        (fan_in(released="sweep"), set(), Action.RUN, None, ()),
+        (fan_in(released="operator"), set(), Action.RUN, None, ()),
+        (fan_in(), {"t"}, Action.SKIP_DUPLICATE, None, ()),
+    ],
+)
+def test_a_follower_of_several_leaders_waits_for_the_first_not_done(
+    arrival: Arrival,
+    done: set[str],
+    action: Action,
+    leader: str | None,
+    missing: tuple[str, ...] | None,
+) -> None:
+    verdict = decide(arrival, done)
+    assert (verdict.action, verdict.leader) == (action, leader)
+    if missing is not None:
+        assert verdict.missing == missing
+
+
+def test_duplicate_leaders_count_once_and_itself_not_at_all() -> None:
+    arrival = Arrival("t", follows="A", more=("A", "t", "B", "A"))
+    assert arrival.leaders == ("A", "B")
+    assert decide(arrival, {"A"}).leader == "B"
+    assert Arrival("t", follows="t", more=("t",)).leaders == ()
+
+
+@pytest.mark.parametrize(
+    ("policy", "action"), [("fail", Action.FAIL), ("release", Action.RUN), ("wait", Action.RUN)]
+)
+def test_a_failed_leader_among_several_applies_the_policy_naming_it(
+    policy: str, action: Action
+) -> None:
+    verdict = decide(fan_in(), {"A", "C"}, {"B"}, policy)
+    assert verdict.action is action
+    if action is Action.FAIL:
+        assert verdict.leader == "B"
+    # under "release" it still waits for a leader that is neither done nor failed
+    assert decide(fan_in(), {"A"}, {"B"}, "release").leader == "C"
+
+
+def test_a_follower_released_by_a_failed_leader_among_several_fails_naming_it() -> None:
+    arrival = fan_in(released="leader-failed", released_by="C")
+    verdict = decide(arrival, set(), set(), "fail")
+    assert (verdict.action, verdict.leader) == (Action.FAIL, "C")

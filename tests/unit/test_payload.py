@@ -12,7 +12,7 @@ from celery.result import AsyncResult
 from kombu.serialization import dumps
 
 from celery_causal.errors import InvalidLeaderError, PayloadError
-from celery_causal.payload import Message, build_message, leader_id, pack, unpack
+from celery_causal.payload import Message, build_message, follows_header, leader_id, pack, unpack
 from celery_causal.store import Follower
 
 JSON = {"application/json"}
@@ -159,7 +159,10 @@ def test_leader_id_accepts_ids_and_async_results() -> None:
     [
         (7, "not int"),
         ({"id": "x"}, "not dict"),
-        (["a", "b"], "one leader per task"),
+        ([], "empty list"),
+        (["a", 7], "not int"),
+        (["a", ""], "non-empty"),
+        ([f"l{i}" for i in range(4)], r"names 4 leaders; the limit is causal_max_leaders \(3\)"),
         ("", "non-empty"),
         ("  ", "non-empty"),
         ("x" * 256, "the limit is 255"),
@@ -168,5 +171,14 @@ def test_leader_id_accepts_ids_and_async_results() -> None:
 )
 def test_bad_leaders_are_clear_errors(value: object, message: str) -> None:
     with pytest.raises(InvalidLeaderError, match=message):
-        leader_id(value)
+        follows_header(value, max_leaders=3)
     assert issubclass(InvalidLeaderError, ValueError)
+
+
+def test_several_leaders_are_listed_each_once_and_a_list_of_one_is_one_leader() -> None:
+    class Result:
+        id = "c"
+
+    assert follows_header(["a", "b", "a", Result()]) == ["a", "b", "c"]
+    assert follows_header(["a", "a"]) == "a"
+    assert follows_header(Result()) == "c"
