@@ -53,5 +53,12 @@ class StoreUnavailable(StoreError):
     """The causal store (database) cannot be reached."""
 
 
+class ReleaseInProgress(StoreUnavailable):
+    """An earlier row of this follower is still being released; it parks once it is gone.
+
+    Internal: the task retries through the same path as a store outage, shortly.
+    """
+
+
 class LeaderFailed(CausalError):
     """The leader this task follows failed for good (causal_on_leader_failure = "fail")."""

@@ -15,6 +15,18 @@ sees the row, or the follower's park sees the outcome and leaves no row waiting.
 and a take-back both move a row out of ``waiting`` in one statement, so exactly one wins.
 Each SQL dialect argues how its statements keep this in its own module
 (``sql/postgresql.py``, ``sql/sqlite.py``).
+
+A follower of several leaders (fan-in) is parked behind one leader at a time, the first
+whose outcome is not recorded, with this same handshake: it never misses the leader it
+waits for, and when that leader releases it (or is found done by the park), it checks the
+others again and waits for the next. Leaders finishing at once on different hosts each
+record their outcome first; whichever the follower waits for then either claims its row
+or is found done by the park, and the others are found done by the next check. One
+message, hence one row, stands for the follower at a time, so it runs once. One more
+interleaving: a released message can be delivered before its releaser deleted the row it
+came from; a park of it behind the next leader then meets that row, claimed, and returns
+:attr:`ParkOutcome.RELEASING` without storing anything (its releaser would delete it),
+and the task parks again a moment later, once the row is gone.
 """
 
 from __future__ import annotations
@@ -41,6 +53,12 @@ class ParkOutcome(enum.Enum):
     #: The leader's failure was recorded by the time of the park: no row is left waiting
     #: and the caller applies ``causal_on_leader_failure`` now.
     LEADER_FAILED = "leader-failed"
+    #: An earlier row of this follower is being released (claimed; its message published
+    #: or about to be, its row deleted after): nothing was stored. A follower of one
+    #: leader does not run (the released message does). A follower of several that one
+    #: leader released, delivered before its releaser deleted the row, must park again
+    #: once the row is gone: its releaser would delete whatever the park left in it.
+    RELEASING = "releasing"
 
 
 @dataclass(frozen=True)
@@ -188,7 +206,7 @@ class CausalStore(Protocol):
         as lost from then on. Returns ``LEADER_DONE`` or ``LEADER_FAILED`` (no row left
         waiting) when the leader's record is there. A duplicate leaves one row and returns
         ``PARKED``: whoever releases that row (the leader whose record found it, or the
-        sweep) publishes it.
+        sweep) publishes it; ``RELEASING`` if that row is claimed for release already.
         """
 
     def record_done(

@@ -22,7 +22,13 @@ from kombu.utils.functional import maybe_list
 
 from . import signals
 from .core import DEFERRED, Action, Arrival, Verdict, store_retry_countdown
-from .errors import InvalidIdError, InvalidLeaderError, LeaderFailed, StoreUnavailable
+from .errors import (
+    InvalidIdError,
+    InvalidLeaderError,
+    LeaderFailed,
+    ReleaseInProgress,
+    StoreUnavailable,
+)
 from .payload import (
     FIRST_PARKED,
     FOLLOWS,
@@ -284,8 +290,11 @@ class CausalTask(Task):  # type: ignore[misc]
             # given this message, is the one line an attempt logs: which leader the task
             # waits for, when it comes back, and why, without the driver's multi-line text.
             follows = f"follows {arrival.leader}, " if arrival.leader else ""
+            why = "causal store unreachable"
+            if isinstance(exc, ReleaseInProgress):
+                why = "an earlier release of this follower is not finished"
             retry.message = (
-                f"causal store unreachable ({follows}scope {scope!r}); "
+                f"{why} ({follows}scope {scope!r}); "
                 f"retry {retries + 1} in {countdown:.1f}s: {_first_line(str(exc))}"
             )
             return retry
@@ -317,6 +326,13 @@ class CausalTask(Task):  # type: ignore[misc]
             outcome = self._park(runtime, scope, arrival, request, now, verdict)
             if outcome is ParkOutcome.PARKED:
                 return False
+            if outcome is ParkOutcome.RELEASING:
+                # Released by one leader and delivered before its releaser deleted the
+                # row, it waits for another: it parks once the row is gone (a retry).
+                raise ReleaseInProgress(
+                    f"follower {arrival.task_id} waits for {verdict.leader} next; its row "
+                    "released by an earlier leader is not deleted yet"
+                )
             failed = outcome is ParkOutcome.LEADER_FAILED
             if failed and runtime.settings.on_leader_failure == "fail":
                 raise leader_failed_error(arrival, scope, verdict.leader)
@@ -394,6 +410,9 @@ class CausalTask(Task):  # type: ignore[misc]
             headers=extra,
         )
         outcome = runtime.park(follower, lookback)
+        if outcome is ParkOutcome.RELEASING and len(arrival.leaders) == 1:
+            # A duplicate delivery: the message of the row being released runs the task.
+            outcome = ParkOutcome.PARKED
         if outcome is ParkOutcome.PARKED:
             logger.info(
                 "parked task %s: waits for leader %s (scope %r)", arrival.task_id, leader, scope

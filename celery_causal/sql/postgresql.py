@@ -64,7 +64,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 
 from ..core import release_order
-from ..store import DEFAULT_SEEN_TTL, ClaimedFollower, DoneRecord
+from ..store import DEFAULT_SEEN_TTL, ClaimedFollower, DoneRecord, ParkOutcome
 from . import housekeeping as hk
 from . import statements as sql
 from .keys import record_key_statement
@@ -140,6 +140,13 @@ def _park_statement() -> Any:
         exists(select(mark)).label("marked"),
         had_row.label("had_row"),
         exists(select(parked)).label("inserted"),
+        exists()
+        .where(
+            *sql.in_scope(followers),
+            followers.c.follower_id == bindparam("b_follower"),
+            followers.c.claimed_at.is_not(None),
+        )
+        .label("had_claimed"),
     )
 
 
@@ -220,9 +227,16 @@ class PostgresStore(SQLStore):
             conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
             yield
 
-    def _park_once(self, values: dict[str, Any]) -> bool:
-        ((marked, had_row, _),) = self._fetch(PARK, values)
-        return bool(marked or had_row)
+    def _park_once(self, values: dict[str, Any]) -> ParkOutcome | None:
+        ((marked, had_row, inserted, had_claimed),) = self._fetch(PARK, values)
+        if inserted:
+            return ParkOutcome.PARKED
+        # Not inserted: a row of this follower was there. The statement's INSERT waits
+        # for a concurrent delete of it (a releaser's finish) and inserts once it is gone,
+        # so a claimed row it did not insert over is still there, being released.
+        if had_claimed:
+            return ParkOutcome.RELEASING
+        return ParkOutcome.PARKED if marked or had_row else None
 
     def record_done_and_claim(
         self,

@@ -27,7 +27,9 @@ leader's **claim** follows in a statement of its own, committed after the record
 - Record before mark: the mark finds the outcome and the follower does not park.
 
 ``claimed_at IS NULL`` in both the claim and the take-back makes them exclusive: exactly
-one moves the row out of waiting.
+one moves the row out of waiting. A park whose insert met an earlier row of the same
+follower reports that row's state (waiting: ``PARKED``; claimed: ``RELEASING``); a park
+that inserted its own row is ``PARKED`` whatever its leader did with the row since.
 
 A release restarts the lookback of the released rows' own followers just before the rows
 are deleted once published (:meth:`SQLiteStore.finish`): SQLite has no row locks for a
@@ -40,10 +42,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from sqlalchemy import bindparam, delete, literal, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.dialects import sqlite
 
-from ..store import DEFAULT_SEEN_TTL, ClaimedFollower, DoneRecord
+from ..store import DEFAULT_SEEN_TTL, ClaimedFollower, DoneRecord, ParkOutcome
 from . import housekeeping as hk
 from . import statements as sql
 from .keys import record_key_statement
@@ -52,7 +54,7 @@ from .store import SQLStore, by_scope
 
 _MARK = sql.mark_statement(sqlite.insert, strictly_later=False)
 _PARK_ROW = sql.park_insert(sqlite.insert)
-HAS_ROW = select(literal(1)).where(
+ROW_CLAIMED = select(followers.c.claimed_at.is_not(None)).where(
     followers.c.scope == bindparam("b_scope"),
     followers.c.follower_id == bindparam("b_follower"),
 )
@@ -88,13 +90,24 @@ class SQLiteStore(SQLStore):
     bury_sql: ClassVar[Any] = hk.bury_statement(sqlite.insert)
     record_key_sql: ClassVar[Any] = record_key_statement(sqlite.insert)
 
-    def _park_once(self, values: dict[str, Any]) -> bool:
-        def mark_row_take_back(conn: Any) -> bool:
+    def _park_once(self, values: dict[str, Any]) -> ParkOutcome | None:
+        def row_state(conn: Any) -> ParkOutcome | None:
+            row = conn.execute(ROW_CLAIMED, values).first()
+            if row is None:
+                return None
+            return ParkOutcome.RELEASING if row[0] else ParkOutcome.PARKED
+
+        def mark_row_take_back(conn: Any) -> ParkOutcome | None:
             if conn.execute(_MARK, values).first() is None:
                 # An outcome is recorded, or a redelivery finds the row it parked before.
-                return conn.execute(HAS_ROW, values).first() is not None
-            conn.execute(_PARK_ROW, values)
-            return conn.execute(TAKE_BACK, values).first() is None
+                return row_state(conn)
+            inserted = conn.execute(_PARK_ROW, values).rowcount == 1
+            if conn.execute(TAKE_BACK, values).first() is not None:
+                return None
+            # This park's own row, if it inserted one, is parked whatever happened to it
+            # since (its leader may have claimed it already); an earlier delivery's row
+            # says whether it is being released.
+            return ParkOutcome.PARKED if inserted else row_state(conn)
 
         return self._run(mark_row_take_back)
 

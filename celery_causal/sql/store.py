@@ -189,16 +189,18 @@ class SQLStore:
 
     def park(self, follower: Follower, lookback: float) -> ParkOutcome:
         values = park_values(follower, lookback)
-        while not self._park_once(values):
+        while (state := self._park_once(values)) is None:
             # The leader's outcome was there. None: it expired meanwhile; park again.
             outcome = self._settled(follower.scope, follower.leader_id)
             if outcome is not None:
                 return outcome
-        return ParkOutcome.PARKED
+        return state
 
-    def _park_once(self, values: dict[str, Any]) -> bool:
-        """Park with these bound values unless the leader's outcome is recorded; whether a
-        row waits now (this park's, or an earlier delivery's). Each dialect argues it."""
+    def _park_once(self, values: dict[str, Any]) -> ParkOutcome | None:
+        """Park with these bound values unless the leader's outcome is recorded: PARKED if
+        a row waits now (this park's, or an earlier delivery's), RELEASING if an earlier
+        delivery's row is claimed, ``None`` if the outcome is there. Each dialect argues
+        it."""
         raise NotImplementedError
 
     def record_done_and_claim(

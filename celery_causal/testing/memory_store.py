@@ -94,6 +94,8 @@ class MemoryStore:
             if key in self._rows:
                 # An earlier delivery's row: whoever releases it (the leader whose record
                 # found it, or the sweep) publishes it; this copy does not run.
+                if self._rows[key].claimed_at is not None:
+                    return ParkOutcome.RELEASING
                 return ParkOutcome.PARKED
             if outcome is not None:
                 return ParkOutcome.LEADER_FAILED if outcome else ParkOutcome.LEADER_DONE

@@ -135,7 +135,9 @@ class Protocol(RuleBasedStateMachine):
         outcome = self.store.park(follower(fid, leader, scope="s"), lookback)
         state = self.model.settled(leader)
         if fid in self.model.rows:
-            expected = ParkOutcome.PARKED  # an earlier delivery's row is its releaser's
+            # An earlier delivery's row is its releaser's; one being released says so.
+            releasing = self.model.rows[fid].state == "releasing"
+            expected = ParkOutcome.RELEASING if releasing else ParkOutcome.PARKED
         elif state is not None:
             expected = ParkOutcome.LEADER_FAILED if state else ParkOutcome.LEADER_DONE
             self.model.grant(fid, "direct")

@@ -214,11 +214,21 @@ def test_park_before_leader_done_is_claimed_by_the_leader(store: CausalStore) ->
     assert [f.follower_id for f in store.claim_followers("default", "L", 10)] == ["f1"]
 
 
-def test_duplicate_park_of_a_row_being_released_does_not_run_it(store: CausalStore) -> None:
+def test_a_park_that_meets_its_row_being_released_says_so_and_stores_nothing(
+    store: CausalStore,
+) -> None:
     store.park(follower("f1", "L"), LOOKBACK)
     store.record_done("default", "L")
-    store.claim_followers("default", "L", 10)  # the leader is publishing it
-    assert store.park(follower("f1", "L"), LOOKBACK) is ParkOutcome.PARKED
+    (claimed,) = store.claim_followers("default", "L", 10)  # the leader is publishing it
+    # A duplicate delivery, or a follower of several leaders that L released and that
+    # waits for M next: its earlier row is still there, being released
+    assert store.park(follower("f1", "L"), LOOKBACK) is ParkOutcome.RELEASING
+    assert store.park(follower("f1", "M"), LOOKBACK) is ParkOutcome.RELEASING
+    assert store.count_followers("default", "M") == 0
+    # Once its releaser deleted the row, the follower parks behind M
+    store.finish([claimed])
+    assert store.park(follower("f1", "M"), LOOKBACK) is ParkOutcome.PARKED
+    assert store.count_followers("default", "M") == 1
 
 
 def test_record_done_says_whether_a_follower_may_wait(store: CausalStore) -> None:
