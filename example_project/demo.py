@@ -126,6 +126,34 @@ def _send_charges() -> list[Any]:
     return results
 
 
+LOADS = ("orders", "payments", "stock")
+
+
+def _send_report() -> list[Any]:
+    """The day's report first, then its three loads, a moment apart: the report waits for
+    each load in turn and runs once the last one succeeded."""
+    loads = {source: f"{RUN}-load-{source}" for source in LOADS}
+    report = shop.daily_report.apply_async(
+        ("2026-11-30",), task_id=f"{RUN}-report", follows=list(loads.values())
+    )
+    results = [report]
+    for n, source in enumerate(LOADS):
+        countdown = 0.3 * (n + 1)
+        results.append(
+            shop.load.apply_async(
+                (source, "2026-11-30"), task_id=loads[source], countdown=countdown
+            )
+        )
+    return results
+
+
+def report_violations(task_ids: set[str]) -> list[str]:
+    ran = [what for t, what in shop.reported if t in task_ids]
+    if sorted(ran) != sorted(["report", *(f"load {s}" for s in LOADS)]) or ran[-1] != "report":
+        return [f"the report and its loads ran as {ran}"]
+    return []
+
+
 def charge_violations(task_ids: set[str]) -> list[str]:
     problems = []
     for customer, amounts in CHARGES.items():
@@ -174,11 +202,19 @@ def _run() -> int:
         charges = _send_charges()
         for result in charges:
             result.get(timeout=30)
+        print("\nThe day's report, sent before the three loads it follows:")
+        report = _send_report()
+        for result in report:
+            result.get(timeout=30)
 
     lost = {("order_shipped", 4)}
     # Only this run's tasks: a shared store may release an earlier run's lost followers.
     ran = [(e, o) for task_id, e, o in shop.ran if task_id.startswith(f"{RUN}-")]
-    problems = violations(ran, lost) + charge_violations({r.id for r in charges})
+    problems = (
+        violations(ran, lost)
+        + charge_violations({r.id for r in charges})
+        + report_violations({r.id for r in report})
+    )
     print("\nBodies ran in this order:")
     print("  " + ", ".join(f"{e}#{o}" for e, o in ran))
     for problem in problems:

