@@ -124,3 +124,15 @@ def test_a_bound_task_sees_its_own_request_when_run_and_when_released() -> None:
     bound.apply_async(task_id="g", headers={"tenant": "acme"})
     # Then each body saw its own id and headers, not a request holding only its arguments
     assert seen == [("f", "acme"), ("g", "acme")]
+
+
+def test_a_follower_of_several_leaders_runs_in_the_same_process_after_the_last() -> None:
+    _, store, ran, step, _ = eager_app()
+    report = step.apply_async(("report",), task_id="report", follows=["a", "b", "c"])
+    assert report.state == DEFERRED
+    step.apply_async(("b",), task_id="b")
+    step.apply_async(("a",), task_id="a")
+    assert ran == ["b", "a"] and store.count_parked(None, None) == 1
+    step.apply_async(("c",), task_id="c")
+    assert ran == ["b", "a", "c", "report"]
+    assert store.count_parked(None, None) == 0
