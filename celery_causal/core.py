@@ -28,6 +28,8 @@ DEFERRED = "DEFERRED"
 
 #: Who released a message (header ``causal_released``) when its leader succeeded.
 LEADER = "leader"
+#: ... when the sweep did: the follower was lost, or the releaser of its leader died.
+SWEEP = "sweep"
 #: ... when an operator did.
 OPERATOR = "operator"
 #: ... when its leader failed for good under "fail": it fails on arrival, whatever the store
@@ -89,6 +91,8 @@ def decide(
     done: Collection[str],
     failed: Collection[str] = (),
     on_leader_failure: str = "wait",
+    now: float | None = None,
+    lookback: float | None = None,
 ) -> Verdict:
     """Decide what to do with ``arrival``.
 
@@ -97,8 +101,11 @@ def decide(
     neither, however old its message is: the time it may wait counts from its park (its
     row's deadline), never from its publish, so a broker backlog, a countdown or a store
     outage cannot make it overtake a leader. Only a release lets it run without its
-    leaders' success: by the sweep or an operator, or by its leader when it has one; a
-    follower of several that one leader released waits for the others that are not done.
+    leaders' success: by the sweep or an operator, or by its leader when it has one. A
+    follower of several that one leader released waits for the others that are not done;
+    one the sweep released too, unless it is lost: its lookback (``lookback`` seconds
+    from its first park, by the store's clock ``now``) is over. The sweep also releases
+    rows whose leader succeeded but whose releaser died, and those must not run early.
     """
     if arrival.task_id in done:
         return Verdict(Action.SKIP_DUPLICATE, "already done")
@@ -117,9 +124,18 @@ def decide(
     missing = [t for t in missing if t not in failed]
     if not missing:
         return Verdict(Action.RUN, "leaders done" if len(leaders) > 1 else "leader done")
-    if arrival.released and (arrival.released != LEADER or len(leaders) == 1):
+    if arrival.released and (arrival.released not in (LEADER, SWEEP) or len(leaders) == 1):
         return Verdict(Action.RUN, "released")
+    if arrival.released == SWEEP and _lost(arrival, now, lookback):
+        return Verdict(Action.RUN, "lost")
     return Verdict(Action.PARK, "leader not done", leader=missing[0], missing=tuple(missing))
+
+
+def _lost(arrival: Arrival, now: float | None, lookback: float | None) -> bool:
+    """A follower of several leaders has waited its whole lookback since its first park."""
+    if arrival.first_parked_at is None or now is None or lookback is None:
+        return True  # no park time to count from: the sweep's word stands
+    return now >= arrival.first_parked_at + lookback
 
 
 def needs_store(arrival: Arrival, deduplicate: str) -> bool:

@@ -71,12 +71,24 @@ def leader_id(follows: object) -> str:
     return check_id(value, "follows", InvalidLeaderError)
 
 
+def _leader_ids(value: object) -> list[str]:
+    """Task ids of a ``follows`` value; a ``GroupResult`` stands for each of its tasks
+    (its own id is no task's, and nothing would ever record it)."""
+    results = getattr(value, "results", None)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items: Any = value
+    elif isinstance(results, (list, tuple)) and not isinstance(value, (str, type)):
+        items = results
+    else:
+        return [leader_id(value)]
+    return [t for item in items for t in _leader_ids(item)]
+
+
 def follows_header(follows: object, max_leaders: int | None = None) -> str | list[str]:
     """The ``causal_follows`` header of a ``follows`` value: one leader's id, or the ids of
-    several (a list, tuple or set of ids or ``AsyncResult`` objects), each once."""
-    if not isinstance(follows, (list, tuple, set, frozenset)):
-        return leader_id(follows)
-    ids = list(dict.fromkeys(leader_id(item) for item in follows))
+    several (a list, tuple or set of ids or ``AsyncResult`` objects, or a ``GroupResult``),
+    each once."""
+    ids = list(dict.fromkeys(_leader_ids(follows)))
     if not ids:
         raise InvalidLeaderError("follows is an empty list: give at least one leader")
     if max_leaders is not None and len(ids) > max_leaders:

@@ -96,7 +96,12 @@ class CausalRuntime:
         lookup = self.store.lookup(scope, [t for t in wanted if t not in known])
         self._remember(scope, lookup.done)
         verdict = decide(
-            arrival, known | lookup.done, lookup.failed, self.settings.on_leader_failure
+            arrival,
+            known | lookup.done,
+            lookup.failed,
+            self.settings.on_leader_failure,
+            now=lookup.now,
+            lookback=self.settings.lookback,
         )
         return verdict, lookup.now
 

@@ -18,7 +18,7 @@ from typing import Any
 from celery.utils import uuid
 
 from .errors import NotCausalError
-from .payload import FOLLOWS, PUBLISHED_AT, follows_header
+from .payload import FOLLOWS, PUBLISHED_AT
 
 
 def guard_send_task(app: Any, causal_base: type) -> None:
@@ -50,7 +50,7 @@ def guard_send_task(app: Any, causal_base: type) -> None:
                 options["task_id"] = options.get("task_id") or uuid()
                 task._send_under_key(key, options["task_id"], headers, follows)  # type: ignore[attr-defined]
             else:
-                headers[FOLLOWS] = follows_header(follows, task._max_leaders(follows))  # type: ignore[attr-defined]
+                headers[FOLLOWS] = task._follows_header(follows)  # type: ignore[attr-defined]
             headers.setdefault(PUBLISHED_AT, time.time())
             options["headers"] = headers
         return send_task(name, args, kwargs, **options)

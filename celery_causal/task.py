@@ -92,19 +92,13 @@ class CausalTask(Task):  # type: ignore[misc]
     ) -> Any:
         headers = dict(options.pop("headers", None) or {})
         if follows is not None:
-            headers[FOLLOWS] = follows_header(follows, self._max_leaders(follows))
+            headers[FOLLOWS] = self._follows_header(follows)
         if task_id is not None:
             check_id(task_id, "task_id")
         if not isinstance(self.scope, str):
             raise InvalidIdError(f"scope of {self.name} must be a string, not {self.scope!r}")
         check_id(self.scope, f"scope of {self.name}")
-        if KEY not in headers:  # a retry or a resend carries its key and its place already
-            key = ordering_key
-            if key is None and self.ordering_key is not None:
-                key = self.ordering_key(*(args or ()), **(kwargs or {}))
-            if key is not None:
-                task_id = task_id or uuid()
-                self._send_under_key(key, task_id, headers, follows)
+        task_id = self._keyed(ordering_key, args, kwargs, task_id, headers, follows)
         # The event's occurrence time, which orders a leader's followers when they are
         # released; retries and re-enqueues keep it (setdefault).
         headers.setdefault(PUBLISHED_AT, time.time())
@@ -122,11 +116,36 @@ class CausalTask(Task):  # type: ignore[misc]
             **options,
         )
 
-    def _max_leaders(self, follows: object) -> int | None:
-        """``causal_max_leaders`` when ``follows`` lists leaders (the app's settings)."""
-        if not isinstance(follows, (list, tuple, set, frozenset)) or len(follows) <= 1:
-            return None
-        return runtime_for(self.app).settings.max_leaders
+    def _follows_header(self, follows: object) -> str | list[str]:
+        """The ``causal_follows`` header of ``follows``; several leaders are checked
+        against the app's ``causal_max_leaders`` (read only then: one leader is the
+        common case)."""
+        header = follows_header(follows)
+        if isinstance(header, list):
+            follows_header(header, CausalSettings.from_conf(self.app.conf).max_leaders)
+        return header
+
+    def _keyed(
+        self,
+        ordering_key: str | None,
+        args: Any,
+        kwargs: Any,
+        task_id: str | None,
+        headers: dict[str, Any],
+        follows: Any,
+    ) -> str | None:
+        """Record a send under its ordering key (given, or the task's), if it has one;
+        return its task id (made here if the send had none)."""
+        if KEY in headers:  # a retry or a resend carries its key and its place already
+            return task_id
+        key = ordering_key
+        if key is None and self.ordering_key is not None:
+            key = self.ordering_key(*(args or ()), **(kwargs or {}))
+        if key is None:
+            return task_id
+        task_id = task_id or uuid()
+        self._send_under_key(key, task_id, headers, follows)
+        return task_id
 
     def _send_under_key(
         self, key: object, task_id: str, headers: dict[str, Any], follows: Any
@@ -161,6 +180,7 @@ class CausalTask(Task):  # type: ignore[misc]
         loglevel: Any = None,
         headers: Any = None,
         follows: Any = None,
+        ordering_key: str | None = None,
         **options: Any,
     ) -> Any:
         """Run the task here (``task_always_eager``, or ``.apply()``), in causal order.
@@ -170,10 +190,10 @@ class CausalTask(Task):  # type: ignore[misc]
         succeeds (with ``task_always_eager``; otherwise its leader's release publishes it).
         A duplicate of a task recorded done is ``IGNORED``.
         """
-        task_id = task_id or uuid()
         headers = dict(headers or {})
         if follows is not None:
-            headers[FOLLOWS] = follows_header(follows, self._max_leaders(follows))
+            headers[FOLLOWS] = self._follows_header(follows)
+        task_id = self._keyed(ordering_key, args, kwargs, task_id, headers, follows) or uuid()
         headers.setdefault(PUBLISHED_AT, time.time())
         runtime = runtime_for(self.app)
         scope = self.scope
@@ -358,6 +378,10 @@ class CausalTask(Task):  # type: ignore[misc]
             scope,
         )
         signals.duplicate_skipped.send(sender=self, task_id=arrival.task_id, scope=scope)
+        if arrival.key is not None:
+            # Sent again under its key after it ran (the producer re-sent its id): the
+            # send made it the key's newest task again, and only its finish frees the key.
+            runtime.free_key(scope, arrival.key, arrival.task_id)
         # A redelivered task whose earlier run died after its done record was stored and
         # before its followers were claimed: release what it left waiting. A store outage
         # here retries the message, which comes back to this same step.
@@ -387,10 +411,12 @@ class CausalTask(Task):  # type: ignore[misc]
         lookback, extra = runtime.settings.lookback, {}
         if len(arrival.leaders) > 1:
             # Its lookback counts from its first park, across its waits for each leader;
-            # the stored message keeps which leaders released it so far.
+            # the stored message keeps which leaders it found done so far.
             first = arrival.first_parked_at if arrival.first_parked_at is not None else now
             lookback = max(0.0, first + lookback - now)
-            extra = {SEEN: list(arrival.seen), FIRST_PARKED: first}
+            # Leaders found done count for good: their records may expire before it runs.
+            done = [t for t in arrival.leaders if t not in verdict.missing]
+            extra = {SEEN: done, FIRST_PARKED: first}
         fields = deferred_fields(
             leader, scope, now, lookback, arrival.key, arrival.leaders, verdict.missing
         )

@@ -11,7 +11,9 @@ from celery.signals import before_task_publish
 
 import celery_causal
 from celery_causal import InvalidIdError, InvalidLeaderError, NotCausalError, NotInstalledError
+from celery_causal.core import DEFERRED
 from celery_causal.testing import MemoryStore
+from tests.helpers import age
 
 
 @pytest.fixture
@@ -146,3 +148,42 @@ def test_eager_sends_under_a_key_run_in_send_order_and_free_the_key() -> None:
     assert [task.delay(n).get() for n in range(3)] == [0, 1, 2]
     assert ran == [0, 1, 2]
     assert store.key_tails("k") == []
+
+
+def test_a_keyed_task_sent_again_after_it_ran_does_not_hold_its_key() -> None:
+    # A producer re-sends a finished task's id (its first publish timed out, say): the
+    # send makes it the key's newest task again, and its delivery is a duplicate
+    app, store = app_with_store(task_always_eager=True, causal_seen_cache_size=0)
+
+    @celery_causal.causal_task(app, name="keys.t", shared=False)
+    def task(label: str) -> str:
+        return label
+
+    assert task.apply_async(("t1",), task_id="t1", ordering_key="k").state == "SUCCESS"
+    assert task.apply_async(("t1",), task_id="t1", ordering_key="k").state == "IGNORED"
+    assert store.key_tails("k") == []
+    age(store, 2 * 3600)  # long after: t1's record is over
+    assert task.apply_async(("t2",), task_id="t2", ordering_key="k").state == "SUCCESS"
+
+
+def test_apply_orders_by_key_as_apply_async_does() -> None:
+    app, store = app_with_store()
+
+    @celery_causal.causal_task(app, name="keys.t", shared=False)
+    def task() -> None: ...
+
+    store.record_key("default", "k", "earlier")  # the key's newest task has not run
+    assert task.apply(ordering_key="k").state == DEFERRED
+
+
+def test_a_fan_in_send_needs_no_install_as_a_single_follows_send_does_not(
+    published: list[dict[str, Any]],
+) -> None:
+    app = Celery("bare-fan-in", broker="memory://", set_as_current=False)
+
+    @app.task(name="keys.report", base=celery_causal.CausalTask, shared=False)
+    def report() -> None: ...
+
+    report.apply_async(follows="a")
+    report.apply_async(follows=["a", "b"])
+    assert [h["causal_follows"] for h in published] == ["a", ["a", "b"]]

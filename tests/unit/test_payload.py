@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 from celery import Celery
-from celery.result import AsyncResult
+from celery.result import AsyncResult, GroupResult
 from kombu.serialization import dumps
 
 from celery_causal.errors import InvalidLeaderError, PayloadError
@@ -182,3 +182,10 @@ def test_several_leaders_are_listed_each_once_and_a_list_of_one_is_one_leader() 
     assert follows_header(["a", "b", "a", Result()]) == ["a", "b", "c"]
     assert follows_header(["a", "a"]) == "a"
     assert follows_header(Result()) == "c"
+
+
+def test_a_group_result_stands_for_each_of_its_tasks() -> None:
+    app = Celery("group", set_as_current=False)
+    group = GroupResult("group-id", [AsyncResult("a", app=app), AsyncResult("b", app=app)], app=app)
+    assert follows_header(group) == ["a", "b"]
+    assert follows_header([group, "c"]) == ["a", "b", "c"]
