@@ -304,8 +304,9 @@ class CausalStore(Protocol):
         task it follows: the key's newest task before it, or ``None`` if the key was free.
 
         Concurrent producers on one key serialise on its row, so each send gets the one
-        before it and the sends form one chain. Recording the same task again returns
-        what it returned the first time (a producer retrying a send)."""
+        before it and the sends form one chain. Recording the same task again, within
+        the seen TTL (``expire_done`` forgets sends then), returns what it returned the
+        first time and changes nothing (a producer re-sending)."""
 
     def free_key(self, scope: str, key: str, task_id: str) -> bool:
         """Free ``key`` if ``task_id`` is still its newest task (it finished, nothing was
@@ -319,7 +320,8 @@ class CausalStore(Protocol):
         """Delete up to ``limit`` records that are over; return how many.
 
         An outcome (done or failed) goes once its own expiry passed, a mark once it is older
-        than ``seen_ttl``; neither while a follower row references it. Each row is tested
+        than ``seen_ttl``; neither while a follower row references it. A send recorded
+        under an ordering key is forgotten once older than ``seen_ttl``. Each row is tested
         again as it is deleted: a record or a mark written meanwhile stays.
         """
 

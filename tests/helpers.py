@@ -11,7 +11,7 @@ from sqlalchemy import text, update
 
 from celery_causal.payload import build_message, pack
 from celery_causal.sql import SQLStore
-from celery_causal.sql.schema import done, followers
+from celery_causal.sql.schema import done, followers, key_sends, keys
 from celery_causal.store import CausalStore, Follower
 from celery_causal.testing import MemoryStore
 
@@ -68,11 +68,19 @@ def age(store: CausalStore, seconds: float) -> None:
                 release_due_at=done.c.release_due_at - seconds,
             )
         )
+        conn.execute(update(keys).values(recorded_at=keys.c.recorded_at - seconds))
+        conn.execute(update(key_sends).values(recorded_at=key_sends.c.recorded_at - seconds))
 
 
 def truncate(store: SQLStore) -> None:
     with store.engine.connect() as conn:
-        for table in ("causal_followers", "causal_done", "causal_dead_followers", "causal_keys"):
+        for table in (
+            "causal_followers",
+            "causal_done",
+            "causal_dead_followers",
+            "causal_keys",
+            "causal_key_sends",
+        ):
             conn.execute(text(f"DELETE FROM {table}"))
 
 

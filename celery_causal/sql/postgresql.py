@@ -67,7 +67,7 @@ from ..core import release_order
 from ..store import DEFAULT_SEEN_TTL, ClaimedFollower, DoneRecord, ParkOutcome
 from . import housekeeping as hk
 from . import statements as sql
-from .keys import record_key_statement
+from .keys import PG_RECORD_KEY, record_tail_statement, remember_send_statement
 from .schema import db_clock, done, followers
 from .store import SQLStore, by_scope, claimed_row
 
@@ -214,7 +214,14 @@ class PostgresStore(SQLStore):
     claim_due_one_sql: ClassVar[Any] = restarting(sql.CLAIM_DUE_ONE, scoped=True)
     claim_one_sql: ClassVar[Any] = restarting(sql.CLAIM_ONE, scoped=True)
     bury_sql: ClassVar[Any] = hk.bury_statement(postgresql.insert)
-    record_key_sql: ClassVar[Any] = record_key_statement(postgresql.insert)
+    record_tail_sql: ClassVar[Any] = record_tail_statement(postgresql.insert)
+    remember_send_sql: ClassVar[Any] = remember_send_statement(postgresql.insert)
+
+    def record_key(self, scope: str, key: str, task_id: str) -> str | None:
+        # One statement: an earlier send's answer, or the new tail and its memory.
+        params = {"b_scope": scope, "b_key": key, "b_task": task_id}
+        ((known, known_previous, previous),) = self._fetch(PG_RECORD_KEY, params)
+        return known_previous if known else previous  # type: ignore[no-any-return]
 
     @contextlib.contextmanager
     def _schema_lock(self, conn: Any) -> Iterator[None]:

@@ -171,6 +171,21 @@ keys = Table(
     PrimaryKeyConstraint("scope", "key", name="causal_keys_pkey"),
 )
 
+#: Each send recorded under an ordering key, kept for ``causal_seen_ttl``: a producer that
+#: sends the same task id again (an outbox replaying a publish) gets the task it was
+#: recorded behind, and does not put the id at the end of its key a second time.
+key_sends = Table(
+    "causal_key_sends",
+    metadata,
+    Column("scope", _Id, nullable=False),
+    Column("task_id", _Id, nullable=False),
+    Column("key", _Id, nullable=False),
+    Column("previous", _Id, nullable=True),
+    Column("recorded_at", Double, nullable=False),
+    PrimaryKeyConstraint("task_id", "scope", name="causal_key_sends_pkey"),
+)
+Index("causal_key_sends_recorded_idx", key_sends.c.recorded_at)
+
 
 class db_clock(FunctionElement[float]):
     """The database's clock in epoch seconds, so every worker shares one clock."""

@@ -48,7 +48,7 @@ from sqlalchemy.dialects import sqlite
 from ..store import DEFAULT_SEEN_TTL, ClaimedFollower, DoneRecord, ParkOutcome
 from . import housekeeping as hk
 from . import statements as sql
-from .keys import record_key_statement
+from .keys import record_tail_statement, remember_send_statement
 from .schema import followers
 from .store import SQLStore, by_scope
 
@@ -88,7 +88,8 @@ class SQLiteStore(SQLStore):
     claim_due_one_sql: ClassVar[Any] = sql.CLAIM_DUE_ONE
     claim_one_sql: ClassVar[Any] = sql.CLAIM_ONE
     bury_sql: ClassVar[Any] = hk.bury_statement(sqlite.insert)
-    record_key_sql: ClassVar[Any] = record_key_statement(sqlite.insert)
+    record_tail_sql: ClassVar[Any] = record_tail_statement(sqlite.insert)
+    remember_send_sql: ClassVar[Any] = remember_send_statement(sqlite.insert)
 
     def _park_once(self, values: dict[str, Any]) -> ParkOutcome | None:
         def row_state(conn: Any) -> ParkOutcome | None:

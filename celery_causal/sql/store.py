@@ -103,7 +103,8 @@ class SQLStore:
     claim_one_sql: ClassVar[Any]
     record_sql: ClassVar[Any]
     bury_sql: ClassVar[Any]
-    record_key_sql: ClassVar[Any]
+    record_tail_sql: ClassVar[Any]
+    remember_send_sql: ClassVar[Any]
 
     def __init__(
         self, url: str, *, create_schema: bool = True, transaction_pooler: bool = False
@@ -262,8 +263,19 @@ class SQLStore:
 
     def record_key(self, scope: str, key: str, task_id: str) -> str | None:
         params = {"b_scope": scope, "b_key": key, "b_task": task_id}
-        ((previous,),) = self._fetch(self.record_key_sql, params)
-        return str(previous) if previous is not None else None
+
+        def run(conn: Any) -> str | None:
+            # Three statements (SQLite): a second producer's steps can only come between
+            # them with another task id, or with the same id, whose upsert then finds it
+            # newest already and answers as the first did (see ``sql/keys.py``).
+            known = conn.execute(ks.KNOWN_SEND, params).first()
+            if known is not None:
+                return known[0]  # type: ignore[no-any-return]
+            previous = conn.execute(self.record_tail_sql, params).scalar_one()
+            conn.execute(self.remember_send_sql, {**params, "b_previous": previous})
+            return previous  # type: ignore[no-any-return]
+
+        return self._run(run)
 
     def free_key(self, scope: str, key: str, task_id: str) -> bool:
         return self._rowcount(ks.FREE_KEY, {"b_scope": scope, "b_key": key, "b_task": task_id}) > 0
@@ -335,7 +347,7 @@ class SQLStore:
 
     def expire_done(self, seen_ttl: float, limit: int) -> int:
         expired = 0
-        for stmt in (hk.EXPIRE_OUTCOMES, hk.EXPIRE_MARKS):
+        for stmt in (hk.EXPIRE_OUTCOMES, hk.EXPIRE_MARKS, ks.EXPIRE_SENDS):
             expired += self._rowcount(stmt, {"b_ttl": seen_ttl, "b_limit": limit - expired})
             if expired >= limit:
                 break

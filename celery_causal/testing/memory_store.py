@@ -55,6 +55,8 @@ class MemoryStore:
         self._release_due: dict[tuple[str, str], float] = {}
         #: (scope, ordering key) -> its newest task
         self._keys: dict[tuple[str, str], KeyTail] = {}
+        #: (scope, task id) -> (the task it was recorded behind, when): sends under a key
+        self._sends: dict[tuple[str, str], tuple[str | None, float]] = {}
 
     def create_schema(self) -> list[str]:
         return []
@@ -310,7 +312,11 @@ class MemoryStore:
             for key in old:
                 del self._done[key]
                 self._release_due.pop(key, None)
-            return len(old)
+            sends = [k for k, (_, at) in self._sends.items() if at < now - seen_ttl]
+            sends = sends[: limit - len(old)]
+            for key in sends:
+                del self._sends[key]
+            return len(old) + len(sends)
 
     def stats(self, release_timeout: float = 60.0) -> list[ScopeStats]:
         with self._lock:
@@ -378,11 +384,14 @@ class MemoryStore:
 
     def record_key(self, scope: str, key: str, task_id: str) -> str | None:
         with self._lock:
+            known = self._sends.get((scope, task_id))
+            if known is not None:
+                return known[0]  # the same send recorded again
             tail = self._keys.get((scope, key))
-            if tail is not None and tail.task_id == task_id:
-                return tail.previous  # the same send recorded again
             previous = tail.task_id if tail is not None else None
-            self._keys[(scope, key)] = KeyTail(scope, key, task_id, previous, self.clock())
+            now = self.clock()
+            self._keys[(scope, key)] = KeyTail(scope, key, task_id, previous, now)
+            self._sends[(scope, task_id)] = (previous, now)
             return previous
 
     def free_key(self, scope: str, key: str, task_id: str) -> bool:

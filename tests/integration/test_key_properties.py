@@ -88,6 +88,15 @@ class Keys(RuleBasedStateMachine):
         task_id, previous = self._record(key)
         self.model.tasks[task_id] = Task(key, previous, "gap")
 
+    @precondition(lambda self: self.model.tasks)
+    @rule(data=st.data())
+    def send_again(self, data: st.DataObject) -> None:
+        """A producer sends an id again (an outbox replaying a publish): it keeps its first
+        place, and the key's newest task stays what it was."""
+        task_id = data.draw(st.sampled_from(sorted(self.model.tasks)))
+        task = self.model.tasks[task_id]
+        assert self.store.record_key("s", task.key, task_id) == task.leader
+
     # -- workers -----------------------------------------------------------------------
 
     def _run(self, task_id: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from celery_causal.store import CausalStore, ParkOutcome
-from tests.helpers import follower
+from tests.helpers import age, follower
 
 LOOKBACK = 60.0
 
@@ -29,6 +29,22 @@ def test_recording_the_newest_send_again_returns_the_same_predecessor(
     assert store.record_key("default", "k", "t2") == "t1"
     assert store.record_key("default", "k", "t2") == "t1"  # a producer retrying its send
     assert store.record_key("default", "k", "t3") == "t2"
+
+
+def test_a_send_recorded_again_after_later_sends_keeps_its_first_place(
+    store: CausalStore,
+) -> None:
+    # An outbox replays t1's send after another producer sent t2 behind it
+    store.record_key("default", "k", "t1")
+    assert store.record_key("default", "k", "t2") == "t1"
+    assert store.record_key("default", "k", "t1") is None  # its first answer
+    assert [t.task_id for t in store.key_tails("k")] == ["t2"]  # still the newest
+    assert store.record_key("default", "k", "t3") == "t2"
+    # Once the sends are older than the seen TTL they are forgotten: a send of the same
+    # id is a new one
+    age(store, 100)
+    assert store.expire_done(seen_ttl=50, limit=100) == 3
+    assert store.record_key("default", "k", "t1") == "t3"
 
 
 def test_a_key_is_freed_only_by_its_newest_task(store: CausalStore) -> None:

@@ -40,6 +40,7 @@ def test_a_store_that_may_not_create_the_schema_reports_it_missing_and_creates_n
             "causal_dead_followers",
             "causal_done",
             "causal_followers",
+            "causal_key_sends",
             "causal_keys",
         ]
         assert not path.exists()

@@ -29,9 +29,9 @@ from celery_causal.sql import keys as ks
 from celery_causal.sql import postgresql as pg
 from celery_causal.sql import statements as sql
 from celery_causal.sql.postgresql import PostgresStore
-from celery_causal.sql.schema import dead_followers, done, followers, keys
+from celery_causal.sql.schema import dead_followers, done, followers, key_sends, keys
 
-STORE_TABLES = (followers, done, dead_followers, keys)
+STORE_TABLES = (followers, done, dead_followers, keys, key_sends)
 
 
 def _conjuncts(clause: Any) -> Iterator[Any]:
@@ -143,7 +143,10 @@ TASK_PATH = {
     "operator release": PostgresStore.claim_one_sql,
     "release of a ring's first": PostgresStore.claim_due_one_sql,
     "show one follower": hk.follower_statement(["scope", "follower_id"]),
-    "record a send under a key": PostgresStore.record_key_sql,
+    "record a send under a key": ks.PG_RECORD_KEY,
+    "record a send under a key (SQLite: known?)": ks.KNOWN_SEND,
+    "record a send under a key (SQLite: tail)": PostgresStore.record_tail_sql,
+    "record a send under a key (SQLite: memory)": PostgresStore.remember_send_sql,
     "free a key": ks.FREE_KEY,
     "a key's newest task in one scope": ks.key_tails_statement(by_scope=True),
 }
@@ -170,6 +173,7 @@ ACROSS_SCOPES = {
     "count across scopes": hk.count_statement(by_scope=False, by_leader=False),
     "count by leader across scopes": hk.count_statement(by_scope=False, by_leader=True),
     "a key's newest task in every scope": ks.key_tails_statement(by_scope=False),
+    "sweep: forget old sends under keys": ks.EXPIRE_SENDS,
     "list by key across scopes": hk.list_statement(
         ["scope"], by_scope=False, by_leader=False, by_key=True
     ),
