@@ -102,6 +102,17 @@ def test_flower_lists_a_parked_task_as_deferred_then_success(
             "the follower shown as SUCCESS",
         )
 
+        # A follower of several leaders: its page names those it still waits for
+        fan_in, missing = f"fl-fan-in-{uuid.uuid4()}", f"fl-missing-{uuid.uuid4()}"
+        s.handle.step.apply_async(("flower", "fan-in"), task_id=fan_in, follows=[leader, missing])
+        shown = wait_for(
+            lambda: (_get(port, f"/api/task/info/{fan_in}") or {}).get("result") or "",
+            60,
+            "the fan-in follower's Result line",
+        )
+        assert f"waits for leader {missing}" in shown
+        assert f"1 of its 2 leaders not done: {missing}" in shown
+
         # A leader that failed for good in another process (here: this one, as a leader's
         # worker elsewhere would) records its failure and releases its follower; the
         # worker ends the follower FAILURE with LeaderFailed through Celery's tracer, which

@@ -85,3 +85,17 @@ def test_a_leader_found_done_on_arrival_is_not_waited_for_again(store: CausalSto
         f"F did not run although a and b both succeeded; parked again: "
         f"{[(p.follower_id, p.leader_id) for p in parked]}"
     )
+
+
+def test_under_wait_a_failed_leader_leaves_its_fan_in_follower_to_the_sweep(
+    store: CausalStore,
+) -> None:
+    # Given "wait", a follower of [a, b] parked behind a, and a that fails for good
+    d = _parked_fan_in(store, causal_on_leader_failure="wait")
+    d.runtime.leader_failed(SCOPE, "a", 0)
+    # When b succeeds, the follower still waits behind a: nothing releases it but the sweep
+    d.runtime.complete(SCOPE, "b", 0)
+    assert d.published == []
+    assert [(r.follower_id, r.leader_id) for r in store.list_followers(SCOPE, None, 10)] == [
+        ("F", "a")
+    ]
