@@ -221,7 +221,11 @@ CLOCK = select(db_clock())
 
 
 def _matching(stmt: Any, *, by_scope: bool, by_leader: bool) -> Any:
-    """``stmt`` on the follower rows of ``b_scope`` and/or ``b_leader``."""
+    """``stmt`` on the follower rows of ``b_scope`` and/or ``b_leader``.
+
+    By leader, the leader index serves it; by scope alone, the table is read (no follower
+    index leads with scope, see ``schema.py``): an operator's command, not a task's.
+    """
     if by_scope:
         stmt = stmt.where(followers.c.scope == bindparam("b_scope"))
     if by_leader:

@@ -124,7 +124,7 @@ def _park_statement() -> Any:
     parked = (
         postgresql.insert(followers)
         .from_select([*columns, "hostname"], row)
-        .on_conflict_do_nothing(index_elements=["scope", "follower_id"])
+        .on_conflict_do_nothing(index_elements=["follower_id", "scope"])
         .returning(followers.c.id)
         .cte("parked")
     )

@@ -115,7 +115,7 @@ def park_insert(insert: Insert) -> Any:
             payload=bindparam("b_payload"),
             hostname=bindparam("b_host"),
         )
-        .on_conflict_do_nothing(index_elements=["scope", "follower_id"])
+        .on_conflict_do_nothing(index_elements=["follower_id", "scope"])
     )
 
 
