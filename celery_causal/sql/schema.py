@@ -85,10 +85,14 @@ Index(
     followers.c.follower_id,
 )
 # The sweep finds lost followers (waiting, past their deadline): a range probe that reads
-# only rows already due, so a sweep with nothing to do reads nothing ...
+# only rows already due, so a sweep with nothing to do reads nothing. The index also
+# carries each waiting row's scope and park time: ``status`` counts the waiting rows per
+# scope and finds the oldest park from the index alone (an index-only scan), not from the
+# table, whose rows hold the messages ...
 Index(
     "causal_followers_deadline_idx",
     followers.c.deadline,
+    postgresql_include=["scope", "parked_at"],
     postgresql_where=followers.c.claimed_at.is_(None),
     sqlite_where=followers.c.claimed_at.is_(None),
 )
