@@ -16,8 +16,11 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    literal_column,
+    null,
     select,
     tuple_,
+    union_all,
     update,
 )
 
@@ -198,19 +201,65 @@ COUNT_WAITING = select(func.count()).where(
     followers.c.leader_id == bindparam("b_leader"),
     WAITING,
 )
-#: Per scope: waiting, releasing, oldest waiting park, overdue (lost), stuck.
-STATS = (
-    select(
-        followers.c.scope,
-        func.sum(case((WAITING, 1), else_=0)),
-        func.sum(case((WAITING, 0), else_=1)),
-        func.min(case((WAITING, followers.c.parked_at), else_=None)),
-        func.sum(case((LOST, 1), else_=0)),
-        func.sum(case((STUCK, 1), else_=0)),
+
+
+def _stats_statement() -> Any:
+    """Per scope: waiting, releasing, oldest waiting park, overdue (lost), stuck.
+
+    Three reads, each through the index that holds its rows, so that the cost follows the
+    rows each counts and not the table (whose rows hold the messages): the waiting rows
+    from the deadline index, which carries their scope and park time (an index-only scan);
+    the lost ones from its range of rows already due (few: the sweep releases them); the
+    claimed ones from the claimed index (few: a release deletes them once published).
+    One statement, so the three see one snapshot.
+    """
+    zero: Any = literal_column("0")
+    none = null()
+    waiting = (
+        select(
+            followers.c.scope,
+            func.count().label("waiting"),
+            zero.label("releasing"),
+            func.min(followers.c.parked_at).label("oldest"),
+            zero.label("lost"),
+            zero.label("stuck"),
+        )
+        .where(WAITING)
+        .group_by(followers.c.scope)
     )
-    .group_by(followers.c.scope)
-    .order_by(followers.c.scope)
-)
+    lost = (
+        select(followers.c.scope, zero, zero, none, func.count(), zero)
+        .where(LOST)
+        .group_by(followers.c.scope)
+    )
+    claimed = (
+        select(
+            followers.c.scope,
+            zero,
+            func.count(),
+            none,
+            zero,
+            func.sum(case((STUCK, 1), else_=0)),
+        )
+        .where(followers.c.claimed_at.is_not(None))
+        .group_by(followers.c.scope)
+    )
+    parts = union_all(waiting, lost, claimed).subquery("parts")
+    return (
+        select(
+            parts.c.scope,
+            func.sum(parts.c.waiting),
+            func.sum(parts.c.releasing),
+            func.min(parts.c.oldest),
+            func.sum(parts.c.lost),
+            func.sum(parts.c.stuck),
+        )
+        .group_by(parts.c.scope)
+        .order_by(parts.c.scope)
+    )
+
+
+STATS = _stats_statement()
 DEAD_PER_SCOPE = select(dead_followers.c.scope, func.count()).group_by(dead_followers.c.scope)
 SCOPES_OF = (
     select(followers.c.scope)
@@ -221,7 +270,12 @@ CLOCK = select(db_clock())
 
 
 def _matching(stmt: Any, *, by_scope: bool, by_leader: bool, by_key: bool) -> Any:
-    """``stmt`` on the follower rows of ``b_scope``, ``b_leader`` and/or ``b_key``."""
+    """``stmt`` on the follower rows of ``b_scope``, ``b_leader`` and/or ``b_key``.
+
+    By leader, the leader index serves it; by scope alone or by key, the table is read (no
+    follower index leads with scope, see ``schema.py``): an operator's command, not a
+    task's.
+    """
     if by_scope:
         stmt = stmt.where(followers.c.scope == bindparam("b_scope"))
     if by_leader:

@@ -86,14 +86,21 @@ def _restart_behind(claimed: Any, *, scoped: bool) -> Any:
     # path, whatever statistics the table has.
     heads = sql.marked(claimed, scoped=scoped).subquery("heads")
     behind = sql.waiting_behind(heads, scoped=scoped).offset(0).lateral("behind")
-    restart = sql.restart_lookback(
-        select(behind.c.id).select_from(heads.join(behind, literal(True))), scoped=scoped
+    # The ids are found once per statement, whatever plan PostgreSQL keeps for the UPDATE.
+    # A generic plan made while the table was small may read the scope's rows and test
+    # each against the ids; inlined, the ids would then be searched for again for every
+    # row read (marks, followers behind), which costs the scope's rows times the marks.
+    ids = (
+        select(behind.c.id)
+        .select_from(heads.join(behind, literal(True)))
+        .cte("to_restart")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
     )
-    # Most claims (and every record that claims nothing) have no head: this test, on its
-    # own, runs once, before the UPDATE reads anything. Without it a generic plan made
-    # while the table was small, which scans the scope's rows for the ids, would do so on
-    # every record.
-    return restart.where(exists(select(literal(1)).select_from(heads))).cte("restarted")
+    restart = sql.restart_lookback(select(ids.c.id), scoped=scoped)
+    # Most claims (and every record that claims nothing) have nobody behind them: this
+    # test, on its own, runs once, before the UPDATE reads anything. Without it such a
+    # plan would read the scope's rows on every record.
+    return restart.where(exists(select(literal(1)).select_from(ids))).cte("restarted")
 
 
 def restarting(claim: Any, *, scoped: bool) -> Any:
@@ -127,7 +134,7 @@ def _park_statement() -> Any:
     parked = (
         postgresql.insert(followers)
         .from_select([*columns, "hostname", "ordering_key"], row)
-        .on_conflict_do_nothing(index_elements=["scope", "follower_id"])
+        .on_conflict_do_nothing(index_elements=["follower_id", "scope"])
         .returning(followers.c.id)
         .cte("parked")
     )

@@ -65,24 +65,35 @@ followers = Table(
     Column("deadline", Double, nullable=False),
     Column("claimed_at", Double, nullable=True),
     # Parking is idempotent: a redelivered follower hits this key (ON CONFLICT DO NOTHING).
-    UniqueConstraint("scope", "follower_id", name="causal_followers_scope_follower_key"),
+    # follower_id first: no index of this table leads with scope (see the leader index).
+    UniqueConstraint("follower_id", "scope", name="causal_followers_follower_scope_key"),
     sqlite_autoincrement=True,
 )
 
 # A leader's release reads its waiting followers in occurred order: one index range scan,
-# whatever the table size.
+# whatever the table size. leader_id comes first because every statement of a task's paths
+# pins its scope (statements.in_scope), also those that name their rows by id (the
+# release's delete, an unclaim, a burial): behind an index that led with scope, a generic
+# plan made while the table was small could take that pin as its only index condition and
+# read every row of the scope, testing the ids one by one, for as long as the plan is kept.
+# A pin on a later column can serve only a scan of the whole index, which PostgreSQL costs
+# as such: it takes one only while the index is a page or so.
 Index(
     "causal_followers_leader_idx",
-    followers.c.scope,
     followers.c.leader_id,
+    followers.c.scope,
     followers.c.occurred_at,
     followers.c.follower_id,
 )
 # The sweep finds lost followers (waiting, past their deadline): a range probe that reads
-# only rows already due, so a sweep with nothing to do reads nothing ...
+# only rows already due, so a sweep with nothing to do reads nothing. The index also
+# carries each waiting row's scope and park time: ``status`` counts the waiting rows per
+# scope and finds the oldest park from the index alone (an index-only scan), not from the
+# table, whose rows hold the messages ...
 Index(
     "causal_followers_deadline_idx",
     followers.c.deadline,
+    postgresql_include=["scope", "parked_at"],
     postgresql_where=followers.c.claimed_at.is_(None),
     sqlite_where=followers.c.claimed_at.is_(None),
 )
@@ -168,7 +179,7 @@ keys = Table(
     #: The task ``task_id`` follows: the key's newest task before it (NULL: the key was free).
     Column("previous", _Id, nullable=True),
     Column("recorded_at", Double, nullable=False),
-    PrimaryKeyConstraint("scope", "key", name="causal_keys_pkey"),
+    PrimaryKeyConstraint("key", "scope", name="causal_keys_pkey"),
 )
 
 #: Each send recorded under an ordering key, kept for ``causal_seen_ttl``: a producer that

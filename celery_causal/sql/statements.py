@@ -117,7 +117,7 @@ def park_insert(insert: Insert) -> Any:
             hostname=bindparam("b_host"),
             ordering_key=bindparam("b_key"),
         )
-        .on_conflict_do_nothing(index_elements=["scope", "follower_id"])
+        .on_conflict_do_nothing(index_elements=["follower_id", "scope"])
     )
 
 
@@ -259,15 +259,28 @@ def marked(released: Any, *, scoped: bool = False) -> Any:
     released row whose own outcome is recorded already (it ran before its releaser got this
     far): that outcome governs its followers (its record claimed them, or the depth guard
     made them due), and a restart would undo the latter.
+
+    The probe is a scalar subquery, which PostgreSQL runs per released row and never turns
+    into a join, and it tests the outcome columns in its result, not in its WHERE: so no
+    index but the primary key can serve it. With the test in the WHERE, the index of marks
+    (``causal_done_waiting_idx``, whose condition that test implies) qualifies too, and a
+    plan made while that index was small reads it whole for each released row.
     """
-    return (
-        select(released.c.scope, released.c.follower_id)
-        .join(
-            done,
-            and_(done.c.scope == released.c.scope, done.c.task_id == released.c.follower_id),
+    state = (
+        select(
+            case(
+                (and_(done.c.done_at.is_(None), done.c.failed_at.is_(None)), literal(1)),
+                else_=literal(0),
+            )
         )
-        .where(*in_scope(done, scoped), done.c.done_at.is_(None), done.c.failed_at.is_(None))
+        .where(
+            done.c.scope == released.c.scope,
+            done.c.task_id == released.c.follower_id,
+            *in_scope(done, scoped),
+        )
+        .scalar_subquery()
     )
+    return select(released.c.scope, released.c.follower_id).where(state == 1)
 
 
 def waiting_behind(heads: Any, *, scoped: bool = False) -> Any:

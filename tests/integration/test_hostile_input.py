@@ -189,7 +189,7 @@ def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
     grants = [
         f'CREATE ROLE "{role}" LOGIN',
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON causal_followers, causal_done, "
-        f'causal_dead_followers TO "{role}"',
+        f'causal_dead_followers, causal_keys, causal_key_sends TO "{role}"',
         f'GRANT USAGE ON SEQUENCE causal_followers_id_seq TO "{role}"',
     ]
     with pg_store.engine.connect() as conn:
@@ -210,6 +210,8 @@ def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
         assert store.expire_done(TTL, 10) == 2  # L's done record and the mark f2 left on M
         assert store.stats()[0].dead == 1
         assert store.forget("default", "nothing") is None
+        assert store.record_key("default", "k", "t1") is None  # a producer's send
+        assert store.free_key("default", "k", "t1")
     finally:
         store.close()
         with pg_store.engine.connect() as conn:

@@ -390,6 +390,29 @@ def test_stats_per_scope(store: CausalStore) -> None:
     assert stats["b"].oldest_parked_at is not None
 
 
+def test_stats_count_each_row_in_its_own_state(store: CausalStore) -> None:
+    # Given, in scope "a": a row claimed long ago (its releaser died), a lost row and a
+    # due row held back by its parked leader; in scope "b" only a row being released
+    store.park(follower("f1", "L", scope="a"), LOOKBACK)
+    store.claim_followers("a", "L", 1)
+    age(store, 100)
+    store.park(follower("f2", "M", scope="a"), LOOKBACK)
+    store.park(follower("f3", "f2", scope="a"), LOOKBACK)
+    store.park(follower("g1", "N", scope="b"), LOOKBACK)
+    store.claim_followers("b", "N", 1)
+    age(store, 100)
+    parked = {i.follower_id: i.parked_at for i in store.list_followers(None, None, 10)}
+    # When an operator asks for the figures
+    stats = store.stats(release_timeout=150)
+    # Then the oldest park is that of a waiting row, and each row counts once
+    assert [
+        (s.scope, s.waiting, s.releasing, s.oldest_parked_at, s.overdue, s.stuck) for s in stats
+    ] == [
+        ("a", 2, 1, min(parked["f2"], parked["f3"]), 1, 1),
+        ("b", 0, 1, None, 0, 0),
+    ]
+
+
 @pytest.mark.timeout(120)
 def test_concurrent_claims_are_disjoint(store: CausalStore) -> None:
     for i in range(400):
