@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -31,11 +31,11 @@ import celery_causal
 from celery_causal.errors import ReleaseInProgress
 from celery_causal.payload import FOLLOWS, RELEASED, RELEASED_BY, unpack
 from celery_causal.registry import runtime_for
-from celery_causal.sql import open_store
 from celery_causal.store import CausalStore, ClaimedFollower
 from celery_causal.testing import MemoryStore
 from celery_causal.tracing import arrival_from
-from tests.helpers import age, truncate
+from tests.helpers import age
+from tests.integration.machines import run_on_sql
 
 SCOPE = "default"
 LEADERS = ["L0", "L1", "L2", "L3"]
@@ -197,33 +197,11 @@ def test_fan_in_on_the_memory_store() -> None:
     OnMemory.TestCase().runTest()
 
 
-def _on_sql(url: str, examples: int) -> None:
-    shared = open_store(url)
-
-    class OnSQL(FanIn):
-        def __init__(self) -> None:
-            truncate(shared)
-            self.store = shared
-            super().__init__()
-
-    OnSQL.TestCase.settings = settings(
-        max_examples=examples,
-        stateful_step_count=30,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
-    try:
-        OnSQL.TestCase().runTest()
-    finally:
-        truncate(shared)
-        shared.close()
-
-
 @pytest.mark.timeout(600)
 def test_fan_in_on_postgresql(pg_url: str) -> None:
-    _on_sql(pg_url, 80)
+    run_on_sql(FanIn, pg_url, 80)
 
 
 @pytest.mark.timeout(600)
 def test_fan_in_on_sqlite(tmp_path: Path) -> None:
-    _on_sql(f"sqlite:///{tmp_path / 'causal.sqlite3'}", 80)
+    run_on_sql(FanIn, f"sqlite:///{tmp_path / 'causal.sqlite3'}", 80)

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from celery_causal.sql import open_store
 from celery_causal.store import CausalStore, ClaimedFollower, ParkOutcome
 from celery_causal.testing import MemoryStore
-from tests.helpers import age, follower, truncate
+from tests.helpers import age, follower
+from tests.integration.machines import run_on_sql
 
 KEYS = ("k0", "k1")
 LOOKBACK, TTL, TIMEOUT, STEP = 100.0, 1e6, 50.0, 40.0
@@ -268,33 +268,11 @@ def test_keys_on_the_memory_store() -> None:
     OnMemory.TestCase().runTest()
 
 
-def _on_sql(url: str, examples: int) -> None:
-    shared = open_store(url)
-
-    class OnSQL(Keys):
-        def __init__(self) -> None:
-            super().__init__()
-            truncate(shared)
-            self.store = shared
-
-    OnSQL.TestCase.settings = settings(
-        max_examples=examples,
-        stateful_step_count=30,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
-    try:
-        OnSQL.TestCase().runTest()
-    finally:
-        truncate(shared)
-        shared.close()
-
-
 @pytest.mark.timeout(600)
 def test_keys_on_postgresql(pg_url: str) -> None:
-    _on_sql(pg_url, 100)
+    run_on_sql(Keys, pg_url, 100)
 
 
 @pytest.mark.timeout(600)
 def test_keys_on_sqlite(tmp_path: Path) -> None:
-    _on_sql(f"sqlite:///{tmp_path / 'causal.sqlite3'}", 100)
+    run_on_sql(Keys, f"sqlite:///{tmp_path / 'causal.sqlite3'}", 100)

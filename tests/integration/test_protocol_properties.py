@@ -20,14 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from celery_causal.sql import PostgresStore, open_store
+from celery_causal.sql import PostgresStore, SQLStore
 from celery_causal.store import CausalStore, ClaimedFollower, ParkOutcome
 from celery_causal.testing import MemoryStore
-from tests.helpers import age, follower, truncate
+from tests.helpers import age, follower
+from tests.integration.machines import run_on_sql
 
 LEADERS = [f"L{i}" for i in range(3)]
 # F0 and F1 lead followers of their own (G0, G1): a chain whose first task may never come.
@@ -355,35 +356,20 @@ def test_protocol_on_the_memory_store() -> None:
     OnMemory.TestCase().runTest()
 
 
-def _on_sql(url: str, examples: int) -> None:
-    shared = open_store(url)
-
-    class OnSQL(Protocol):
-        restart_at_claim = isinstance(shared, PostgresStore)
-
-        def __init__(self) -> None:
-            super().__init__()
-            truncate(shared)
-            self.store = shared
-
-    OnSQL.TestCase.settings = settings(
-        max_examples=examples,
-        stateful_step_count=30,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
-    try:
-        OnSQL.TestCase().runTest()
-    finally:
-        truncate(shared)
-        shared.close()
+def _claim_restarts(store: SQLStore) -> dict[str, bool]:
+    return {"restart_at_claim": isinstance(store, PostgresStore)}
 
 
 @pytest.mark.timeout(600)
 def test_protocol_on_postgresql(pg_url: str) -> None:
-    _on_sql(pg_url, 150)
+    run_on_sql(Protocol, pg_url, 150, _claim_restarts)
 
 
 @pytest.mark.timeout(600)
 def test_protocol_on_sqlite(tmp_path: Path) -> None:
-    _on_sql(f"sqlite:///{tmp_path / 'causal.sqlite3'}", 150)
+    run_on_sql(
+        Protocol,
+        f"sqlite:///{tmp_path / 'causal.sqlite3'}",
+        150,
+        _claim_restarts,
+    )
