@@ -109,6 +109,9 @@ class CausalSettings(BaseModel):
     #: ``worker_deduplicate_successful_tasks`` does). Followers and released messages are
     #: always checked: their leader check answers both questions in one round trip.
     deduplicate: Literal["always", "redelivered"] = "always"
+    #: Longest time a prefork worker's main process holds a follower whose leader is
+    #: running in the same worker, instead of handing it to the pool to park; 0 never holds.
+    local_hold: float = Field(default=1, ge=0)
 
     _durations = field_validator(
         "lookback",
@@ -117,6 +120,7 @@ class CausalSettings(BaseModel):
         "release_timeout",
         "store_retry_delay",
         "store_retry_max_delay",
+        "local_hold",
         mode="before",
     )(_seconds)
 

@@ -76,6 +76,8 @@ class CausalTask(Task):  # type: ignore[misc]
     ordering_key: Callable[..., Any] | None = None
     #: Its request in the worker's main process sends ``task-deferred`` (tracing.py).
     Request = "celery_causal.tracing:CausalRequest"
+    #: The worker's main process holds a follower whose leader runs in it (holding.py).
+    Strategy = "celery_causal.holding:strategy"
 
     def apply_async(
         self,

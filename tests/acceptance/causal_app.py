@@ -156,6 +156,7 @@ def _configured(prefix: str, store_url: str | None, broker_url: str) -> Celery:
         causal_batch_size=int(_env("CAUSAL_BATCH_SIZE", "500")),
         causal_deduplicate=_env("CAUSAL_DEDUPLICATE", "always"),
         causal_max_depth=int(_env("CAUSAL_MAX_DEPTH", "20")),
+        causal_local_hold=float(_env("CAUSAL_LOCAL_HOLD", "1")),
     )
     return app
 
@@ -301,12 +302,15 @@ def _broker_tasks(app: Celery, prefix: str) -> tuple[Any, Any]:
         return label
 
     @celery_causal.causal_task(app, name="acc.hold", scope="acc", shared=False, bind=True)
-    def hold(self: Any, log: str, label: str) -> str:
-        """Log whether this delivery is a redelivery, then wait for the test's go."""
+    def hold(self: Any, log: str, label: str, fail: bool = False) -> str:
+        """Log whether this delivery is a redelivery, then wait for the test's go (and
+        fail after it if asked)."""
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
         _redis.rpush(prefix + log, f"{label}:{'redelivered' if redelivered else 'first'}")
         if _redis.blpop([f"{prefix}go:{label}"], timeout=120) is None:
             raise TimeoutError(f"no go for {label}")
+        if fail:
+            raise ValueError(f"{label} fails after its go")
         return label
 
     return probe, hold

@@ -21,10 +21,12 @@ def test_durations_accept_timedeltas_and_none_disables_depth() -> None:
             "causal_lookback": timedelta(minutes=2),
             "causal_seen_ttl": 300,
             "causal_max_depth": None,
+            "causal_local_hold": timedelta(milliseconds=250),
             "broker_url": "ignored",
         }
     )
     assert (s.lookback, s.seen_ttl, s.max_depth) == (120, 300, None)
+    assert s.local_hold == 0.25
 
 
 @pytest.mark.parametrize(
@@ -37,6 +39,7 @@ def test_durations_accept_timedeltas_and_none_disables_depth() -> None:
         ({"causal_lookbak": 5}, "causal_lookbak"),
         ({"causal_on_leader_failure": "explode"}, "causal_on_leader_failure"),
         ({"causal_deduplicate": "sometimes"}, "causal_deduplicate"),
+        ({"causal_local_hold": -1}, "causal_local_hold"),
     ],
 )
 def test_wrong_values_name_the_setting(conf: dict[str, object], names: str) -> None:

@@ -1,0 +1,209 @@
+"""The worker's main process holds a follower whose leader is running in the same worker.
+
+A follower delivered while its leader runs in another pool process of the same worker would
+otherwise park: stored, acked, then published and delivered again once the leader succeeds
+(two deliveries, three more store statements). The main process hands every causal task to
+its pool itself and hears from the pool when each one finished, so it can tell that the
+leader is in this worker; it then holds the follower's request, its message unacked as in
+the pool's own queue, and hands it to the pool when the leader finished, or after
+``causal_local_hold`` seconds, whichever comes first.
+
+Why this cannot break the order: holding only delays a hand-over. The pool process checks
+the follower against the store exactly as it would have, so whatever the leader's outcome
+(success, failure, retry, revocation, a lost process) the follower runs, parks or fails as
+the store allows. A completion this module misses costs at most the hold's limit.
+
+Why nothing is lost: a held message is unacked and listed in the worker's reserved requests
+(``celery inspect reserved``). If the broker connection drops, Celery forgets its reserved
+requests (their delivery tags died with the channel) and the broker delivers them again; a
+held request no longer reserved is dropped here, never run. A worker killed while holding
+leaves the messages unacked, and the broker delivers them again.
+
+It runs only where it needs no lock: a prefork pool driven by the worker's event loop (a
+transport with asynchronous I/O: Redis, RabbitMQ), whose one thread receives messages, hands
+them to the pool, gets the pool's results, fires timers and sends the ``task_revoked`` signal.
+Elsewhere Celery's own strategy runs unchanged.
+
+It relies on these Celery internals, checked by CI against the oldest and the newest Celery
+the package admits: a task's ``Strategy`` (a documented hook) builds its request class with
+the pool's ``apply_async`` read from the consumer it is given, and hands a request over
+through ``consumer.on_task_request``; the pool calls ``callback`` or ``error_callback`` once
+for each task it was given.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+from celery import signals
+from celery.concurrency.prefork import TaskPool as PreforkPool
+from celery.worker import state as worker_state
+from celery.worker.strategy import default as default_strategy
+
+from .errors import ConfigurationError
+from .payload import FOLLOWS
+from .settings import CausalSettings
+
+logger = logging.getLogger("celery_causal")
+
+_holds: weakref.WeakKeyDictionary[Any, LocalHolds] = weakref.WeakKeyDictionary()
+
+
+def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """``CausalTask.Strategy``: Celery's default strategy, handing requests over through
+    the consumer's :class:`LocalHolds` where holding applies."""
+    holds = _holds_for(app, consumer)
+    return default_strategy(task, app, holds.view if holds else consumer, **kwargs)
+
+
+def _holds_for(app: Any, consumer: Any) -> LocalHolds | None:
+    try:
+        limit = CausalSettings.from_conf(app.conf).local_hold
+    except ConfigurationError:
+        return None  # the worker's start-up step stops the worker with the message
+    if (
+        limit <= 0
+        or getattr(consumer, "hub", None) is None
+        or not isinstance(getattr(consumer, "pool", None), PreforkPool)
+    ):
+        return None
+    holds = _holds.get(consumer)
+    # One per consumer, shared by every causal task's strategy (a leader and its follower
+    # may be different tasks); built again when the consumer's pool or hand-over changed.
+    if holds is None or not holds.serves(consumer):
+        holds = _holds[consumer] = LocalHolds(consumer, limit)
+        signals.task_revoked.connect(_on_revoked, weak=False, dispatch_uid=__name__)
+    return holds
+
+
+class LocalHolds:
+    """The causal tasks this worker's main process handed to its pool and has not heard
+    back from, and the followers held behind each."""
+
+    def __init__(self, consumer: Any, limit: float) -> None:
+        self._consumer = consumer
+        self._pool = consumer.pool
+        self._hand_over = consumer.on_task_request
+        self._call_after = consumer.timer.call_after
+        self._limit = limit
+        #: Task id of a request handed to the pool or held -> the followers held behind it.
+        self._behind: dict[str, list[Any]] = {}
+        #: Held request -> the task id it waits behind.
+        self._held: dict[Any, str] = {}
+        self.view = _ConsumerView(consumer, self)
+
+    def serves(self, consumer: Any) -> bool:
+        return consumer.pool is self._pool and consumer.on_task_request is self._hand_over
+
+    @property
+    def held(self) -> int:
+        """Requests held now."""
+        return len(self._held)
+
+    def on_task_request(self, request: Any) -> None:
+        leader = self._leader_here(request)
+        if leader is None:
+            self._dispatch(request)
+        else:
+            self._hold(request, leader)
+
+    def apply_async(self, target: Any, *args: Any, **options: Any) -> Any:
+        """The pool's ``apply_async``, noting the task until the pool reports it finished."""
+        task_id = options.get("correlation_id")
+        if not isinstance(task_id, str):
+            return self._pool.apply_async(target, *args, **options)
+        # Requests that reach the pool without this module's hand-over (after an ETA, or
+        # a rate limit) are noted here.
+        self._behind.setdefault(task_id, [])
+        for name in ("callback", "error_callback"):
+            options[name] = self._then_finish(options.get(name), task_id)
+        return self._pool.apply_async(target, *args, **options)
+
+    def _then_finish(self, callback: Any, task_id: str) -> Any:
+        def finished(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return callback(*args, **kwargs) if callback is not None else None
+            finally:
+                self._finished(task_id)
+
+        return finished
+
+    def _leader_here(self, request: Any) -> str | None:
+        """A leader of ``request`` that this worker is running or holding."""
+        follows = (request.request_dict or {}).get(FOLLOWS)
+        leaders = [follows] if isinstance(follows, str) else follows
+        if not isinstance(leaders, list):
+            return None
+        return next((x for x in leaders if isinstance(x, str) and x in self._behind), None)
+
+    def _hold(self, request: Any, leader: str) -> None:
+        self._behind[leader].append(request)
+        self._held[request] = leader
+        # Its own followers, delivered while it is held, wait behind it.
+        self._behind.setdefault(request.id, [])
+        self._call_after(self._limit, self._hold_expired, (request,))
+
+    def _hold_expired(self, request: Any) -> None:
+        leader = self._held.pop(request, None)
+        if leader is None:
+            return  # handed over when its leader finished
+        waiting = self._behind.get(leader)
+        if waiting is not None and request in waiting:
+            waiting.remove(request)
+        self._dispatch_logged(request)
+
+    def _dispatch(self, request: Any) -> None:
+        if request not in worker_state.reserved_requests:
+            # The connection its message came on closed: the broker delivers it again.
+            self._finished(request.id)
+            return
+        # Noted from here, not from the pool's apply_async: the worker may keep a request
+        # until a pool process is free, and a follower delivered meanwhile waits behind it.
+        self._behind.setdefault(request.id, [])
+        self._hand_over(request)
+
+    def _dispatch_logged(self, request: Any) -> None:
+        # Called from the pool's result callbacks and the timer: one hand-over that fails
+        # must neither stop the others nor reach the pool's result handling. The request
+        # stays reserved and unacked, as one Celery failed to hand over would.
+        try:
+            self._dispatch(request)
+        except Exception:
+            logger.exception("could not hand task %s to the pool", request.id)
+
+    def revoked(self, task_id: str) -> None:
+        """A request found revoked when handed over never reaches the pool."""
+        self._finished(task_id)
+
+    def _finished(self, task_id: str) -> None:
+        for follower in self._behind.pop(task_id, ()):
+            if self._held.pop(follower, None) is None:
+                continue
+            leader = self._leader_here(follower)
+            if leader is None:
+                self._dispatch_logged(follower)
+            else:  # another of its leaders still runs here
+                self._behind[leader].append(follower)
+                self._held[follower] = leader
+
+
+def _on_revoked(request: Any = None, **_: Any) -> None:
+    task_id = getattr(request, "id", None)
+    if isinstance(task_id, str):
+        for holds in list(_holds.values()):
+            holds.revoked(task_id)
+
+
+class _ConsumerView:
+    """The consumer as :func:`celery.worker.strategy.default` sees it: requests are handed
+    over through the holds, and reach the pool through them."""
+
+    def __init__(self, consumer: Any, holds: LocalHolds) -> None:
+        self._consumer = consumer
+        self.on_task_request = holds.on_task_request
+        self.pool = holds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)

@@ -1,0 +1,157 @@
+"""The bookkeeping of :class:`~celery_causal.holding.LocalHolds`, driven as the worker's
+event loop drives it, with a pool that records what it was given. Real prefork workers
+run it in tests/acceptance/test_local_hold.py; the paths here (a closed connection, a
+follower of several leaders, a hold's limit firing) are hard to force there."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from celery.worker import state as worker_state
+
+from celery_causal.holding import LocalHolds
+from celery_causal.payload import FOLLOWS
+
+
+class Request:
+    """What LocalHolds reads of a worker request: its id and headers."""
+
+    def __init__(self, task_id: str, follows: str | list[str] | None = None) -> None:
+        self.id = task_id
+        self.request_dict = {FOLLOWS: follows} if follows is not None else {}
+
+    def __repr__(self) -> str:
+        return f"Request({self.id})"
+
+
+class Pool:
+    def __init__(self) -> None:
+        self.running: dict[str, dict[str, Any]] = {}
+
+    def apply_async(self, target: Any, **options: Any) -> None:
+        self.running[options["correlation_id"]] = options
+
+    def finish(self, task_id: str, ok: bool = True) -> None:
+        options = self.running.pop(task_id)
+        options["callback" if ok else "error_callback"]((False, task_id, 0.0))
+
+
+class Consumer:
+    """The consumer's hand-over sends a request straight to the pool, as the worker does
+    through the request's ``execute_using_pool``, unless it was revoked."""
+
+    def __init__(self) -> None:
+        self.pool = Pool()
+        self.timers: list[tuple[float, Callable[..., None], tuple[Any, ...]]] = []
+        self.revoked: set[str] = set()
+        self.holds: LocalHolds | None = None
+        self.timer = self
+
+    def call_after(self, secs: float, fun: Callable[..., None], args: tuple[Any, ...]) -> None:
+        self.timers.append((secs, fun, args))
+
+    def on_task_request(self, request: Request) -> None:
+        if request.id in self.revoked:
+            return
+        assert self.holds is not None
+        self.holds.view.pool.apply_async(
+            None, correlation_id=request.id, callback=None, error_callback=None
+        )
+
+
+@pytest.fixture
+def consumer() -> Iterator[Consumer]:
+    c = Consumer()
+    c.holds = LocalHolds(c, 1.0)
+    yield c
+    worker_state.reserved_requests.clear()
+
+
+def deliver(c: Consumer, task_id: str, follows: str | list[str] | None = None) -> Request:
+    request = Request(task_id, follows)
+    worker_state.reserved_requests.add(request)  # the default strategy's task_reserved
+    assert c.holds is not None
+    c.holds.view.on_task_request(request)
+    return request
+
+
+def test_a_follower_waits_for_its_leader_then_each_link_of_a_chain_in_turn(
+    consumer: Consumer,
+) -> None:
+    deliver(consumer, "a")
+    deliver(consumer, "b", "a")
+    deliver(consumer, "c", "b")
+    assert set(consumer.pool.running) == {"a"}
+    consumer.pool.finish("a")
+    assert set(consumer.pool.running) == {"b"}
+    consumer.pool.finish("b", ok=False)  # a failure hands over too: the pool checks it
+    assert set(consumer.pool.running) == {"c"}
+    consumer.pool.finish("c")
+    assert consumer.holds is not None and consumer.holds.held == 0
+
+
+def test_a_follower_of_several_leaders_waits_for_each_that_runs_here(
+    consumer: Consumer,
+) -> None:
+    deliver(consumer, "a")
+    deliver(consumer, "b")
+    deliver(consumer, "f", ["a", "elsewhere", "b"])
+    consumer.pool.finish("a")
+    assert set(consumer.pool.running) == {"b"}
+    consumer.pool.finish("b")
+    assert set(consumer.pool.running) == {"f"}
+
+
+def test_a_follower_of_a_leader_not_here_is_handed_over_at_once(consumer: Consumer) -> None:
+    deliver(consumer, "f", "elsewhere")
+    deliver(consumer, "g", ["x", "y"])
+    assert set(consumer.pool.running) == {"f", "g"}
+
+
+def test_the_hold_limit_hands_a_follower_over_while_its_leader_still_runs(
+    consumer: Consumer,
+) -> None:
+    deliver(consumer, "a")
+    deliver(consumer, "b", "a")
+    [(secs, fire, args)] = consumer.timers
+    assert secs == 1.0
+    fire(*args)
+    assert set(consumer.pool.running) == {"a", "b"}
+    consumer.pool.finish("a")  # b is not handed over a second time
+    assert set(consumer.pool.running) == {"b"}
+
+
+def test_a_follower_whose_connection_closed_is_dropped_not_run(consumer: Consumer) -> None:
+    deliver(consumer, "a")
+    deliver(consumer, "b", "a")
+    deliver(consumer, "c", "b")
+    # The consumer's on_close forgets what it reserved: the broker delivers it again
+    worker_state.reserved_requests.clear()
+    consumer.pool.finish("a")
+    assert consumer.pool.running == {}
+    assert consumer.holds is not None and consumer.holds.held == 0
+
+
+def test_a_revoked_follower_hands_its_own_followers_over(consumer: Consumer) -> None:
+    deliver(consumer, "a")
+    deliver(consumer, "b", "a")
+    deliver(consumer, "c", "b")
+    consumer.revoked.add("b")
+    consumer.pool.finish("a")  # b is refused by the hand-over, c still waits for it
+    assert consumer.pool.running == {}
+    assert consumer.holds is not None
+    consumer.holds.revoked("b")  # the task_revoked signal of b's hand-over
+    assert set(consumer.pool.running) == {"c"}
+
+
+def test_a_task_that_reaches_the_pool_without_a_hand_over_is_waited_for(
+    consumer: Consumer,
+) -> None:
+    # A task after its ETA goes from the consumer's timer straight to the pool
+    consumer.on_task_request(Request("eta"))
+    deliver(consumer, "f", "eta")
+    assert set(consumer.pool.running) == {"eta"}
+    consumer.pool.finish("eta")
+    assert set(consumer.pool.running) == {"f"}
