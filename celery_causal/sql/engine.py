@@ -79,6 +79,10 @@ def _with_read_committed(url: str) -> str:
     return f"{given} -c default_transaction_isolation=read\\ committed".strip()
 
 
+#: The execution option that marks a statement to be planned on every call.
+UNPREPARED = "causal_unprepared"
+
+
 @dataclass(frozen=True)
 class Compiled:
     """A statement compiled once for the engine's dialect, run on the bare DBAPI cursor."""
@@ -91,6 +95,9 @@ class Compiled:
     #: Whether it returns rows (a SELECT, or DML with RETURNING), known without asking
     #: the cursor: psycopg builds its column descriptions anew each time it is asked.
     returns_rows: bool = True
+    #: Planned anew on every call (a statement marked with the :data:`UNPREPARED` execution option
+    #: on a driver that prepares); see FINISH in postgresql.py for why one is.
+    unprepared: bool = False
 
     def bind(self, params: Mapping[str, Any]) -> Any:
         merged = {**self.defaults, **params}
@@ -206,7 +213,14 @@ class Database:
         positions = tuple(compiled.positiontup) if dialect.positional else None
         dml = compiled.isinsert or compiled.isupdate or compiled.isdelete
         returns_rows = not dml or bool(compiled.effective_returning)
-        return Compiled(str(compiled), dict(compiled.params), positions, returns_rows)
+        unprepared = bool(statement.get_execution_options().get(UNPREPARED))
+        return Compiled(
+            str(compiled),
+            dict(compiled.params),
+            positions,
+            returns_rows,
+            unprepared and self.dialect == "postgresql",
+        )
 
     def fetch(self, compiled: Compiled, params: Mapping[str, Any]) -> list[Any]:
         """Run one prebuilt statement on a pooled connection's bare DBAPI cursor.
@@ -226,9 +240,12 @@ class Database:
             except SATimeoutError as exc:
                 raise StoreUnavailable(f"causal store {mask_url(self.url)}: {exc}") from exc
             try:
-                cursor = raw.cursor()
+                cursor: Any = raw.cursor()  # psycopg's, whose execute takes ``prepare``
                 try:
-                    cursor.execute(compiled.sql, compiled.bind(params))
+                    if compiled.unprepared:
+                        cursor.execute(compiled.sql, compiled.bind(params), prepare=False)
+                    else:
+                        cursor.execute(compiled.sql, compiled.bind(params))
                     return list(cursor.fetchall()) if compiled.returns_rows else []
                 finally:
                     cursor.close()

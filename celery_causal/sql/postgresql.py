@@ -67,6 +67,7 @@ from ..core import release_order
 from ..store import DEFAULT_SEEN_TTL, ClaimedFollower, DoneRecord, ParkOutcome
 from . import housekeeping as hk
 from . import statements as sql
+from .engine import UNPREPARED
 from .keys import PG_RECORD_KEY, record_tail_statement, remember_send_statement
 from .schema import db_clock, done, followers
 from .store import SQLStore, by_scope, claimed_row
@@ -204,9 +205,18 @@ PARK = _park_statement()
 RECORD_AND_CLAIM = _record_and_claim_statement()
 #: Released rows of one scope go once published: one prebuilt statement whatever the batch
 #: size (an array parameter). Their followers' lookback restarted when they were claimed.
-FINISH = delete(followers).where(
-    *sql.in_scope(followers),
-    followers.c.id == func.any(bindparam("b_ids", type_=postgresql.ARRAY(BigInteger))),
+#: Planned on every call, never prepared: a generic plan, made while the follower table
+#: was a page or two, can test the scope pin across the whole unique index
+#: (follower_id, scope) and keep doing so as the table grows, until autovacuum next
+#: analyses it; planned with its ids, the delete probes the primary key. Planning it
+#: costs less than one page read of that scan, and it runs once per batch of releases.
+FINISH = (
+    delete(followers)
+    .where(
+        *sql.in_scope(followers),
+        followers.c.id == func.any(bindparam("b_ids", type_=postgresql.ARRAY(BigInteger))),
+    )
+    .execution_options(**{UNPREPARED: True})
 )
 
 
