@@ -166,7 +166,7 @@ def _record_and_claim_statement() -> Any:
         *sql.in_scope(done), done.c.task_id == bindparam("b_task_id")
     )
     ids = sql.claimable(
-        select(followers.c.id)
+        select(followers.c.id, *sql.LEADER_ORDER)
         .where(
             *sql.in_scope(followers),
             followers.c.leader_id == bindparam("b_task_id"),
@@ -174,7 +174,7 @@ def _record_and_claim_statement() -> Any:
             # Nothing to look for when no follower ever marked the row (most tasks).
             exists().where(record.c.waited_at.is_not(None)),
         )
-        .order_by(followers.c.occurred_at, followers.c.follower_id)
+        .order_by(*sql.LEADER_ORDER)
         .limit(bindparam("b_limit"))
         .with_for_update(skip_locked=True, of=followers),
         "claimable",
@@ -182,9 +182,9 @@ def _record_and_claim_statement() -> Any:
     claimed = (
         update(followers)
         .where(
-            followers.c.id.in_(select(ids.c.id)),
+            sql.in_claimable(ids, as_array=True),
             *sql.in_scope(followers),
-            followers.c.leader_id == bindparam("b_task_id"),  # as in CLAIM_FOLLOWERS
+            *sql.within_leader_claim(ids, bindparam("b_task_id")),
         )
         .values(claimed_at=db_clock())
         .returning(*sql.FOLLOWER_COLUMNS)
@@ -225,7 +225,9 @@ class PostgresStore(SQLStore):
 
     insert: ClassVar[Any] = postgresql.insert
     record_sql: ClassVar[Any] = _RECORD
-    claim_followers_sql: ClassVar[Any] = restarting(sql.CLAIM_FOLLOWERS, scoped=True)
+    claim_followers_sql: ClassVar[Any] = restarting(
+        sql.claim_followers_statement(as_array=True), scoped=True
+    )
     claim_lost_sql: ClassVar[Any] = restarting(sql.CLAIM_LOST, scoped=False)
     claim_stuck_sql: ClassVar[Any] = restarting(sql.CLAIM_STUCK, scoped=False)
     claim_due_one_sql: ClassVar[Any] = restarting(sql.CLAIM_DUE_ONE, scoped=True)

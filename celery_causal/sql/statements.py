@@ -15,17 +15,21 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
+    BigInteger,
     Boolean,
     Double,
     and_,
     bindparam,
     case,
+    cast,
     exists,
     func,
     literal,
     null,
     or_,
     select,
+    tuple_,
     update,
 )
 
@@ -308,12 +312,37 @@ def claimable(ids: Any, name: str) -> Any:
     return ids.cte(name).prefix_with("MATERIALIZED", dialect="postgresql")
 
 
-def _claim_statement(where: Any, order_by: Any, *, scoped: bool, also: Any = ()) -> Any:
+#: A leader's followers in the order a release claims them (the leader index's order).
+LEADER_ORDER = (followers.c.occurred_at, followers.c.follower_id)
+
+
+def in_claimable(ids: Any, *, as_array: bool = False) -> Any:
+    """The UPDATE's test that a row is one the claimable CTE ``ids`` took.
+
+    ``as_array`` (PostgreSQL): against one array of the ids, built once per statement. As
+    ``IN (SELECT ...)`` PostgreSQL may join the table to the CTE, and a plan that reads
+    the rows first (see :func:`within_leader_claim`) would then scan the CTE again for each
+    row it reads: the batch size squared, 17 ms a batch of 500, against under 1 ms.
+    """
+    if not as_array:
+        return followers.c.id.in_(select(ids.c.id))
+    taken = select(func.array_agg(ids.c.id)).scalar_subquery()
+    return followers.c.id == func.any(cast(taken, ARRAY(BigInteger)))
+
+
+def _claim_statement(
+    where: Any,
+    order_by: Any,
+    *,
+    scoped: bool,
+    also: Callable[[Any], Any] | None = None,
+    as_array: bool = False,
+) -> Any:
     # SKIP LOCKED: concurrent claimers (two sweeps, a sweep and a leader) take disjoint
     # rows instead of waiting on each other; the claim is one UPDATE, so a row is never
     # selected by one statement and taken by another.
     ids = claimable(
-        select(followers.c.id)
+        select(followers.c.id, *order_by)
         .where(where)
         .order_by(*order_by)
         .limit(bindparam("b_limit"))
@@ -322,25 +351,51 @@ def _claim_statement(where: Any, order_by: Any, *, scoped: bool, also: Any = ())
     )
     return (
         update(followers)
-        .where(followers.c.id.in_(select(ids.c.id)), *in_scope(followers, scoped), *also)
+        .where(
+            in_claimable(ids, as_array=as_array),
+            *in_scope(followers, scoped),
+            *(also(ids) if also is not None else ()),
+        )
         .values(claimed_at=db_clock())
         .returning(*FOLLOWER_COLUMNS)
     )
 
 
-CLAIM_FOLLOWERS = _claim_statement(
-    and_(
-        followers.c.scope == bindparam("b_scope"),
-        followers.c.leader_id == bindparam("b_leader"),
-        WAITING,
-    ),
-    (followers.c.occurred_at, followers.c.follower_id),
-    scoped=True,
-    # The UPDATE repeats the leader: whatever plan PostgreSQL keeps for it (a generic plan
-    # made while the table was small may scan by the scope alone), it reads no more than
-    # the leader's own followers, never the whole scope's.
-    also=(followers.c.leader_id == bindparam("b_leader"),),
-)
+def within_leader_claim(ids: Any, leader: Any) -> tuple[Any, ...]:
+    """What the UPDATE of a leader's claim repeats of the rows ``ids`` (a claimable CTE in
+    :data:`LEADER_ORDER`) took: their leader, and the claim order's range up to the last.
+
+    Whatever plan PostgreSQL keeps for the UPDATE (a generic plan, or one made before the
+    table had statistics, may find the rows through the leader index and test each
+    against the ids), it then reads the leader's followers up to the batch's last one,
+    never the whole scope, nor all of a leader's 10,000 followers for each batch of 500.
+    Every claimed row is within both, so the UPDATE takes exactly the rows ``ids`` locked.
+    """
+    last = (
+        select(ids.c.occurred_at, ids.c.follower_id)
+        .order_by(ids.c.occurred_at.desc(), ids.c.follower_id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    return (followers.c.leader_id == leader, tuple_(*LEADER_ORDER) <= last)
+
+
+def claim_followers_statement(*, as_array: bool = False) -> Any:
+    """A leader's next batch of waiting followers (``as_array``: see :func:`in_claimable`)."""
+    return _claim_statement(
+        and_(
+            followers.c.scope == bindparam("b_scope"),
+            followers.c.leader_id == bindparam("b_leader"),
+            WAITING,
+        ),
+        LEADER_ORDER,
+        scoped=True,
+        also=lambda ids: within_leader_claim(ids, bindparam("b_leader")),
+        as_array=as_array,
+    )
+
+
+CLAIM_FOLLOWERS = claim_followers_statement()
 CLAIM_STUCK = _claim_statement(STUCK, (followers.c.claimed_at,), scoped=False)
 # Earliest deadline first; each batch is then sorted by occurred time.
 CLAIM_LOST = _claim_statement(LOST, (followers.c.deadline,), scoped=False)

@@ -3,9 +3,14 @@ after its fifth run on a connection)."""
 
 from __future__ import annotations
 
-from sqlalchemy import text
+from typing import Any
+
+import psycopg
+from sqlalchemy import make_url, text
+from sqlalchemy.dialects.postgresql import asyncpg
 
 from celery_causal.sql import open_store
+from celery_causal.sql.postgresql import PostgresStore
 from tests.helpers import follower, truncate
 
 
@@ -27,6 +32,52 @@ def test_the_release_delete_is_planned_on_every_call_and_the_claim_is_prepared(
         assert any(s.startswith("WITH claimable") for s in statements)
         assert not [s for s in statements if "DELETE FROM causal_followers" in s]
         assert sum(x.waiting for x in store.stats()) == 0
+    finally:
+        truncate(store)
+        store.close()
+
+
+def _rows_read(node: dict[str, Any]) -> float:
+    """Rows of causal_followers a plan node (and its children) read or threw away."""
+    loops = node.get("Actual Loops", 1)
+    read = 0.0
+    if node.get("Relation Name") == "causal_followers":
+        read += (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)) * loops
+    read += node.get("Rows Removed by Join Filter", 0) * loops
+    return read + sum(_rows_read(child) for child in node.get("Plans", ()))
+
+
+def test_a_leader_claim_reads_about_its_batch_even_under_a_generic_plan(pg_url: str) -> None:
+    # Given a leader with 1,500 parked followers, on a table with no statistics
+    store = open_store(pg_url)
+    truncate(store)
+    try:
+        for n in range(1500):
+            store.park(follower(f"f{n}", "big", occurred_at=float(n)), 600.0)
+        compiled = PostgresStore.claim_followers_sql.compile(dialect=asyncpg.dialect())
+        params = {**compiled.params, "b_scope": "default", "b_leader": "big", "b_limit": 100}
+        values = [params[name] for name in compiled.positiontup]
+        with psycopg.connect(
+            make_url(pg_url).set(drivername="postgresql").render_as_string(False)
+        ) as conn:
+            cursor = psycopg.ClientCursor(conn)
+            # The plan a connection may keep for the store's prepared claim: one made
+            # without its values (PostgreSQL's generic plan), here forced for this session
+            cursor.execute("SET plan_cache_mode = force_generic_plan")
+            cursor.execute(f"PREPARE claim AS {compiled}")
+            placeholders = ", ".join(["%s"] * len(values))
+            # When three batches of 100 are claimed, each reads about its own rows, not
+            # the leader's 1,500 followers, nor those times the batch
+            for batch in range(3):
+                cursor.execute(
+                    f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE claim({placeholders})", values
+                )
+                ((plan,),) = cursor.fetchall()
+                read = _rows_read(plan[0]["Plan"])
+                assert read <= 3 * 100, f"batch {batch} read {read:.0f} rows: {plan}"
+                # As the release does once it published them
+                cursor.execute("DELETE FROM causal_followers WHERE claimed_at IS NOT NULL")
+            conn.rollback()
     finally:
         truncate(store)
         store.close()
