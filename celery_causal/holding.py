@@ -90,8 +90,11 @@ class LocalHolds:
         self._limit = limit
         #: Task id of a request handed to the pool or held -> the followers held behind it.
         self._behind: dict[str, list[Any]] = {}
-        #: Held request -> the task id it waits behind.
-        self._held: dict[Any, str] = {}
+        #: Task id -> the request noted under it here (none for a task that reached the
+        #: pool without this module's hand-over: the pool reports each such task).
+        self._requests: dict[str, Any] = {}
+        #: Held request -> the task id it waits behind, and its hold's timer entry.
+        self._held: dict[Any, tuple[str, Any]] = {}
         self.view = _ConsumerView(consumer, self)
 
     def serves(self, consumer: Any) -> bool:
@@ -102,12 +105,17 @@ class LocalHolds:
         """Requests held now."""
         return len(self._held)
 
+    @property
+    def noted(self) -> int:
+        """Task ids noted as handed to the pool or held."""
+        return len(self._behind)
+
     def on_task_request(self, request: Any) -> None:
-        leader = self._leader_here(request)
-        if leader is None:
+        awaited = self._awaited(request)
+        if awaited is None:
             self._dispatch(request)
         else:
-            self._hold(request, leader)
+            self._hold(request, awaited)
 
     def apply_async(self, target: Any, *args: Any, **options: Any) -> Any:
         """The pool's ``apply_async``, noting the task until the pool reports it finished."""
@@ -130,26 +138,63 @@ class LocalHolds:
 
         return finished
 
+    def _here(self, task_id: str) -> bool:
+        """Whether ``task_id`` runs, waits for a pool process, or is held in this worker.
+
+        A request the worker forgot (its connection closed: Celery drops the requests it
+        reserved, and the broker delivers them again, here or elsewhere) is forgotten here
+        too, and whatever waited behind it is handed over.
+        """
+        if task_id not in self._behind:
+            return False
+        request = self._requests.get(task_id)
+        if request is None or request in worker_state.reserved_requests:
+            return True
+        self._finished(task_id)
+        return False
+
+    def _awaited(self, request: Any) -> str | None:
+        """The task id ``request`` must wait for in this worker, if any.
+
+        Another copy of the same task (an outbox replaying a send, a broker redelivery)
+        comes first: handed over together, both copies would find the leader done and their
+        own id not yet, and both would run. Handed over after it, a copy finds it done.
+        """
+        if self._here(request.id) and not self._noted_as(request):
+            return str(request.id)
+        return self._leader_here(request)
+
     def _leader_here(self, request: Any) -> str | None:
-        """A leader of ``request`` that this worker is running or holding."""
+        """A leader of ``request`` (other than itself) that this worker runs or holds."""
         follows = (request.request_dict or {}).get(FOLLOWS)
         leaders = [follows] if isinstance(follows, str) else follows
         if not isinstance(leaders, list):
             return None
-        return next((x for x in leaders if isinstance(x, str) and x in self._behind), None)
+        return next(
+            (x for x in leaders if isinstance(x, str) and x != request.id and self._here(x)),
+            None,
+        )
+
+    def _noted_as(self, request: Any) -> bool:
+        """Whether ``request`` is the one noted under its task id (not another copy)."""
+        return self._requests.get(request.id) is request
+
+    def _note(self, request: Any) -> None:
+        if request.id not in self._behind:
+            self._behind[request.id] = []
+            self._requests[request.id] = request
 
     def _hold(self, request: Any, leader: str) -> None:
+        entry = self._call_after(self._limit, self._hold_expired, (request,))
         self._behind[leader].append(request)
-        self._held[request] = leader
-        # Its own followers, delivered while it is held, wait behind it.
-        self._behind.setdefault(request.id, [])
-        self._call_after(self._limit, self._hold_expired, (request,))
+        self._held[request] = (leader, entry)
+        self._note(request)  # its own followers, delivered while it is held, wait behind it
 
     def _hold_expired(self, request: Any) -> None:
-        leader = self._held.pop(request, None)
-        if leader is None:
+        held = self._held.pop(request, None)
+        if held is None:
             return  # handed over when its leader finished
-        waiting = self._behind.get(leader)
+        waiting = self._behind.get(held[0])
         if waiting is not None and request in waiting:
             waiting.remove(request)
         self._dispatch_logged(request)
@@ -157,36 +202,46 @@ class LocalHolds:
     def _dispatch(self, request: Any) -> None:
         if request not in worker_state.reserved_requests:
             # The connection its message came on closed: the broker delivers it again.
-            self._finished(request.id)
+            if self._noted_as(request):
+                self._finished(request.id)
             return
         # Noted from here, not from the pool's apply_async: the worker may keep a request
         # until a pool process is free, and a follower delivered meanwhile waits behind it.
-        self._behind.setdefault(request.id, [])
+        self._note(request)
         self._hand_over(request)
 
     def _dispatch_logged(self, request: Any) -> None:
         # Called from the pool's result callbacks and the timer: one hand-over that fails
-        # must neither stop the others nor reach the pool's result handling. The request
-        # stays reserved and unacked, as one Celery failed to hand over would.
+        # must neither stop the others nor reach the pool's result handling. Its message
+        # goes back to the broker, to be delivered again.
         try:
             self._dispatch(request)
         except Exception:
-            logger.exception("could not hand task %s to the pool", request.id)
+            logger.exception("could not hand task %s to the pool; requeued", request.id)
+            try:
+                request.reject(requeue=True)
+            finally:
+                worker_state.task_ready(request)
+                if self._noted_as(request):
+                    self._finished(request.id)
 
     def revoked(self, task_id: str) -> None:
         """A request found revoked when handed over never reaches the pool."""
         self._finished(task_id)
 
     def _finished(self, task_id: str) -> None:
+        self._requests.pop(task_id, None)
         for follower in self._behind.pop(task_id, ()):
-            if self._held.pop(follower, None) is None:
+            held = self._held.pop(follower, None)
+            if held is None:
                 continue
-            leader = self._leader_here(follower)
-            if leader is None:
+            awaited = self._awaited(follower)
+            if awaited is None:
+                held[1].cancel()
                 self._dispatch_logged(follower)
-            else:  # another of its leaders still runs here
-                self._behind[leader].append(follower)
-                self._held[follower] = leader
+            else:  # another of its leaders, or another copy of it, is still here
+                self._behind[awaited].append(follower)
+                self._held[follower] = (awaited, held[1])
 
 
 def _on_revoked(request: Any = None, **_: Any) -> None:

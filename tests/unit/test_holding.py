@@ -21,6 +21,10 @@ class Request:
     def __init__(self, task_id: str, follows: str | list[str] | None = None) -> None:
         self.id = task_id
         self.request_dict = {FOLLOWS: follows} if follows is not None else {}
+        self.rejected: bool | None = None
+
+    def reject(self, requeue: bool = False) -> None:
+        self.rejected = requeue
 
     def __repr__(self) -> str:
         return f"Request({self.id})"
@@ -38,21 +42,40 @@ class Pool:
         options["callback" if ok else "error_callback"]((False, task_id, 0.0))
 
 
+class Entry:
+    """A timer entry: the hold's limit, which the test fires by hand."""
+
+    def __init__(self, secs: float, fun: Callable[..., None], args: tuple[Any, ...]) -> None:
+        self.secs, self.fun, self.args, self.cancelled = secs, fun, args, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def fire(self) -> None:
+        if not self.cancelled:
+            self.fun(*self.args)
+
+
 class Consumer:
     """The consumer's hand-over sends a request straight to the pool, as the worker does
     through the request's ``execute_using_pool``, unless it was revoked."""
 
     def __init__(self) -> None:
         self.pool = Pool()
-        self.timers: list[tuple[float, Callable[..., None], tuple[Any, ...]]] = []
+        self.timers: list[Entry] = []
+        self.fail_hand_over: set[str] = set()
         self.revoked: set[str] = set()
         self.holds: LocalHolds | None = None
         self.timer = self
 
-    def call_after(self, secs: float, fun: Callable[..., None], args: tuple[Any, ...]) -> None:
-        self.timers.append((secs, fun, args))
+    def call_after(self, secs: float, fun: Callable[..., None], args: tuple[Any, ...]) -> Entry:
+        entry = Entry(secs, fun, args)
+        self.timers.append(entry)
+        return entry
 
     def on_task_request(self, request: Request) -> None:
+        if request.id in self.fail_hand_over:
+            raise RuntimeError("the pool is closing")
         if request.id in self.revoked:
             return
         assert self.holds is not None
@@ -115,9 +138,9 @@ def test_the_hold_limit_hands_a_follower_over_while_its_leader_still_runs(
 ) -> None:
     deliver(consumer, "a")
     deliver(consumer, "b", "a")
-    [(secs, fire, args)] = consumer.timers
-    assert secs == 1.0
-    fire(*args)
+    [entry] = consumer.timers
+    assert entry.secs == 1.0
+    entry.fire()
     assert set(consumer.pool.running) == {"a", "b"}
     consumer.pool.finish("a")  # b is not handed over a second time
     assert set(consumer.pool.running) == {"b"}
@@ -155,3 +178,62 @@ def test_a_task_that_reaches_the_pool_without_a_hand_over_is_waited_for(
     assert set(consumer.pool.running) == {"eta"}
     consumer.pool.finish("eta")
     assert set(consumer.pool.running) == {"f"}
+
+
+def test_a_second_copy_of_a_task_waits_for_the_first(consumer: Consumer) -> None:
+    # Two copies of follower b held behind leader a: handed over together, both would run
+    deliver(consumer, "a")
+    deliver(consumer, "b", "a")
+    deliver(consumer, "b", "a")
+    deliver(consumer, "b", "a")
+    consumer.pool.finish("a")
+    assert set(consumer.pool.running) == {"b"}
+    consumer.pool.finish("b")  # the next copy now finds b done in the store
+    assert set(consumer.pool.running) == {"b"}
+    consumer.pool.finish("b")
+    assert set(consumer.pool.running) == {"b"}
+    consumer.pool.finish("b")
+    assert consumer.holds is not None and consumer.holds.held == 0
+    assert consumer.holds.noted == 0
+
+
+def test_a_follower_listing_itself_among_its_leaders_waits_only_for_the_others(
+    consumer: Consumer,
+) -> None:
+    deliver(consumer, "a")
+    deliver(consumer, "b", ["a", "b"])
+    consumer.pool.finish("a")
+    assert set(consumer.pool.running) == {"b"}
+    assert not [e for e in consumer.timers if not e.cancelled]
+
+
+def test_a_leader_forgotten_with_its_connection_holds_nobody_back(consumer: Consumer) -> None:
+    # Both pool processes busy: a waits for one (noted here), f is held behind a
+    consumer.revoked.add("a")  # stands for "not yet handed to a pool process"
+    a = deliver(consumer, "a")
+    f = deliver(consumer, "f", "a")
+    # The connection closes: Celery forgets both; the broker delivers them again
+    worker_state.reserved_requests.discard(a)
+    worker_state.reserved_requests.discard(f)
+    # A later follower of a is not held behind a request the worker forgot
+    deliver(consumer, "g", "a")
+    assert set(consumer.pool.running) == {"g"}
+    assert consumer.holds is not None and consumer.holds.held == 0
+
+
+def test_a_follower_whose_hand_over_fails_goes_back_to_the_broker(consumer: Consumer) -> None:
+    deliver(consumer, "a")
+    b = deliver(consumer, "b", "a")
+    deliver(consumer, "c", "b")
+    consumer.fail_hand_over.add("b")
+    consumer.pool.finish("a")  # b's hand-over fails: requeued, and c no longer waits for it
+    assert b.rejected is True and b not in worker_state.reserved_requests
+    assert set(consumer.pool.running) == {"c"}
+
+
+def test_a_hold_handed_over_early_cancels_its_timer(consumer: Consumer) -> None:
+    deliver(consumer, "a")
+    deliver(consumer, "b", "a")
+    consumer.pool.finish("a")
+    [entry] = consumer.timers
+    assert entry.cancelled
