@@ -82,6 +82,8 @@ class LocalHolds:
     """The causal tasks this worker's main process handed to its pool and has not heard
     back from, and the followers held behind each."""
 
+    PRUNE_EVERY = 256
+
     def __init__(self, consumer: Any, limit: float) -> None:
         self._consumer = consumer
         self._pool = consumer.pool
@@ -95,6 +97,7 @@ class LocalHolds:
         self._requests: dict[str, Any] = {}
         #: Held request -> the task id it waits behind, and its hold's timer entry.
         self._held: dict[Any, tuple[str, Any]] = {}
+        self._notes = 0
         self.view = _ConsumerView(consumer, self)
 
     def serves(self, consumer: Any) -> bool:
@@ -112,10 +115,45 @@ class LocalHolds:
 
     def on_task_request(self, request: Any) -> None:
         awaited = self._awaited(request)
-        if awaited is None:
-            self._dispatch(request)
-        else:
+        if awaited is not None and (awaited == request.id or self._room_to_hold()):
             self._hold(request, awaited)
+        else:
+            self._dispatch(request)
+
+    def _room_to_hold(self) -> bool:
+        """Whether one more held request leaves the pool its share of the prefetch window.
+
+        A held message is unacked, so it takes a place in the window the broker fills: held
+        requests never take the places of as many messages as there are pool processes, or
+        an idle process would wait for the hold while unrelated tasks stay in the queue.
+        With ``worker_disable_prefetch`` the worker fetches only while it reserves fewer
+        requests than it has processes: nothing is held.
+        """
+        consumer = self._consumer
+        if consumer.app.conf.get("worker_disable_prefetch"):
+            return False
+        window = getattr(getattr(consumer, "qos", None), "value", 0) or 0
+        if window <= 0:
+            return True  # no prefetch limit: a held message keeps no other one out
+        controller = getattr(consumer, "controller", None)
+        processes = getattr(controller, "max_concurrency", None) or self._pool.num_processes
+        return len(self._held) < window - int(processes or 0)
+
+    def prune(self) -> None:
+        """Forget the requests the worker forgot (its connection closed: the broker delivers
+        them again), held ones included, and hand over what waited behind them. Run every
+        :attr:`PRUNE_EVERY` requests noted, so that a worker whose connection drops now and
+        then keeps no message of its past connections."""
+        reserved = worker_state.reserved_requests
+        for request in [r for r in self._held if r not in reserved]:
+            awaited, entry = self._held.pop(request)
+            entry.cancel()
+            waiting = self._behind.get(awaited)
+            if waiting is not None and request in waiting:
+                waiting.remove(request)
+        for task_id, request in list(self._requests.items()):
+            if request not in reserved and self._requests.get(task_id) is request:
+                self._finished(task_id)
 
     def apply_async(self, target: Any, *args: Any, **options: Any) -> Any:
         """The pool's ``apply_async``, noting the task until the pool reports it finished."""
@@ -183,6 +221,9 @@ class LocalHolds:
         if request.id not in self._behind:
             self._behind[request.id] = []
             self._requests[request.id] = request
+            self._notes += 1
+            if self._notes % self.PRUNE_EVERY == 0:
+                self.prune()
 
     def _hold(self, request: Any, leader: str) -> None:
         entry = self._call_after(self._limit, self._hold_expired, (request,))

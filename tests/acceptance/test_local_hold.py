@@ -158,3 +158,20 @@ def test_a_worker_killed_while_holding_loses_no_follower(
         assert "f" not in log.entries()
     finally:
         restarted.stop()
+
+
+def test_held_requests_never_take_the_prefetch_places_of_the_pool_processes(
+    spawn: Callable[..., Spawned],
+) -> None:
+    # Given a prefetch window of 2 messages for 2 pool processes, one running a leader
+    s = spawn("--prefetch-multiplier", "1", CAUSAL_LOCAL_HOLD="120")
+    log = s.log("window")
+    leader = leader_running(s, log.name)
+    # When a follower arrives, holding it would leave the idle process nothing to fetch:
+    # it is handed over and parks at once, well inside the 120 s hold
+    follower = s.handle.step.apply_async((log.name, "f"), follows=leader)
+    wait_for(lambda: follower.id in parked(s), 60, "the follower parked")
+    # And an unrelated task runs on the idle process meanwhile
+    assert s.handle.ping.delay().get(timeout=30) == "pong"
+    go(s)
+    assert follower.get(timeout=60) == "f"

@@ -6,6 +6,7 @@ follower of several leaders, a hold's limit firing) are hard to force there."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -31,6 +32,8 @@ class Request:
 
 
 class Pool:
+    num_processes = 2
+
     def __init__(self) -> None:
         self.running: dict[str, dict[str, Any]] = {}
 
@@ -64,6 +67,9 @@ class Consumer:
         self.pool = Pool()
         self.timers: list[Entry] = []
         self.fail_hand_over: set[str] = set()
+        self.app = SimpleNamespace(conf={})
+        self.qos = SimpleNamespace(value=0)  # the prefetch window; 0: no limit
+        self.controller = SimpleNamespace(max_concurrency=None)
         self.revoked: set[str] = set()
         self.holds: LocalHolds | None = None
         self.timer = self
@@ -237,3 +243,42 @@ def test_a_hold_handed_over_early_cancels_its_timer(consumer: Consumer) -> None:
     consumer.pool.finish("a")
     [entry] = consumer.timers
     assert entry.cancelled
+
+
+def test_held_requests_leave_the_pool_its_share_of_the_prefetch_window(
+    consumer: Consumer,
+) -> None:
+    # A window of 4 messages and 2 pool processes: at most 2 held
+    consumer.qos.value = 4
+    deliver(consumer, "a")
+    for name in ("b", "c", "d"):
+        deliver(consumer, name, "a")
+    assert consumer.holds is not None and consumer.holds.held == 2
+    assert set(consumer.pool.running) == {"a", "d"}  # d parks in its pool process
+    consumer.pool.finish("a")
+    assert set(consumer.pool.running) == {"b", "c", "d"}
+
+
+def test_nothing_is_held_when_the_worker_fetches_only_for_idle_processes(
+    consumer: Consumer,
+) -> None:
+    consumer.app.conf["worker_disable_prefetch"] = True
+    deliver(consumer, "a")
+    deliver(consumer, "b", "a")
+    assert set(consumer.pool.running) == {"a", "b"}
+
+
+def test_pruning_forgets_what_a_closed_connection_took_held_requests_included(
+    consumer: Consumer,
+) -> None:
+    # a waits for a pool process, f is held behind it; on Celery 5.5 the connection's
+    # close also clears the worker's timers, so f's hold would never end
+    consumer.revoked.add("a")  # stands for "not yet handed to a pool process"
+    a = deliver(consumer, "a")
+    f = deliver(consumer, "f", "a")
+    worker_state.reserved_requests.discard(a)
+    worker_state.reserved_requests.discard(f)
+    assert consumer.holds is not None
+    consumer.holds.prune()
+    assert consumer.holds.held == 0 and consumer.holds.noted == 0
+    assert consumer.pool.running == {}
