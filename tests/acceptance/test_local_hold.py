@@ -7,9 +7,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from celery_causal.errors import LeaderFailed
 from tests.acceptance.conftest import Spawned, WorkerProcess, recorded
 from tests.helpers import wait_for
+
+# Holding relies on Celery's strategy and request internals: run against the oldest
+# Celery admitted too (.ci/oldest-celery).
+pytestmark = pytest.mark.core
 
 
 def parked(s: Spawned) -> list[str]:
