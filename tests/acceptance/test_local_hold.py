@@ -163,7 +163,7 @@ def test_a_worker_killed_while_holding_loses_no_follower(
     try:
         # Then the broker delivers the follower again; its leader never finished, so it
         # parks (and waits for the sweep), it does not run
-        # (kombu 5.5's Redis transport took about 100 s to restore it here; 5.7 seconds)
+        # (kombu 5.5's Redis transport took about 100 s to restore it here, 5.7's seconds)
         wait_for(lambda: follower.id in parked(s), 240, "the follower parked again")
         assert follower.state == "DEFERRED"
         assert "f" not in log.entries()
