@@ -8,10 +8,18 @@ leader is in this worker; it then holds the follower's request, its message unac
 the pool's own queue, and hands it to the pool when the leader finished, or after
 ``causal_local_hold`` seconds, whichever comes first.
 
+A follower delivered just *before* its leader (sent in the same burst, last link first, or
+overtaken on the way) would park too, though its leader reaches the worker a moment later.
+Such a follower is held for up to ``causal_local_lookahead`` seconds in case its leader
+comes; when it does, the follower waits behind it as above. A follower whose leader
+finished in this worker (among the last :attr:`LocalHolds.GONE_KEPT` tasks here) is handed
+over at once: there is nothing left to wait for here.
+
 Why this cannot break the order: holding only delays a hand-over. The pool process checks
 the follower against the store exactly as it would have, so whatever the leader's outcome
 (success, failure, retry, revocation, a lost process) the follower runs, parks or fails as
-the store allows. A completion this module misses costs at most the hold's limit.
+the store allows. A completion or an arrival this module misses costs at most the hold's
+limit.
 
 Why nothing is lost: a held message is unacked and listed in the worker's reserved requests
 (``celery inspect reserved``). If the broker connection drops, Celery forgets its reserved
@@ -60,9 +68,10 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
 
 def _holds_for(app: Any, consumer: Any) -> LocalHolds | None:
     try:
-        limit = CausalSettings.from_conf(app.conf).local_hold
+        settings = CausalSettings.from_conf(app.conf)
     except ConfigurationError:
         return None  # the worker's start-up step stops the worker with the message
+    limit = settings.local_hold
     if (
         limit <= 0
         or getattr(consumer, "hub", None) is None
@@ -73,7 +82,7 @@ def _holds_for(app: Any, consumer: Any) -> LocalHolds | None:
     # One per consumer, shared by every causal task's strategy (a leader and its follower
     # may be different tasks); built again when the consumer's pool or hand-over changed.
     if holds is None or not holds.serves(consumer):
-        holds = _holds[consumer] = LocalHolds(consumer, limit)
+        holds = _holds[consumer] = LocalHolds(consumer, limit, settings.local_lookahead)
         signals.task_revoked.connect(_on_revoked, weak=False, dispatch_uid=__name__)
     return holds
 
@@ -83,20 +92,26 @@ class LocalHolds:
     back from, and the followers held behind each."""
 
     PRUNE_EVERY = 256
+    GONE_KEPT = 10_000
 
-    def __init__(self, consumer: Any, limit: float) -> None:
+    def __init__(self, consumer: Any, limit: float, lookahead: float = 0) -> None:
         self._consumer = consumer
         self._pool = consumer.pool
         self._hand_over = consumer.on_task_request
         self._call_after = consumer.timer.call_after
         self._limit = limit
+        self._lookahead = min(lookahead, limit)
         #: Task id of a request handed to the pool or held -> the followers held behind it.
         self._behind: dict[str, list[Any]] = {}
         #: Task id -> the request noted under it here (none for a task that reached the
         #: pool without this module's hand-over: the pool reports each such task).
         self._requests: dict[str, Any] = {}
-        #: Held request -> the task id it waits behind, and its hold's timer entry.
+        #: Task id not here yet -> the followers held in case it is about to be delivered.
+        self._expected: dict[str, list[Any]] = {}
+        #: Held request -> the task id it waits for, and its hold's timer entry.
         self._held: dict[Any, tuple[str, Any]] = {}
+        #: Task ids that were here and are not any more, newest last (a bounded window).
+        self._gone: dict[str, None] = {}
         self._notes = 0
         self.view = _ConsumerView(consumer, self)
 
@@ -116,7 +131,11 @@ class LocalHolds:
     def on_task_request(self, request: Any) -> None:
         awaited = self._awaited(request)
         if awaited is not None and (awaited == request.id or self._room_to_hold()):
-            self._hold(request, awaited)
+            self._hold(request, awaited, self._behind, self._limit)
+            return
+        expected = self._expected_leader(request) if awaited is None else None
+        if expected is not None and self._room_to_hold():
+            self._hold(request, expected, self._expected, self._lookahead)
         else:
             self._dispatch(request)
 
@@ -146,11 +165,7 @@ class LocalHolds:
         then keeps no message of its past connections."""
         reserved = worker_state.reserved_requests
         for request in [r for r in self._held if r not in reserved]:
-            awaited, entry = self._held.pop(request)
-            entry.cancel()
-            waiting = self._behind.get(awaited)
-            if waiting is not None and request in waiting:
-                waiting.remove(request)
+            self._unhold(request)[1].cancel()
         for task_id, request in list(self._requests.items()):
             if request not in reserved and self._requests.get(task_id) is request:
                 self._finished(task_id)
@@ -162,7 +177,9 @@ class LocalHolds:
             return self._pool.apply_async(target, *args, **options)
         # Requests that reach the pool without this module's hand-over (after an ETA, or
         # a rate limit) are noted here.
-        self._behind.setdefault(task_id, [])
+        if task_id not in self._behind:
+            self._behind[task_id] = []
+            self._arrived(task_id)
         for name in ("callback", "error_callback"):
             options[name] = self._then_finish(options.get(name), task_id)
         return self._pool.apply_async(target, *args, **options)
@@ -213,6 +230,22 @@ class LocalHolds:
             None,
         )
 
+    def _expected_leader(self, request: Any) -> str | None:
+        """A leader of ``request`` that has not reached this worker, if it is to be waited
+        for: a follower delivered just before its leader (sent in the same burst, or
+        overtaken on the way) finds it here a moment later, where a handed-over follower
+        would park. None for a leader that finished here, and with no lookahead."""
+        if self._lookahead <= 0:
+            return None
+        follows = (request.request_dict or {}).get(FOLLOWS)
+        leaders = [follows] if isinstance(follows, str) else follows
+        if not isinstance(leaders, list):
+            return None
+        return next(
+            (x for x in leaders if isinstance(x, str) and x != request.id and x not in self._gone),
+            None,
+        )
+
     def _noted_as(self, request: Any) -> bool:
         """Whether ``request`` is the one noted under its task id (not another copy)."""
         return self._requests.get(request.id) is request
@@ -221,23 +254,39 @@ class LocalHolds:
         if request.id not in self._behind:
             self._behind[request.id] = []
             self._requests[request.id] = request
+            self._arrived(request.id)
             self._notes += 1
             if self._notes % self.PRUNE_EVERY == 0:
                 self.prune()
 
-    def _hold(self, request: Any, leader: str) -> None:
-        entry = self._call_after(self._limit, self._hold_expired, (request,))
-        self._behind[leader].append(request)
-        self._held[request] = (leader, entry)
+    def _arrived(self, task_id: str) -> None:
+        """``task_id`` is here now: the followers expecting it wait behind it, with the
+        hold's whole limit from now."""
+        for follower in self._expected.pop(task_id, ()):
+            self._unhold(follower)[1].cancel()
+            self._hold(follower, task_id, self._behind, self._limit)
+
+    def _hold(self, request: Any, awaited: str, lists: dict[str, list[Any]], limit: float) -> None:
+        entry = self._call_after(limit, self._hold_expired, (request,))
+        lists.setdefault(awaited, []).append(request)
+        self._held[request] = (awaited, entry)
         self._note(request)  # its own followers, delivered while it is held, wait behind it
 
+    def _unhold(self, request: Any) -> tuple[str, Any]:
+        """Take a held ``request`` off the lists; its task id and timer entry."""
+        awaited, entry = self._held.pop(request)
+        for lists in (self._behind, self._expected):
+            waiting = lists.get(awaited)
+            if waiting is not None and request in waiting:
+                waiting.remove(request)
+                if not waiting and lists is self._expected:
+                    del lists[awaited]
+        return awaited, entry
+
     def _hold_expired(self, request: Any) -> None:
-        held = self._held.pop(request, None)
-        if held is None:
+        if request not in self._held:
             return  # handed over when its leader finished
-        waiting = self._behind.get(held[0])
-        if waiting is not None and request in waiting:
-            waiting.remove(request)
+        self._unhold(request)
         self._dispatch_logged(request)
 
     def _dispatch(self, request: Any) -> None:
@@ -272,7 +321,13 @@ class LocalHolds:
 
     def _finished(self, task_id: str) -> None:
         self._requests.pop(task_id, None)
-        for follower in self._behind.pop(task_id, ()):
+        self._gone[task_id] = None
+        if len(self._gone) > self.GONE_KEPT:
+            del self._gone[next(iter(self._gone))]
+        # Followers expecting a task that will not come (revoked before it reached the
+        # pool) are handed over as well.
+        waiting = self._behind.pop(task_id, []) + self._expected.pop(task_id, [])
+        for follower in waiting:
             held = self._held.pop(follower, None)
             if held is None:
                 continue

@@ -112,6 +112,10 @@ class CausalSettings(BaseModel):
     #: Longest time a prefork worker's main process holds a follower whose leader is
     #: running in the same worker, instead of handing it to the pool to park; 0 never holds.
     local_hold: float = Field(default=1, ge=0)
+    #: Longest time that main process holds a follower whose leader has not reached the
+    #: worker, in case it is about to (a follower delivered just before its leader); a
+    #: follower whose leader finished in the worker is not held. 0 never holds.
+    local_lookahead: float = Field(default=0.05, ge=0)
 
     _durations = field_validator(
         "lookback",
@@ -121,6 +125,7 @@ class CausalSettings(BaseModel):
         "store_retry_delay",
         "store_retry_max_delay",
         "local_hold",
+        "local_lookahead",
         mode="before",
     )(_seconds)
 

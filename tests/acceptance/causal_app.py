@@ -157,6 +157,7 @@ def _configured(prefix: str, store_url: str | None, broker_url: str) -> Celery:
         causal_deduplicate=_env("CAUSAL_DEDUPLICATE", "always"),
         causal_max_depth=int(_env("CAUSAL_MAX_DEPTH", "20")),
         causal_local_hold=float(_env("CAUSAL_LOCAL_HOLD", "1")),
+        causal_local_lookahead=float(_env("CAUSAL_LOCAL_LOOKAHEAD", "0.05")),
     )
     return app
 

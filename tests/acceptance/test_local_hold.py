@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from celery.utils import uuid
 
 from celery_causal.errors import LeaderFailed
 from tests.acceptance.conftest import Spawned, WorkerProcess, recorded
@@ -186,3 +187,38 @@ def test_held_requests_never_take_the_prefetch_places_of_the_pool_processes(
     assert s.handle.ping.delay().get(timeout=30) == "pong"
     go(s)
     assert follower.get(timeout=60) == "f"
+
+
+def test_a_chain_sent_last_link_first_runs_in_order_without_a_park(
+    spawn: Callable[..., Spawned],
+) -> None:
+    # Given an idle worker whose lookahead outlasts any delivery gap here
+    s = spawn(CAUSAL_LOCAL_HOLD="120", CAUSAL_LOCAL_LOOKAHEAD="60")
+    log = s.log("reversed")
+    ids = [uuid() for _ in range(4)]
+    # When a chain of four is sent last link first
+    for k in (3, 2, 1):
+        s.handle.step.apply_async((log.name, f"s{k}"), task_id=ids[k], follows=ids[k - 1])
+    # Then the followers wait in the worker for the leaders they have not seen yet
+    wait_for(lambda: reserved(s) >= set(ids[1:]), 60, "the followers held")
+    assert log.entries() == []
+    s.handle.step.apply_async((log.name, "s0"), task_id=ids[0])
+    # And once the head arrives the links run in order, none parked
+    assert log.wait_len(4, 60) == ["s0", "s1", "s2", "s3"]
+    assert not set(ids) & set(parked(s))
+    assert not reserved(s)
+
+
+def test_a_follower_whose_leader_does_not_come_parks_after_the_lookahead(
+    spawn: Callable[..., Spawned],
+) -> None:
+    s = spawn(CAUSAL_LOCAL_HOLD="120", CAUSAL_LOCAL_LOOKAHEAD="0.5")
+    log = s.log("lookahead")
+    leader_id = uuid()
+    follower = s.handle.step.apply_async((log.name, "f"), follows=leader_id)
+    wait_for(lambda: follower.id in parked(s), 60, "the follower parked")
+    assert follower.state == "DEFERRED"
+    # Its leader, sent later, releases it as usual
+    s.handle.step.apply_async((log.name, "leader"), task_id=leader_id)
+    assert follower.get(timeout=60) == "f"
+    assert log.entries() == ["leader", "f"]

@@ -282,3 +282,111 @@ def test_pruning_forgets_what_a_closed_connection_took_held_requests_included(
     consumer.holds.prune()
     assert consumer.holds.held == 0 and consumer.holds.noted == 0
     assert consumer.pool.running == {}
+
+
+@pytest.fixture
+def looking_ahead() -> Iterator[Consumer]:
+    """Holds with a lookahead: a follower whose leader is not here waits 0.05 s for it."""
+    c = Consumer()
+    c.holds = LocalHolds(c, 1.0, 0.05)
+    yield c
+    worker_state.reserved_requests.clear()
+
+
+def test_a_chain_delivered_last_link_first_runs_link_by_link_without_a_park(
+    looking_ahead: Consumer,
+) -> None:
+    c = looking_ahead
+    deliver(c, "c", "b")
+    assert [e.secs for e in c.timers] == [0.05]
+    deliver(c, "b", "a")
+    # b is here, held: c waits behind it now; b waits for a
+    assert c.pool.running == {}
+    assert sorted(e.secs for e in c.timers if not e.cancelled) == [0.05, 1.0]
+    deliver(c, "a")
+    # The leader came: each held link now waits behind it with the hold's whole limit
+    assert set(c.pool.running) == {"a"}
+    assert sorted(e.secs for e in c.timers if not e.cancelled) == [1.0, 1.0]
+    c.pool.finish("a")
+    assert set(c.pool.running) == {"b"}
+    c.pool.finish("b")
+    assert set(c.pool.running) == {"c"}
+    c.pool.finish("c")
+    assert c.holds is not None and c.holds.held == 0 and c.holds.noted == 0
+
+
+def test_a_leader_that_does_not_come_costs_the_lookahead_only(looking_ahead: Consumer) -> None:
+    c = looking_ahead
+    deliver(c, "f", "elsewhere")
+    [entry] = c.timers
+    assert entry.secs == 0.05 and c.pool.running == {}
+    entry.fire()
+    assert set(c.pool.running) == {"f"}
+    deliver(c, "elsewhere")  # arriving later, it finds nobody waiting for it
+    assert set(c.pool.running) == {"f", "elsewhere"}
+
+
+def test_a_follower_whose_leader_finished_here_is_handed_over_at_once(
+    looking_ahead: Consumer,
+) -> None:
+    c = looking_ahead
+    deliver(c, "a")
+    c.pool.finish("a")
+    deliver(c, "f", "a")
+    deliver(c, "g", ["a", "f"])  # f is running here: g waits behind it
+    assert set(c.pool.running) == {"f"}
+    assert [e.secs for e in c.timers] == [1.0]
+
+
+def test_a_leader_revoked_before_it_reaches_the_pool_hands_its_expected_followers_over(
+    looking_ahead: Consumer,
+) -> None:
+    c = looking_ahead
+    deliver(c, "f", "a")
+    assert c.holds is not None
+    c.holds.revoked("a")  # the strategy found a revoked: task_revoked, no hand-over
+    assert set(c.pool.running) == {"f"}
+    assert c.holds.held == 0
+
+
+def test_a_leader_reaching_the_pool_after_its_eta_is_expected_too(
+    looking_ahead: Consumer,
+) -> None:
+    c = looking_ahead
+    deliver(c, "f", "eta")
+    c.on_task_request(Request("eta"))  # from the consumer's timer straight to the pool
+    assert set(c.pool.running) == {"eta"}
+    c.pool.finish("eta")
+    assert set(c.pool.running) == {"f"}
+
+
+def test_expected_followers_leave_the_pool_its_share_of_the_prefetch_window(
+    looking_ahead: Consumer,
+) -> None:
+    c = looking_ahead
+    c.qos.value = 4
+    for name in ("w", "x", "y"):
+        deliver(c, name, "a")
+    assert c.holds is not None and c.holds.held == 2
+    assert set(c.pool.running) == {"y"}
+
+
+def test_pruning_forgets_expected_followers_whose_connection_closed(
+    looking_ahead: Consumer,
+) -> None:
+    c = looking_ahead
+    f = deliver(c, "f", "a")
+    worker_state.reserved_requests.discard(f)
+    assert c.holds is not None
+    c.holds.prune()
+    assert c.holds.held == 0 and [e.cancelled for e in c.timers] == [True]
+    deliver(c, "a")
+    c.pool.finish("a")
+    assert set(c.pool.running) == set()  # f was not run: the broker delivers it again
+
+
+def test_the_lookahead_is_never_longer_than_the_hold() -> None:
+    c = Consumer()
+    c.holds = LocalHolds(c, 0.2, 5.0)
+    deliver(c, "f", "a")
+    assert [e.secs for e in c.timers] == [0.2]

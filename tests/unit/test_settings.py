@@ -22,11 +22,12 @@ def test_durations_accept_timedeltas_and_none_disables_depth() -> None:
             "causal_seen_ttl": 300,
             "causal_max_depth": None,
             "causal_local_hold": timedelta(milliseconds=250),
+            "causal_local_lookahead": "0.02",
             "broker_url": "ignored",
         }
     )
     assert (s.lookback, s.seen_ttl, s.max_depth) == (120, 300, None)
-    assert s.local_hold == 0.25
+    assert (s.local_hold, s.local_lookahead) == (0.25, 0.02)
 
 
 @pytest.mark.parametrize(
@@ -40,6 +41,7 @@ def test_durations_accept_timedeltas_and_none_disables_depth() -> None:
         ({"causal_on_leader_failure": "explode"}, "causal_on_leader_failure"),
         ({"causal_deduplicate": "sometimes"}, "causal_deduplicate"),
         ({"causal_local_hold": -1}, "causal_local_hold"),
+        ({"causal_local_lookahead": -0.1}, "causal_local_lookahead"),
     ],
 )
 def test_wrong_values_name_the_setting(conf: dict[str, object], names: str) -> None:
