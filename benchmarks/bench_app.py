@@ -31,6 +31,8 @@ app.conf.update(
     causal_store_url=os.environ.get("CAUSAL_STORE_URL"),
     causal_deduplicate=os.environ.get("CAUSAL_DEDUPLICATE", "always"),
 )
+if "CAUSAL_LOCAL_HOLD" in os.environ:
+    app.conf.causal_local_hold = float(os.environ["CAUSAL_LOCAL_HOLD"])
 celery_causal.install(app, beat=False)
 _redis = redis.Redis.from_url(REDIS_URL)
 

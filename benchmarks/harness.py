@@ -63,6 +63,9 @@ class WorkerConfig:
     deduplicate: str = "always"
     #: A Redis result backend and task events (``-E``), as most deployments run.
     realistic: bool = False
+    #: ``causal_local_hold`` (None: the library's default); 0 parks every follower that
+    #: arrives before its leader finished.
+    local_hold: float | None = None
 
 
 def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -147,6 +150,8 @@ class Bench:
         if config is None:
             return
         env = dict(self.env, CAUSAL_DEDUPLICATE=config.deduplicate)
+        if config.local_hold is not None:
+            env["CAUSAL_LOCAL_HOLD"] = str(config.local_hold)
         argv = [sys.executable, "-m", "celery", "-A", "benchmarks.bench_app", "worker"]
         argv += ["-P", "prefork", "-c", "2", "-l", "warning"]
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]

@@ -71,7 +71,9 @@ def independent(
 
 def chains_in_waves(b: Bench, chains: int, repeats: int) -> list[Result]:
     """W2: chains sent a link at a time (every follower finds its leader done); W3: the
-    same chains sent up front, fully reversed (every follower parks first)."""
+    same chains sent up front, fully reversed (the worker holds each follower until its
+    leader arrived and finished); W3p: W3 with the worker's holds off, so that every
+    follower parks first: what parking costs."""
     config = WorkerConfig()
     b.use_worker(config)
     waves, reversed_counts = StatementCounts(), StatementCounts()
@@ -84,6 +86,12 @@ def chains_in_waves(b: Bench, chains: int, repeats: int) -> list[Result]:
         _measured(b, reversed_counts, lambda: b.run_chains(chains, 5, reverse=True))()
         for _ in range(repeats)
     ]
+    b.use_worker(WorkerConfig(local_hold=0))
+    parking_counts = StatementCounts()
+    parking = [
+        _measured(b, parking_counts, lambda: b.run_chains(chains, 5, reverse=True))()
+        for _ in range(repeats)
+    ]
     tasks, heads = chains * 5 * repeats, chains * repeats
     w2_stmts = b.record_statements(
         "W2",
@@ -94,13 +102,21 @@ def chains_in_waves(b: Bench, chains: int, repeats: int) -> list[Result]:
     )
     w3_stmts = b.record_statements(
         "W3",
-        "chains fully reversed (followers park)",
+        "chains fully reversed",
         reversed_counts,
         tasks,
         budget(reversed_counts, independent=heads, followers=tasks - heads, deduplicate="always"),
     )
+    w3p_stmts = b.record_statements(
+        "W3p",
+        "chains fully reversed, holds off (followers park)",
+        parking_counts,
+        tasks,
+        budget(parking_counts, independent=heads, followers=tasks - heads, deduplicate="always"),
+    )
     w2 = ratio(causal, plain)
     w3 = ratio(reversed_, causal)
+    w3p = ratio(parking, causal)
     return [
         Result(
             "W2",
@@ -117,5 +133,13 @@ def chains_in_waves(b: Bench, chains: int, repeats: int) -> list[Result]:
             "<= 2.2",
             w3[0] <= 2.2,
             {"reversed_s": reversed_, "statements": w3_stmts},
+        ),
+        Result(
+            "W3p",
+            f"{chains:,} chains of 5, fully reversed, causal_local_hold=0 (every follower parks)",
+            fmt_ratio("W3p/W2 causal", w3p),
+            "reference",
+            None,
+            {"parked_s": parking, "statements": w3p_stmts},
         ),
     ]
