@@ -51,7 +51,7 @@ from celery.worker import state as worker_state
 from celery.worker.strategy import default as default_strategy
 
 from .errors import ConfigurationError
-from .payload import FOLLOWS
+from .payload import FOLLOWS, RELEASED
 from .settings import CausalSettings
 
 logger = logging.getLogger("celery_causal")
@@ -235,8 +235,8 @@ class LocalHolds:
         for: a follower delivered just before its leader (sent in the same burst, or
         overtaken on the way) finds it here a moment later, where a handed-over follower
         would park. None for a leader that finished here, and with no lookahead."""
-        if self._lookahead <= 0:
-            return None
+        if self._lookahead <= 0 or (request.request_dict or {}).get(RELEASED):
+            return None  # a released follower's leader finished, here or elsewhere
         follows = (request.request_dict or {}).get(FOLLOWS)
         leaders = [follows] if isinstance(follows, str) else follows
         if not isinstance(leaders, list):
@@ -263,8 +263,11 @@ class LocalHolds:
         """``task_id`` is here now: the followers expecting it wait behind it, with the
         hold's whole limit from now."""
         for follower in self._expected.pop(task_id, ()):
-            self._unhold(follower)[1].cancel()
-            self._hold(follower, task_id, self._behind, self._limit)
+            # A prune run by a note inside this loop may have dropped a later follower.
+            held = self._held.pop(follower, None)
+            if held is not None:
+                held[1].cancel()
+                self._hold(follower, task_id, self._behind, self._limit)
 
     def _hold(self, request: Any, awaited: str, lists: dict[str, list[Any]], limit: float) -> None:
         entry = self._call_after(limit, self._hold_expired, (request,))
@@ -284,8 +287,17 @@ class LocalHolds:
         return awaited, entry
 
     def _hold_expired(self, request: Any) -> None:
-        if request not in self._held:
+        held = self._held.get(request)
+        if held is None:
             return  # handed over when its leader finished
+        first = self._requests.get(request.id)
+        if held[0] == request.id and first is not request and first in self._held:
+            # A later copy never goes before the first one: the first one's hold restarted
+            # when its leader arrived, and the store tells copies apart only once one of
+            # them finished.
+            entry = self._call_after(self._limit, self._hold_expired, (request,))
+            self._held[request] = (held[0], entry)
+            return
         self._unhold(request)
         self._dispatch_logged(request)
 
@@ -321,13 +333,15 @@ class LocalHolds:
 
     def _finished(self, task_id: str) -> None:
         self._requests.pop(task_id, None)
+        self._gone.pop(task_id, None)
         self._gone[task_id] = None
         if len(self._gone) > self.GONE_KEPT:
             del self._gone[next(iter(self._gone))]
+        behind = self._behind.pop(task_id, [])
         # Followers expecting a task that will not come (revoked before it reached the
         # pool) are handed over as well.
-        waiting = self._behind.pop(task_id, []) + self._expected.pop(task_id, [])
-        for follower in waiting:
+        expected = self._expected.pop(task_id, [])
+        for follower in behind + expected:
             held = self._held.pop(follower, None)
             if held is None:
                 continue
@@ -335,6 +349,9 @@ class LocalHolds:
             if awaited is None:
                 held[1].cancel()
                 self._dispatch_logged(follower)
+            elif follower in expected:  # its hold was the lookahead's: the limit from now
+                held[1].cancel()
+                self._hold(follower, awaited, self._behind, self._limit)
             else:  # another of its leaders, or another copy of it, is still here
                 self._behind[awaited].append(follower)
                 self._held[follower] = (awaited, held[1])

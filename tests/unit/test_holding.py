@@ -13,7 +13,7 @@ import pytest
 from celery.worker import state as worker_state
 
 from celery_causal.holding import LocalHolds
-from celery_causal.payload import FOLLOWS
+from celery_causal.payload import FOLLOWS, RELEASED
 
 
 class Request:
@@ -390,3 +390,68 @@ def test_the_lookahead_is_never_longer_than_the_hold() -> None:
     c.holds = LocalHolds(c, 0.2, 5.0)
     deliver(c, "f", "a")
     assert [e.secs for e in c.timers] == [0.2]
+
+
+def test_a_later_copy_never_goes_before_the_first_whose_leader_arrived_late(
+    looking_ahead: Consumer,
+) -> None:
+    c = looking_ahead
+    deliver(c, "f", "a")  # the first copy waits for a
+    second = deliver(c, "f", "a")  # the second waits behind the first, its limit running
+    deliver(c, "a")  # the first copy's hold restarts with the limit behind a
+    for entry in [e for e in c.timers if e.args == (second,) and not e.cancelled]:
+        entry.fire()  # the second copy's limit comes first: it keeps waiting
+    assert set(c.pool.running) == {"a"}
+    c.pool.finish("a")
+    assert set(c.pool.running) == {"f"}
+    c.pool.finish("f")  # now the second copy is handed over, and finds f done
+    assert set(c.pool.running) == {"f"}
+
+
+def test_a_prune_while_followers_move_behind_their_leader_loses_none(
+    looking_ahead: Consumer,
+) -> None:
+    c = looking_ahead
+    holds = c.holds
+    assert holds is not None
+    f = deliver(c, "f", "a")
+    g = deliver(c, "g", "a")
+    # The connection closes: both are forgotten; f's id is forgotten when h asks for it
+    worker_state.reserved_requests.discard(f)
+    worker_state.reserved_requests.discard(g)
+    deliver(c, "h", "f")
+    # The next note (f's own, noted again as a arrives) is the one that prunes
+    n = 0
+    while (holds._notes + 1) % holds.PRUNE_EVERY:
+        deliver(c, f"x{n}")
+        n += 1
+    deliver(c, "a")  # a prune runs between the two followers of a moved behind it
+    c.pool.finish("a")
+    assert "f" not in c.pool.running and "g" not in c.pool.running
+    assert holds.held == 0 and "h" in c.pool.running  # h found f's id gone: not held
+
+
+def test_a_follower_expecting_a_revoked_leader_waits_behind_another_with_the_limit(
+    looking_ahead: Consumer,
+) -> None:
+    c = looking_ahead
+    deliver(c, "f", ["a", "b"])
+    deliver(c, "b")
+    assert c.holds is not None
+    c.holds.revoked("a")
+    [entry] = [e for e in c.timers if not e.cancelled and e.args[0].id == "f"]
+    assert entry.secs == 1.0
+    c.pool.finish("b")
+    assert set(c.pool.running) == {"f"}
+
+
+def test_a_released_follower_is_not_held_for_a_leader_that_finished_elsewhere(
+    looking_ahead: Consumer,
+) -> None:
+    c = looking_ahead
+    request = Request("f", "ran-on-another-node")
+    request.request_dict[RELEASED] = "leader"
+    worker_state.reserved_requests.add(request)
+    assert c.holds is not None
+    c.holds.view.on_task_request(request)
+    assert set(c.pool.running) == {"f"}
