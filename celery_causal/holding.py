@@ -176,9 +176,15 @@ class LocalHolds:
         if not isinstance(task_id, str):
             return self._pool.apply_async(target, *args, **options)
         # Requests that reach the pool without this module's hand-over (after an ETA, or
-        # a rate limit) are noted here.
+        # a rate limit) are noted here, with their request: when the connection closes,
+        # the pool discards the tasks no process accepted yet without a callback, and the
+        # worker's forgetting the request must end the note too.
         if task_id not in self._behind:
             self._behind[task_id] = []
+            # The request hands the pool its own bound ``on_success`` as the callback.
+            request = getattr(options.get("callback"), "__self__", None)
+            if getattr(request, "id", None) == task_id:
+                self._requests[task_id] = request
             self._arrived(task_id)
         for name in ("callback", "error_callback"):
             options[name] = self._then_finish(options.get(name), task_id)

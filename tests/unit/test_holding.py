@@ -27,6 +27,12 @@ class Request:
     def reject(self, requeue: bool = False) -> None:
         self.rejected = requeue
 
+    def on_success(self, *args: Any) -> None:
+        """The pool's callback of this request."""
+
+    def on_failure(self, *args: Any) -> None:
+        """The pool's error callback of this request."""
+
     def __repr__(self) -> str:
         return f"Request({self.id})"
 
@@ -85,8 +91,12 @@ class Consumer:
         if request.id in self.revoked:
             return
         assert self.holds is not None
+        # As Celery's Request.execute_using_pool: its bound methods are the callbacks
         self.holds.view.pool.apply_async(
-            None, correlation_id=request.id, callback=None, error_callback=None
+            None,
+            correlation_id=request.id,
+            callback=request.on_success,
+            error_callback=request.on_failure,
         )
 
 
@@ -179,7 +189,9 @@ def test_a_task_that_reaches_the_pool_without_a_hand_over_is_waited_for(
     consumer: Consumer,
 ) -> None:
     # A task after its ETA goes from the consumer's timer straight to the pool
-    consumer.on_task_request(Request("eta"))
+    eta = Request("eta")
+    worker_state.reserved_requests.add(eta)  # reserved when it was received
+    consumer.on_task_request(eta)
     deliver(consumer, "f", "eta")
     assert set(consumer.pool.running) == {"eta"}
     consumer.pool.finish("eta")
@@ -354,7 +366,9 @@ def test_a_leader_reaching_the_pool_after_its_eta_is_expected_too(
 ) -> None:
     c = looking_ahead
     deliver(c, "f", "eta")
-    c.on_task_request(Request("eta"))  # from the consumer's timer straight to the pool
+    eta = Request("eta")
+    worker_state.reserved_requests.add(eta)
+    c.on_task_request(eta)  # from the consumer's timer straight to the pool
     assert set(c.pool.running) == {"eta"}
     c.pool.finish("eta")
     assert set(c.pool.running) == {"f"}
@@ -455,3 +469,16 @@ def test_a_released_follower_is_not_held_for_a_leader_that_finished_elsewhere(
     assert c.holds is not None
     c.holds.view.on_task_request(request)
     assert set(c.pool.running) == {"f"}
+
+
+def test_a_task_the_pool_discarded_with_the_connection_holds_nobody_back(
+    consumer: Consumer,
+) -> None:
+    # A task after its ETA reaches the pool without a hand-over; the connection closes
+    # before a process accepted it: the worker forgets it and the pool drops it, no callback
+    eta = Request("eta")
+    worker_state.reserved_requests.add(eta)
+    consumer.on_task_request(eta)
+    worker_state.reserved_requests.discard(eta)
+    deliver(consumer, "f", "eta")
+    assert set(consumer.pool.running) == {"eta", "f"}
