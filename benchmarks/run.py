@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         default=ALL,
-        help=f"comma-separated workloads, of {ALL} (W2 and W3 run together, W7 and W7c too)",
+        help=f"comma-separated workloads, of {ALL} (W2, W3 and W3p run together, W7 and W7c too)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="alternations (default 3)")
     parser.add_argument("--json", type=Path, help="also write the results here")
