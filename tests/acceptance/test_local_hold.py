@@ -11,6 +11,7 @@ import pytest
 from celery.utils import uuid
 
 from celery_causal.errors import LeaderFailed
+from tests.acceptance.brokers import every_broker
 from tests.acceptance.conftest import Spawned, WorkerProcess, recorded
 from tests.helpers import wait_for
 
@@ -45,6 +46,7 @@ def go(s: Spawned, label: str = "leader") -> None:
     s.log("unused").client.rpush(f"{s.handle.prefix}go:{label}", "go")
 
 
+@every_broker
 def test_followers_of_a_running_leader_wait_in_the_worker_and_never_park(
     spawn: Callable[..., Spawned],
 ) -> None:
@@ -189,6 +191,7 @@ def test_held_requests_never_take_the_prefetch_places_of_the_pool_processes(
     assert follower.get(timeout=60) == "f"
 
 
+@every_broker
 def test_a_chain_sent_last_link_first_runs_in_order_without_a_park(
     spawn: Callable[..., Spawned],
 ) -> None:
