@@ -11,7 +11,8 @@ the pool's own queue, and hands it to the pool when the leader finished, or afte
 A follower delivered just *before* its leader (sent in the same burst, last link first, or
 overtaken on the way) would park too, though its leader reaches the worker a moment later.
 Such a follower is held for up to ``causal_local_lookahead`` seconds in case its leader
-comes; when it does, the follower waits behind it as above. A follower whose leader
+comes (at most one such follower per pool process); when it does, the follower waits
+behind it as above. A follower whose leader
 finished in this worker (among the last :attr:`LocalHolds.GONE_KEPT` tasks here) is handed
 over at once: there is nothing left to wait for here.
 
@@ -134,10 +135,19 @@ class LocalHolds:
             self._hold(request, awaited, self._behind, self._limit)
             return
         expected = self._expected_leader(request) if awaited is None else None
-        if expected is not None and self._room_to_hold():
+        if expected is not None and self._room_to_look_ahead():
             self._hold(request, expected, self._expected, self._lookahead)
         else:
             self._dispatch(request)
+
+    def _room_to_look_ahead(self) -> bool:
+        """Whether one more follower may wait for a leader not here yet: at most one per
+        pool process. A chain delivered last link first needs one (its newest link; the
+        others wait behind a link that is here), and followers whose leaders ran on other
+        workers, which wait the whole lookahead for nothing, keep at most that many places
+        of the prefetch window from the pool."""
+        expecting = sum(map(len, self._expected.values()))
+        return expecting < self._processes() and self._room_to_hold()
 
     def _room_to_hold(self) -> bool:
         """Whether one more held request leaves the pool its share of the prefetch window.
@@ -154,9 +164,12 @@ class LocalHolds:
         window = getattr(getattr(consumer, "qos", None), "value", 0) or 0
         if window <= 0:
             return True  # no prefetch limit: a held message keeps no other one out
-        controller = getattr(consumer, "controller", None)
+        return len(self._held) < window - self._processes()
+
+    def _processes(self) -> int:
+        controller = getattr(self._consumer, "controller", None)
         processes = getattr(controller, "max_concurrency", None) or self._pool.num_processes
-        return len(self._held) < window - int(processes or 0)
+        return int(processes or 0)
 
     def prune(self) -> None:
         """Forget the requests the worker forgot (its connection closed: the broker delivers

@@ -482,3 +482,15 @@ def test_a_task_the_pool_discarded_with_the_connection_holds_nobody_back(
     worker_state.reserved_requests.discard(eta)
     deliver(consumer, "f", "eta")
     assert set(consumer.pool.running) == {"eta", "f"}
+
+
+def test_no_more_followers_wait_for_leaders_not_here_than_there_are_pool_processes(
+    looking_ahead: Consumer,
+) -> None:
+    c = looking_ahead
+    deliver(c, "f", "a")
+    deliver(c, "g", "b")
+    deliver(c, "h", "c")  # two pool processes: two followers look ahead, the third goes on
+    assert set(c.pool.running) == {"h"}
+    deliver(c, "e", "f")  # f is here (held): e waits behind it, whatever the lookahead
+    assert c.holds is not None and c.holds.held == 3
