@@ -104,8 +104,8 @@ class LocalHolds:
         self._lookahead = min(lookahead, limit)
         #: Task id of a request handed to the pool or held -> the followers held behind it.
         self._behind: dict[str, list[Any]] = {}
-        #: Task id -> the request noted under it here (none for a task that reached the
-        #: pool without this module's hand-over: the pool reports each such task).
+        #: Task id -> the request noted under it here (for a task that reached the pool
+        #: without this module's hand-over, the request that gave the pool its callback).
         self._requests: dict[str, Any] = {}
         #: Task id not here yet -> the followers held in case it is about to be delivered.
         self._expected: dict[str, list[Any]] = {}
