@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections import deque
 from typing import Any
 
 from celery import signals
@@ -114,6 +115,10 @@ class LocalHolds:
         #: Task ids that were here and are not any more, newest last (a bounded window).
         self._gone: dict[str, None] = {}
         self._notes = 0
+        #: Followers of finished tasks still to hand over or hold again, and whether the
+        #: loop that does so is running.
+        self._released: deque[tuple[Any, bool]] = deque()
+        self._releasing = False
         self.view = _ConsumerView(consumer, self)
 
     def serves(self, consumer: Any) -> bool:
@@ -130,7 +135,12 @@ class LocalHolds:
         return len(self._behind)
 
     def on_task_request(self, request: Any) -> None:
+        if self._held and not (self._room_to_hold() and self._room_to_look_ahead()):
+            # Held requests the worker forgot keep their places until pruned; on Celery
+            # 5.5 a closed connection also cleared their timers.
+            self.prune()
         awaited = self._awaited(request)
+        # A copy is held even without room: handed over, it could run beside the first.
         if awaited is not None and (awaited == request.id or self._room_to_hold()):
             self._hold(request, awaited, self._behind, self._limit)
             return
@@ -356,24 +366,40 @@ class LocalHolds:
         self._gone[task_id] = None
         if len(self._gone) > self.GONE_KEPT:
             del self._gone[next(iter(self._gone))]
-        behind = self._behind.pop(task_id, [])
         # Followers expecting a task that will not come (revoked before it reached the
         # pool) are handed over as well.
         expected = self._expected.pop(task_id, [])
-        for follower in behind + expected:
-            held = self._held.pop(follower, None)
-            if held is None:
-                continue
-            awaited = self._awaited(follower)
-            if awaited is None:
-                held[1].cancel()
-                self._dispatch_logged(follower)
-            elif follower in expected:  # its hold was the lookahead's: the limit from now
-                held[1].cancel()
-                self._hold(follower, awaited, self._behind, self._limit)
-            else:  # another of its leaders, or another copy of it, is still here
-                self._behind[awaited].append(follower)
-                self._held[follower] = (awaited, held[1])
+        self._released.extend((f, False) for f in self._behind.pop(task_id, []))
+        self._released.extend((f, True) for f in expected)
+        if self._releasing:
+            return  # the loop below, further up the stack, takes them
+        # A hand-over can end in another _finished (a revoked or forgotten follower, whose
+        # own followers are next): a loop, not a recursion, so that a long held chain
+        # cannot exhaust the stack half-way through and strand the rest of it.
+        self._releasing = True
+        try:
+            while self._released:
+                self._release(*self._released.popleft())
+        finally:
+            self._releasing = False
+
+    def _release(self, follower: Any, was_expected: bool) -> None:
+        held = self._held.pop(follower, None)
+        if held is None:
+            return
+        awaited = self._awaited(follower)
+        if awaited is None:
+            held[1].cancel()
+            self._dispatch_logged(follower)
+            return
+        if was_expected:  # its hold was the lookahead's: the limit from now
+            held[1].cancel()
+            self._hold(follower, awaited, self._behind, self._limit)
+        else:  # another of its leaders, or another copy of it, is still here
+            self._behind[awaited].append(follower)
+            self._held[follower] = (awaited, held[1])
+        # Noted under its id again if no other copy is: a later copy waits behind it.
+        self._note(follower)
 
 
 def _on_revoked(request: Any = None, **_: Any) -> None:

@@ -494,3 +494,80 @@ def test_no_more_followers_wait_for_leaders_not_here_than_there_are_pool_process
     assert set(c.pool.running) == {"h"}
     deliver(c, "e", "f")  # f is here (held): e waits behind it, whatever the lookahead
     assert c.holds is not None and c.holds.held == 3
+
+
+class RevokingConsumer(Consumer):
+    """As Celery: a request found revoked at its hand-over sends ``task_revoked`` from
+    inside the hand-over, and the signal logs and swallows a receiver's exception."""
+
+    def on_task_request(self, request: Request) -> None:
+        if request.id not in self.revoked:
+            super().on_task_request(request)
+            return
+        worker_state.task_ready(request)
+        try:
+            assert self.holds is not None
+            self.holds.revoked(request.id)
+        except Exception:  # celery.utils.dispatch.Signal.send
+            pass
+
+
+def test_a_follower_behind_a_long_chain_of_revoked_followers_is_handed_over() -> None:
+    # No prefetch limit: the window holds a chain longer than Python's stack is deep
+    c = RevokingConsumer()
+    c.holds = LocalHolds(c, 1.0)
+    try:
+        deliver(c, "a")
+        previous = "a"
+        for i in range(1500):
+            deliver(c, f"b{i}", previous)
+            c.revoked.add(f"b{i}")
+            previous = f"b{i}"
+        deliver(c, "c", previous)
+        c.pool.finish("a")
+        assert set(c.pool.running) == {"c"}
+        assert c.holds.held == 0
+    finally:
+        worker_state.reserved_requests.clear()
+
+
+def test_a_connection_lost_under_a_long_held_chain_lets_the_leader_in_again(
+    consumer: Consumer,
+) -> None:
+    deliver(consumer, "a")
+    previous = "a"
+    for i in range(1500):
+        deliver(consumer, f"b{i}", previous)
+        previous = f"b{i}"
+    worker_state.reserved_requests.clear()  # the connection closed
+    consumer.pool.running.clear()  # the pool dropped a, not yet accepted, without callback
+    deliver(consumer, "a")  # delivered again: the whole forgotten chain is let go
+    assert set(consumer.pool.running) == {"a"}
+    assert consumer.holds is not None and consumer.holds.held == 0
+
+
+def test_a_copy_moved_behind_a_leader_still_holds_later_copies_back(consumer: Consumer) -> None:
+    consumer.qos.value = 4  # two pool processes: room for two held
+    deliver(consumer, "a")
+    deliver(consumer, "f", "a")  # the first copy, held behind a
+    second = deliver(consumer, "f", "a")  # held behind the first
+    consumer.timers[0].fire()  # the first copy's limit: handed over while a runs (parks)
+    consumer.pool.finish("f")  # the second copy now waits behind a
+    deliver(consumer, "x", "a")  # takes the last place
+    deliver(consumer, "f", "a")  # a third copy waits behind the second, not in the pool
+    assert consumer.holds is not None and second in consumer.holds._held
+    assert "f" not in consumer.pool.running
+
+
+def test_requests_forgotten_with_a_connection_whose_timers_were_cleared_free_their_places(
+    looking_ahead: Consumer,
+) -> None:
+    c = looking_ahead
+    deliver(c, "f", "x")
+    deliver(c, "g", "y")  # two pool processes: both look ahead
+    # Celery 5.5 closing a connection: reserved requests forgotten, timers cleared
+    worker_state.reserved_requests.clear()
+    c.timers.clear()
+    h = deliver(c, "h", "z")
+    assert c.holds is not None and c.holds.held == 1
+    assert [e.args for e in c.timers] == [(h,)]
