@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from typing import Any
 
 from benchmarks.harness import (
     Bench,
@@ -93,26 +94,15 @@ def chains_in_waves(b: Bench, chains: int, repeats: int) -> list[Result]:
         for _ in range(repeats)
     ]
     tasks, heads = chains * 5 * repeats, chains * repeats
-    w2_stmts = b.record_statements(
-        "W2",
-        "chains in waves (followers find the leader done)",
-        waves,
-        tasks,
-        budget(waves, independent=heads, followers=tasks - heads, deduplicate="always"),
-    )
-    w3_stmts = b.record_statements(
-        "W3",
-        "chains fully reversed",
-        reversed_counts,
-        tasks,
-        budget(reversed_counts, independent=heads, followers=tasks - heads, deduplicate="always"),
-    )
-    w3p_stmts = b.record_statements(
-        "W3p",
-        "chains fully reversed, holds off (followers park)",
-        parking_counts,
-        tasks,
-        budget(parking_counts, independent=heads, followers=tasks - heads, deduplicate="always"),
+
+    def statements(id_: str, what: str, counts: StatementCounts) -> dict[str, Any]:
+        per_task = budget(counts, independent=heads, followers=tasks - heads, deduplicate="always")
+        return b.record_statements(id_, what, counts, tasks, per_task)
+
+    w2_stmts = statements("W2", "chains in waves (followers find the leader done)", waves)
+    w3_stmts = statements("W3", "chains fully reversed", reversed_counts)
+    w3p_stmts = statements(
+        "W3p", "chains fully reversed, holds off (followers park)", parking_counts
     )
     w2 = ratio(causal, plain)
     w3 = ratio(reversed_, causal)

@@ -250,14 +250,7 @@ class LocalHolds:
 
     def _leader_here(self, request: Any) -> str | None:
         """A leader of ``request`` (other than itself) that this worker runs or holds."""
-        follows = (request.request_dict or {}).get(FOLLOWS)
-        leaders = [follows] if isinstance(follows, str) else follows
-        if not isinstance(leaders, list):
-            return None
-        return next(
-            (x for x in leaders if isinstance(x, str) and x != request.id and self._here(x)),
-            None,
-        )
+        return next((x for x in _leaders(request) if self._here(x)), None)
 
     def _expected_leader(self, request: Any) -> str | None:
         """A leader of ``request`` that has not reached this worker, if it is to be waited
@@ -266,14 +259,7 @@ class LocalHolds:
         would park. None for a leader that finished here, and with no lookahead."""
         if self._lookahead <= 0 or (request.request_dict or {}).get(RELEASED):
             return None  # a released follower's leader finished, here or elsewhere
-        follows = (request.request_dict or {}).get(FOLLOWS)
-        leaders = [follows] if isinstance(follows, str) else follows
-        if not isinstance(leaders, list):
-            return None
-        return next(
-            (x for x in leaders if isinstance(x, str) and x != request.id and x not in self._gone),
-            None,
-        )
+        return next((x for x in _leaders(request) if x not in self._gone), None)
 
     def _noted_as(self, request: Any) -> bool:
         """Whether ``request`` is the one noted under its task id (not another copy)."""
@@ -400,6 +386,15 @@ class LocalHolds:
             self._held[follower] = (awaited, held[1])
         # Noted under its id again if no other copy is: a later copy waits behind it.
         self._note(follower)
+
+
+def _leaders(request: Any) -> list[str]:
+    """The leaders ``request`` follows, itself left out."""
+    follows = (request.request_dict or {}).get(FOLLOWS)
+    leaders = [follows] if isinstance(follows, str) else follows
+    if not isinstance(leaders, list):
+        return []
+    return [x for x in leaders if isinstance(x, str) and x != request.id]
 
 
 def _on_revoked(request: Any = None, **_: Any) -> None:
