@@ -54,9 +54,9 @@ def publish(
     immediate, flushed = True, False
     try:
         with app.producer_or_acquire() as producer:
-            release = _Release(app, store, producer, accept, reason, depth, report)
             batch = _batch(producer, len(claimed))
             immediate = batch is _IMMEDIATE
+            release = _Release(app, store, producer, accept, reason, depth, report, immediate)
             with batch:
                 for follower in claimed:
                     if release.send(follower):
@@ -115,6 +115,7 @@ class _Release:
         reason: str,
         depth: int,
         report: ReleaseReport,
+        immediate: bool,
     ) -> None:
         self.app, self.store, self.producer, self.accept = app, store, producer, accept
         self.stamp = {RELEASED: reason, DEPTH: depth}
@@ -124,7 +125,11 @@ class _Release:
         conf = app.conf
         self.options = {
             "compression": conf.task_compression,
-            "retry": conf.task_publish_retry,
+            # In a batch a publish only appends to it; the broker is reached when the
+            # batch flushes, so a retry around each append could never retry anything
+            # (and costs a wrapper built per message). A failed flush leaves the batch's
+            # rows claimed: the sweep publishes them again (see publish()).
+            "retry": conf.task_publish_retry and immediate,
             "retry_policy": conf.task_publish_retry_policy,
         }
 
