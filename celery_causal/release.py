@@ -125,13 +125,16 @@ class _Release:
         conf = app.conf
         self.options = {
             "compression": conf.task_compression,
-            # In a batch a publish only appends to it; the broker is reached when the
-            # batch flushes, so a retry around each append could never retry anything
-            # (and costs a wrapper built per message). A failed flush leaves the batch's
-            # rows claimed: the sweep publishes them again (see publish()).
-            "retry": conf.task_publish_retry and immediate,
+            "retry": conf.task_publish_retry,
             "retry_policy": conf.task_publish_retry_policy,
         }
+        # In a batch, a message for the default exchange (a queue named by its routing
+        # key) is only appended: the broker is reached when the batch flushes, so kombu's
+        # retry around the append could never retry anything, and it builds a wrapper for
+        # each message. A failed flush leaves the batch's rows claimed: the sweep
+        # publishes them again (see publish()). A named exchange is looked up on the
+        # broker (kombu's Redis transport reads its bindings) and keeps the retry.
+        self.append_options = {**self.options, "retry": self.options["retry"] and immediate}
 
     def declare(self, queue: str) -> None:
         if queue not in self.declared:
@@ -186,7 +189,7 @@ class _Release:
             headers={**message.headers, **self.stamp, RELEASED_BY: follower.leader_id},
             delivery_mode=message.delivery_mode,
             declare=[],  # declared above, once per batch (kombu may append to this list)
-            **self.options,
+            **(self.options if message.exchange else self.append_options),
             **properties,
         )
         self.report.published.append(follower.follower_id)
