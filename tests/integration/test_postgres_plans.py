@@ -37,6 +37,36 @@ def test_the_release_delete_is_planned_on_every_call_and_the_claim_is_prepared(
         store.close()
 
 
+def test_no_statement_of_a_task_is_parsed_again_on_each_call(pg_url: str, monkeypatch: Any) -> None:
+    # psycopg converts the %(name)s placeholders of a query on every execute, and caches
+    # the conversion only for queries up to 4 kB: longer ones (the record-and-claim) would
+    # be parsed again on each call. The store sends them in PostgreSQL's own syntax.
+    conversions: list[bytes] = []
+    uncached = psycopg._queries._query2pg_nocache
+
+    def counting(query: bytes, *args: Any) -> Any:
+        conversions.append(query)
+        return uncached(query, *args)
+
+    monkeypatch.setattr(psycopg._queries, "_query2pg_nocache", counting)
+    store = open_store(pg_url)
+    truncate(store)
+    try:
+        for n in range(3):
+            assert store.lookup("default", [f"L{n}", f"f{n}"]).done == frozenset()
+            store.park(follower(f"f{n}", f"L{n}"), 60.0)
+            record = store.record_done_and_claim("default", f"L{n}", 10)
+            assert [c.follower_id for c in record.claimed] == [f"f{n}"]
+            store.finish(record.claimed)
+            store.record_done_and_claim("default", f"f{n}", 10)
+        assert store.claim_lost(60.0, 10) == []
+        assert sum(x.waiting for x in store.stats()) == 0
+        assert [q[:60] for q in conversions] == []
+    finally:
+        truncate(store)
+        store.close()
+
+
 def _rows_read(node: dict[str, Any]) -> float:
     """Rows of causal_followers a plan node (and its children) read or threw away."""
     loops = node.get("Actual Loops", 1)
