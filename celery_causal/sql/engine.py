@@ -137,6 +137,23 @@ class Compiled:
             return merged
         return tuple(merged[name] for name in self.positions)
 
+    def execute(self, connection: Any, params: Mapping[str, Any]) -> Any:
+        """Run on a DBAPI ``connection`` (psycopg's or sqlite3's); return its cursor."""
+        if self.native is None:
+            cursor = connection.cursor()
+            query: Any = self.sql
+            options: dict[str, Any] = {}
+        else:
+            cursor = RawCursor(connection)
+            query = self.native
+            options = {"prepare": False} if self.unprepared else {}
+        try:
+            cursor.execute(query, self.bind(params), **options)
+        except BaseException:
+            cursor.close()
+            raise
+        return cursor
+
 
 class Database:
     """A URL's engine, rebuilt in each process, and :meth:`run` with its error mapping."""
@@ -276,19 +293,8 @@ class Database:
             except SATimeoutError as exc:
                 raise StoreUnavailable(f"causal store {mask_url(self.url)}: {exc}") from exc
             try:
-                cursor: Any
-                if compiled.native is not None:
-                    connection: Any = raw.driver_connection
-                    cursor = RawCursor(connection)
-                    query: Any = compiled.native
-                else:
-                    cursor = raw.cursor()  # psycopg's, whose execute takes ``prepare``
-                    query = compiled.sql
+                cursor = compiled.execute(raw.driver_connection, params)
                 try:
-                    if compiled.unprepared:
-                        cursor.execute(query, compiled.bind(params), prepare=False)
-                    else:
-                        cursor.execute(query, compiled.bind(params))
                     return list(cursor.fetchall()) if compiled.returns_rows else []
                 finally:
                     cursor.close()

@@ -41,7 +41,7 @@ def _expire_while_held(
     held = psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"))
     expired: list[int] = []
     try:
-        held.execute(compiled.sql, compiled.bind(values))
+        compiled.execute(held, values)
         pid = held.info.backend_pid
         sweep = threading.Thread(target=lambda: expired.append(pg_store.expire_done(TTL, 100)))
         sweep.start()

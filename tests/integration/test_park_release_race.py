@@ -143,7 +143,7 @@ def test_a_park_committed_while_the_done_record_waits_is_not_missed(
     park_conn = psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"))
     try:
         # Given a follower whose park holds the leader's row, its transaction still open
-        park_conn.execute(compiled.sql, compiled.bind(values))
+        compiled.execute(park_conn, values)
         park_pid = park_conn.info.backend_pid
         # When the leader records done and claims meanwhile (it waits for that row)
         outcome: list[DoneRecord] = []
@@ -208,7 +208,7 @@ def test_a_release_in_flight_never_hides_a_waiting_row_from_the_next_leader(
     release_conn = psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"))
     try:
         # Given L's release of f1 deleting its row, the transaction not yet committed
-        release_conn.execute(finish.sql, finish.bind({"b_ids": [first.row_id]}))
+        finish.execute(release_conn, {"b_ids": [first.row_id]})
         # When f1, already published and run elsewhere, records done and claims
         claimed = leader_claims(pg_store, "f1")
         release_conn.commit()
