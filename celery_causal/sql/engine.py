@@ -116,10 +116,11 @@ def native_placeholders(sql: str) -> tuple[bytes, tuple[str, ...]]:
 class Compiled:
     """A statement compiled once for the engine's dialect, run on the bare DBAPI cursor."""
 
+    #: As SQLAlchemy compiled it; run as it is where :attr:`native` is ``None`` (SQLite).
     sql: str
     #: Values of binds the statement carries itself (literals), merged under the caller's.
     defaults: Mapping[str, Any]
-    #: Parameter names in order, for positional dialects (SQLite); None for named ones.
+    #: Parameter names in order: SQLite's ``?`` or PostgreSQL's ``$n`` (:attr:`native`).
     positions: tuple[str, ...] | None
     #: Whether it returns rows (a SELECT, or DML with RETURNING), known without asking
     #: the cursor: psycopg builds its column descriptions anew each time it is asked.
