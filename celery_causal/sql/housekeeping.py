@@ -17,7 +17,6 @@ from sqlalchemy import (
     exists,
     func,
     literal_column,
-    null,
     select,
     tuple_,
     union_all,
@@ -25,7 +24,7 @@ from sqlalchemy import (
 )
 
 from ..store import Follower
-from .schema import db_clock, dead_followers, done, followers
+from .schema import db_clock, dead_followers, done, followers, scope_counts
 from .statements import DUE, LEADER_PARKED, LOST, STUCK, WAITING, Insert
 
 # -- rings ---------------------------------------------------------------------------------
@@ -206,60 +205,78 @@ COUNT_WAITING = select(func.count()).where(
 def _stats_statement() -> Any:
     """Per scope: waiting, releasing, oldest waiting park, overdue (lost), stuck.
 
-    Three reads, each through the index that holds its rows, so that the cost follows the
-    rows each counts and not the table (whose rows hold the messages): the waiting rows
-    from the deadline index, which carries their scope and park time (an index-only scan);
-    the lost ones from its range of rows already due (few: the sweep releases them); the
-    claimed ones from the claimed index (few: a release deletes them once published).
-    One statement, so the three see one snapshot.
+    Each part is read from where its rows are few, so the cost follows the number of
+    scopes and of rows in trouble, not the table: the rows per scope from their counts
+    (``counts.py``); the claimed ones from the claimed index (a release deletes them once
+    published); the lost ones from the deadline index's range of rows already due (the
+    sweep releases them); each scope's oldest waiting park by one probe of the waiting
+    index. Waiting is the scope's rows less its claimed ones. One statement, so the parts
+    see one snapshot.
     """
     zero: Any = literal_column("0")
-    none = null()
-    waiting = (
-        select(
-            followers.c.scope,
-            func.count().label("waiting"),
-            zero.label("releasing"),
-            func.min(followers.c.parked_at).label("oldest"),
-            zero.label("lost"),
-            zero.label("stuck"),
-        )
-        .where(WAITING)
-        .group_by(followers.c.scope)
-    )
-    lost = (
-        select(followers.c.scope, zero, zero, none, func.count(), zero)
-        .where(LOST)
-        .group_by(followers.c.scope)
+    rows = select(
+        scope_counts.c.scope.label("scope"),
+        scope_counts.c.parked.label("parked"),
+        zero.label("releasing"),
+        zero.label("lost"),
+        zero.label("stuck"),
     )
     claimed = (
-        select(
-            followers.c.scope,
-            zero,
-            func.count(),
-            none,
-            zero,
-            func.sum(case((STUCK, 1), else_=0)),
-        )
+        select(followers.c.scope, zero, func.count(), zero, func.sum(case((STUCK, 1), else_=0)))
         .where(followers.c.claimed_at.is_not(None))
         .group_by(followers.c.scope)
     )
-    parts = union_all(waiting, lost, claimed).subquery("parts")
+    lost = (
+        select(followers.c.scope, zero, zero, func.count(), zero)
+        .where(LOST)
+        .group_by(followers.c.scope)
+    )
+    parts = union_all(rows, claimed, lost).subquery("parts")
+    oldest = (
+        select(func.min(followers.c.parked_at))
+        .where(followers.c.scope == parts.c.scope, WAITING)
+        .scalar_subquery()
+    )
+    releasing = func.sum(parts.c.releasing)
     return (
         select(
             parts.c.scope,
-            func.sum(parts.c.waiting),
-            func.sum(parts.c.releasing),
-            func.min(parts.c.oldest),
+            func.sum(parts.c.parked) - releasing,
+            releasing,
+            oldest,
             func.sum(parts.c.lost),
             func.sum(parts.c.stuck),
         )
         .group_by(parts.c.scope)
+        .having(func.sum(parts.c.parked) > 0)
         .order_by(parts.c.scope)
     )
 
 
 STATS = _stats_statement()
+
+
+def locked_counts(where: Any) -> Any:
+    """The keys of the counts matching ``where``, locked in key order.
+
+    The count triggers lock their rows in scope order too (``counts.py``), so a tidy-up
+    and a trigger each wait for the other at most once and never deadlock. Each row is
+    tested again as it is locked: one a trigger changed meanwhile is taken as it is now.
+    """
+    return (
+        select(scope_counts.c.scope, scope_counts.c.shard)
+        .where(where)
+        .order_by(scope_counts.c.scope, scope_counts.c.shard)
+        .with_for_update()
+    )
+
+
+#: Counts that fell to zero (as many rows left as came): status need not read them again.
+DROP_EMPTY_COUNTS = delete(scope_counts).where(
+    tuple_(scope_counts.c.scope, scope_counts.c.shard).in_(
+        locked_counts(scope_counts.c.parked == 0)
+    )
+)
 DEAD_PER_SCOPE = select(dead_followers.c.scope, func.count()).group_by(dead_followers.c.scope)
 SCOPES_OF = (
     select(followers.c.scope)
@@ -272,9 +289,9 @@ CLOCK = select(db_clock())
 def _matching(stmt: Any, *, by_scope: bool, by_leader: bool, by_key: bool) -> Any:
     """``stmt`` on the follower rows of ``b_scope``, ``b_leader`` and/or ``b_key``.
 
-    By leader, the leader index serves it; by scope alone or by key, the table is read (no
-    follower index leads with scope, see ``schema.py``): an operator's command, not a
-    task's.
+    By leader, the leader index serves it; by scope alone or by key, the table is read
+    (only the waiting rows' index leads with scope, see ``schema.py``): an operator's
+    command, not a task's.
     """
     if by_scope:
         stmt = stmt.where(followers.c.scope == bindparam("b_scope"))

@@ -59,6 +59,7 @@ from sqlalchemy import (
     func,
     literal,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql
@@ -69,7 +70,7 @@ from . import housekeeping as hk
 from . import statements as sql
 from .engine import UNPREPARED
 from .keys import PG_RECORD_KEY, record_tail_statement, remember_send_statement
-from .schema import db_clock, done, followers
+from .schema import db_clock, done, followers, scope_counts
 from .store import SQLStore, by_scope, claimed_row
 
 # Any constant: serialises concurrent CREATE TABLE from many processes starting at once.
@@ -201,8 +202,37 @@ def _record_and_claim_statement() -> Any:
     )
 
 
+def _fold_counts_statement() -> Any:
+    """Each scope's counts of the other shards added to its shard 0, and deleted.
+
+    A scope's rows come and go through many connections, so its count is spread over up to
+    ``counts.SHARDS`` rows, which need not be zero when the scope is empty (+3 on one
+    shard, -3 on another). Folded into one, an empty scope's count is 0 and
+    DROP_EMPTY_COUNTS deletes it. The sum stays right under concurrent triggers: each row
+    is deleted as it is once locked, and its value then is what is added.
+    """
+    key = tuple_(scope_counts.c.scope, scope_counts.c.shard)
+    folded = (
+        delete(scope_counts)
+        .where(key.in_(hk.locked_counts(scope_counts.c.shard != 0)))
+        .returning(scope_counts.c.scope, scope_counts.c.parked)
+        .cte("folded")
+    )
+    moved = (
+        select(folded.c.scope, literal(0), func.sum(folded.c.parked))
+        .group_by(folded.c.scope)
+        .order_by(folded.c.scope)
+    )
+    insert = postgresql.insert(scope_counts).from_select(["scope", "shard", "parked"], moved)
+    return insert.on_conflict_do_update(
+        index_elements=[scope_counts.c.scope, scope_counts.c.shard],
+        set_={"parked": scope_counts.c.parked + insert.excluded.parked},
+    )
+
+
 PARK = _park_statement()
 RECORD_AND_CLAIM = _record_and_claim_statement()
+FOLD_COUNTS = _fold_counts_statement()
 #: Released rows of one scope go once published: one prebuilt statement whatever the batch
 #: size (an array parameter). Their followers' lookback restarted when they were claimed.
 #: Planned on every call, never prepared: a generic plan, made while the follower table
@@ -295,3 +325,7 @@ class PostgresStore(SQLStore):
     def finish(self, rows: Sequence[ClaimedFollower]) -> None:
         for scope, row_ids in by_scope(rows).items():
             self._fetch(FINISH, {"b_scope": scope, "b_ids": row_ids})
+
+    def _tidy_counts(self) -> None:
+        self._rowcount(FOLD_COUNTS, {})
+        super()._tidy_counts()

@@ -20,9 +20,11 @@ from sqlalchemy import (
     inspect,
 )
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.schema import CreateIndex
 from sqlalchemy.sql.functions import FunctionElement
 
 from ..store import MAX_ID_LENGTH
+from . import counts
 
 metadata = MetaData()
 
@@ -65,7 +67,7 @@ followers = Table(
     Column("deadline", Double, nullable=False),
     Column("claimed_at", Double, nullable=True),
     # Parking is idempotent: a redelivered follower hits this key (ON CONFLICT DO NOTHING).
-    # follower_id first: no index of this table leads with scope (see the leader index).
+    # follower_id first, for the reason the leader index gives.
     UniqueConstraint("follower_id", "scope", name="causal_followers_follower_scope_key"),
     sqlite_autoincrement=True,
 )
@@ -87,9 +89,8 @@ Index(
 )
 # The sweep finds lost followers (waiting, past their deadline): a range probe that reads
 # only rows already due, so a sweep with nothing to do reads nothing. The index also
-# carries each waiting row's scope and park time: ``status`` counts the waiting rows per
-# scope and finds the oldest park from the index alone (an index-only scan), not from the
-# table, whose rows hold the messages ...
+# carries each row's scope, so that ``status`` counts the lost ones per scope from the
+# index alone ...
 Index(
     "causal_followers_deadline_idx",
     followers.c.deadline,
@@ -103,6 +104,30 @@ Index(
     followers.c.claimed_at,
     postgresql_where=followers.c.claimed_at.is_not(None),
     sqlite_where=followers.c.claimed_at.is_not(None),
+)
+# ``status`` finds each scope's oldest waiting park with one probe of this index. It leads
+# with scope, but it holds waiting rows only, so it can serve only a statement that asks
+# for waiting rows; each of those on a task's path also names a leader (the leader index)
+# or a follower (the unique key), which a plan prefers whatever its estimates: the scope
+# alone is never their only index condition.
+Index(
+    "causal_followers_waiting_idx",
+    followers.c.scope,
+    followers.c.parked_at,
+    postgresql_where=followers.c.claimed_at.is_(None),
+    sqlite_where=followers.c.claimed_at.is_(None),
+)
+
+#: How many rows ``causal_followers`` holds per scope, summed over ``shard``: kept by
+#: triggers on that table in the statements that insert and delete its rows (``counts.py``
+#: argues it), so that ``status`` reads a few rows per scope instead of counting them.
+scope_counts = Table(
+    "causal_scope_counts",
+    metadata,
+    Column("scope", _Id, nullable=False),
+    Column("shard", Integer, nullable=False),
+    Column("parked", BigInteger, nullable=False),
+    PrimaryKeyConstraint("scope", "shard", name="causal_scope_counts_pkey"),
 )
 
 #: Followers whose stored message could not be read back (corrupt, tampered with, or of a
@@ -226,11 +251,27 @@ def _sqlite_clock(element: db_clock, compiler: Any, **kw: Any) -> str:
 
 
 def schema_objects(conn: Any) -> set[str]:
-    """The tables and indexes of the store that exist in the database."""
+    """The tables, indexes and triggers of the store that exist in the database."""
     inspector = inspect(conn)
     found: set[str] = set()
     for table in metadata.tables.values():
         if inspector.has_table(table.name):
             found.add(f"table {table.name}")
             found.update(f"index {ix['name']}" for ix in inspector.get_indexes(table.name))
+    if "table causal_followers" in found:
+        found.update(f"trigger {name}" for name in counts.installed(conn, conn.dialect.name))
     return found
+
+
+def create_missing(conn: Any, present: set[str]) -> None:
+    """Create what is not ``present`` (see :func:`schema_objects`): tables, the indexes of
+    tables created by an earlier version, the count triggers."""
+    metadata.create_all(conn, checkfirst=True)
+    for table in metadata.sorted_tables:
+        if f"table {table.name}" not in present:
+            continue  # created just now, with its indexes
+        for index in table.indexes:
+            if f"index {index.name}" not in present:
+                # IF NOT EXISTS: SQLite processes starting at once take no common lock
+                conn.execute(CreateIndex(index, if_not_exists=True))
+    counts.install(conn, conn.dialect.name)

@@ -36,7 +36,7 @@ from . import housekeeping as hk
 from . import keys as ks
 from . import statements as sql
 from .engine import Compiled, Database
-from .schema import metadata, schema_objects
+from .schema import create_missing, metadata, schema_objects
 
 T = TypeVar("T")
 
@@ -157,7 +157,7 @@ class SQLStore:
         def create(conn: Any) -> list[str]:
             with self._schema_lock(conn):
                 before = schema_objects(conn)
-                metadata.create_all(conn, checkfirst=True)
+                create_missing(conn, before)
                 return sorted(schema_objects(conn) - before)
 
         self._creating = True  # the engine this may build must not create it first
@@ -350,8 +350,14 @@ class SQLStore:
         for stmt in (hk.EXPIRE_OUTCOMES, hk.EXPIRE_MARKS, ks.EXPIRE_SENDS):
             expired += self._rowcount(stmt, {"b_ttl": seen_ttl, "b_limit": limit - expired})
             if expired >= limit:
-                break
+                return expired
+        # The sweep's last step: nothing of its own left to expire.
+        self._tidy_counts()
         return expired
+
+    def _tidy_counts(self) -> None:
+        """Drop the scope counts that are zero, so ``status`` reads the scopes in use."""
+        self._rowcount(hk.DROP_EMPTY_COUNTS, {})
 
     # -- operators -----------------------------------------------------------------------
 

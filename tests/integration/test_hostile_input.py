@@ -189,7 +189,7 @@ def test_least_privilege_role_from_the_readme_runs_the_workers_operations(
     grants = [
         f'CREATE ROLE "{role}" LOGIN',
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON causal_followers, causal_done, "
-        f'causal_dead_followers, causal_keys, causal_key_sends TO "{role}"',
+        f'causal_dead_followers, causal_keys, causal_key_sends, causal_scope_counts TO "{role}"',
         f'GRANT USAGE ON SEQUENCE causal_followers_id_seq TO "{role}"',
     ]
     with pg_store.engine.connect() as conn:

@@ -7,8 +7,10 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import make_url, text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import asyncpg
 
+from celery_causal.sql import housekeeping as hk
 from celery_causal.sql import open_store
 from celery_causal.sql.postgresql import PostgresStore
 from tests.helpers import follower, truncate
@@ -108,6 +110,36 @@ def test_a_leader_claim_reads_about_its_batch_even_under_a_generic_plan(pg_url: 
                 # As the release does once it published them
                 cursor.execute("DELETE FROM causal_followers WHERE claimed_at IS NOT NULL")
             conn.rollback()
+    finally:
+        truncate(store)
+        store.close()
+
+
+def test_status_reads_no_waiting_row_only_each_scopes_oldest(pg_url: str) -> None:
+    # Given 2,000 followers waiting in one scope and 3 being released in another
+    store = open_store(pg_url)
+    truncate(store)
+    try:
+        for n in range(2000):
+            store.park(follower(f"f{n}", f"L{n % 50}"), 600.0)
+        for n in range(3):
+            store.park(follower(f"b{n}", "M", scope="billing"), 600.0)
+        store.claim_followers("billing", "M", 10)
+        statement = hk.STATS.params(b_timeout=60.0).compile(
+            dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}
+        )
+        with store.engine.connect() as conn:
+            # As autovacuum would have by now (this server runs without it)
+            conn.exec_driver_sql("ANALYZE causal_followers")
+            ((plan,),) = conn.exec_driver_sql(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}".replace("%", "%%")
+            ).all()
+        # When status runs, it reads the claimed rows and one entry per scope, not the
+        # waiting rows (they are counted by their scope's counts)
+        read = _rows_read(plan[0]["Plan"])
+        assert read <= 3 + 2, f"status read {read:.0f} rows: {plan}"
+        stats = {s.scope: (s.waiting, s.releasing) for s in store.stats()}
+        assert stats == {"default": (2000, 0), "billing": (0, 3)}
     finally:
         truncate(store)
         store.close()

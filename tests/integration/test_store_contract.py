@@ -42,6 +42,7 @@ def test_a_store_that_may_not_create_the_schema_reports_it_missing_and_creates_n
             "causal_followers",
             "causal_key_sends",
             "causal_keys",
+            "causal_scope_counts",
         ]
         assert not path.exists()
         sql.create_schema()

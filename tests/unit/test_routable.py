@@ -29,9 +29,9 @@ from celery_causal.sql import keys as ks
 from celery_causal.sql import postgresql as pg
 from celery_causal.sql import statements as sql
 from celery_causal.sql.postgresql import PostgresStore
-from celery_causal.sql.schema import dead_followers, done, followers, key_sends, keys
+from celery_causal.sql.schema import dead_followers, done, followers, key_sends, keys, scope_counts
 
-STORE_TABLES = (followers, done, dead_followers, keys, key_sends)
+STORE_TABLES = (followers, done, dead_followers, keys, key_sends, scope_counts)
 
 
 def _conjuncts(clause: Any) -> Iterator[Any]:
@@ -174,6 +174,8 @@ ACROSS_SCOPES = {
     "count by leader across scopes": hk.count_statement(by_scope=False, by_leader=True),
     "a key's newest task in every scope": ks.key_tails_statement(by_scope=False),
     "sweep: forget old sends under keys": ks.EXPIRE_SENDS,
+    "sweep: fold the scope counts' shards": pg.FOLD_COUNTS,
+    "sweep: drop scope counts at zero": hk.DROP_EMPTY_COUNTS,
     "list by key across scopes": hk.list_statement(
         ["scope"], by_scope=False, by_leader=False, by_key=True
     ),

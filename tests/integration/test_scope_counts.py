@@ -1,0 +1,256 @@
+"""``status`` reads per-scope counts that triggers keep (``celery_causal/sql/counts.py``):
+whatever inserts or deletes follower rows, the counts match the rows."""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from celery_causal.sql import SQLStore, open_store
+from tests.helpers import age, follower, truncate
+
+LOOKBACK = 600.0
+
+
+def truth(store: SQLStore) -> dict[str, tuple[int, int]]:
+    """(waiting, releasing) per scope, counted from the rows themselves."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT scope, sum(CASE WHEN claimed_at IS NULL THEN 1 ELSE 0 END), "
+                "sum(CASE WHEN claimed_at IS NULL THEN 0 ELSE 1 END) "
+                "FROM causal_followers GROUP BY scope"
+            )
+        ).all()
+    return {scope: (int(waiting), int(releasing)) for scope, waiting, releasing in rows}
+
+
+def reported(store: SQLStore) -> dict[str, tuple[int, int]]:
+    return {s.scope: (s.waiting, s.releasing) for s in store.stats() if s.waiting + s.releasing}
+
+
+def oldest(store: SQLStore) -> dict[str, float | None]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT scope, min(parked_at) FROM causal_followers "
+                "WHERE claimed_at IS NULL GROUP BY scope"
+            )
+        ).all()
+    return {scope: parked_at for scope, parked_at in rows}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sql_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'causal.sqlite3'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    store = open_store(url)
+    truncate(store)
+    try:
+        yield store
+    finally:
+        truncate(store)
+        store.close()
+
+
+SCOPES = ["default", "billing", "mail"]
+
+
+def _park(store: SQLStore, rng: random.Random, step: int, parked: list[tuple[str, str]]) -> None:
+    scope, leader, follower_id = rng.choice(SCOPES), f"L{rng.randrange(8)}", f"f{step}"
+    store.park(follower(follower_id, leader, scope=scope), LOOKBACK)
+    # A redelivered copy parks again without a second row
+    store.park(follower(follower_id, leader, scope=scope), LOOKBACK)
+    parked.append((scope, follower_id))
+
+
+def _release(store: SQLStore, scope: str, follower_id: str) -> None:
+    claimed = store.claim_one(scope, follower_id)
+    if claimed is not None:
+        store.finish([claimed])
+
+
+def _unclaim(store: SQLStore, scope: str, follower_id: str) -> None:
+    claimed = store.claim_one(scope, follower_id)
+    if claimed is not None:
+        store.unclaim([claimed])
+
+
+def _bury(store: SQLStore, scope: str, follower_id: str) -> None:
+    claimed = store.claim_one(scope, follower_id)
+    if claimed is not None:
+        store.bury(claimed, "unreadable")
+
+
+def _operator_delete(store: SQLStore, scope: str, follower_id: str) -> None:
+    # An operator's own SQL: every scope's rows of that task id, in one statement
+    with store.engine.connect() as conn:
+        conn.execute(
+            text("DELETE FROM causal_followers WHERE follower_id = :f"), {"f": follower_id}
+        )
+
+
+#: What may happen to a parked row, each with (store, scope, follower id).
+ON_A_ROW: dict[str, Any] = {
+    "release": _release,
+    "claim": lambda store, scope, f: store.claim_one(scope, f),  # not deleted yet
+    "unclaim": _unclaim,
+    "bury": _bury,
+    "forget": lambda store, scope, f: store.forget(scope, f),
+    "operator": _operator_delete,
+}
+
+
+def test_status_matches_the_rows_through_every_way_rows_come_and_go(sql_store: SQLStore) -> None:
+    rng = random.Random(7)
+    parked: list[tuple[str, str]] = []
+    for step in range(300):
+        action = rng.choice(["park", "park", "park", *ON_A_ROW])
+        if action == "park" or not parked:
+            _park(sql_store, rng, step, parked)
+        else:
+            ON_A_ROW[action](sql_store, *rng.choice(parked))
+        if step % 25 == 0:
+            assert reported(sql_store) == truth(sql_store), f"after step {step} ({action})"
+    assert reported(sql_store) == truth(sql_store)
+    assert {s.scope: s.oldest_parked_at for s in sql_store.stats() if s.waiting} == oldest(
+        sql_store
+    )
+    # A leader's release of what waits for it, and the sweep's of the lost rest
+    for leader in range(8):
+        for scope in SCOPES:
+            record = sql_store.record_done_and_claim(scope, f"L{leader}", 1000)
+            sql_store.finish(record.claimed)
+    assert reported(sql_store) == truth(sql_store)
+    age(sql_store, 2 * LOOKBACK)
+    sql_store.finish(sql_store.claim_lost(60.0, 10_000))
+    sql_store.finish(sql_store.claim_lost(60.0, 10_000))  # stuck claims from the "claim" steps
+    assert reported(sql_store) == truth(sql_store) == {}
+    # The sweep's last step leaves no count of an empty scope behind (on PostgreSQL they
+    # were spread over the shards of the connections the rows came and went through)
+    sql_store.park(follower("last", "L-last", scope="mail"), LOOKBACK)
+    sql_store.expire_done(3600.0, 1000)
+    assert counts_rows(sql_store) == [("mail", 1)]
+    assert reported(sql_store) == truth(sql_store) == {"mail": (1, 0)}
+
+
+def counts_rows(store: SQLStore) -> list[tuple[str, int]]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(text("SELECT scope, parked FROM causal_scope_counts ORDER BY scope"))
+        return [(scope, int(parked)) for scope, parked in rows]
+
+
+def test_a_truncate_of_the_followers_clears_their_counts(pg_url: str) -> None:
+    store = open_store(pg_url)
+    truncate(store)
+    try:
+        store.park(follower("f1", "L"), LOOKBACK)
+        with store.engine.connect() as conn:
+            conn.execute(text("TRUNCATE causal_followers"))
+        assert reported(store) == {}
+        store.park(follower("f2", "L"), LOOKBACK)
+        assert reported(store) == {"default": (1, 0)} == truth(store)
+    finally:
+        truncate(store)
+        store.close()
+
+
+def test_concurrent_parks_and_releases_keep_exact_counts(pg_url: str) -> None:
+    # Eight threads, each its own pooled connection (and so, mostly, its own shard), park
+    # and release in two scopes at once; some share a shard and queue on its row.
+    store = open_store(pg_url)
+    truncate(store)
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            for n in range(60):
+                scope = ("default", "billing")[n % 2]
+                store.park(follower(f"w{worker}-{n}", f"L{worker}-{n}", scope=scope), LOOKBACK)
+                if n % 3 == 2:
+                    # The leader of the follower parked two steps ago, in the same scope
+                    record = store.record_done_and_claim(scope, f"L{worker}-{n - 2}", 100)
+                    assert len(record.claimed) == 1
+                    store.finish(record.claimed)
+        except BaseException as exc:
+            errors.append(exc)
+
+    done = threading.Event()
+
+    def sweep() -> None:
+        # The sweep's tidy-up of the counts, folding shards while triggers write them
+        try:
+            while not done.is_set():
+                store.expire_done(3600.0, 1000)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
+    sweeper = threading.Thread(target=sweep)
+    try:
+        sweeper.start()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        done.set()
+        sweeper.join()
+        assert errors == []
+        assert reported(store) == truth(store)
+        store.expire_done(3600.0, 1000)
+        assert counts_rows(store) == sorted((s, w + r) for s, (w, r) in truth(store).items())
+        assert sum(w for w, _ in truth(store).values()) > 0
+    finally:
+        truncate(store)
+        store.close()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_store_created_before_the_counts_gets_them_with_its_rows_counted(
+    dialect: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = (
+        f"sqlite:///{tmp_path / 'old.sqlite3'}"
+        if dialect == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    store = open_store(url)
+    truncate(store)
+    try:
+        store.park(follower("f1", "L"), LOOKBACK)
+        store.park(follower("f2", "L", scope="billing"), LOOKBACK)
+        store.claim_one("billing", "f2")
+        # Given a schema without the counts, their triggers and the waiting index
+        with store.engine.connect() as conn:
+            for name in (
+                "causal_followers_count_inserts",
+                "causal_followers_count_deletes",
+                "causal_followers_count_truncates",
+            ):
+                on = " ON causal_followers" if dialect == "postgresql" else ""
+                conn.execute(text(f"DROP TRIGGER IF EXISTS {name}{on}"))
+            conn.execute(text("DROP TABLE causal_scope_counts"))
+            conn.execute(text("DROP INDEX causal_followers_waiting_idx"))
+            if getattr(conn, "in_transaction", lambda: False)():
+                conn.commit()
+        # When it is migrated
+        created = store.create_schema()
+        # Then what was missing is created, and the rows already there are counted
+        assert "table causal_scope_counts" in created
+        assert "index causal_followers_waiting_idx" in created
+        assert "trigger causal_followers_count_inserts" in created
+        assert "trigger causal_followers_count_deletes" in created
+        assert reported(store) == {"default": (1, 0), "billing": (0, 1)} == truth(store)
+        assert store.create_schema() == []
+        store.park(follower("f3", "L"), LOOKBACK)
+        assert reported(store) == {"default": (2, 0), "billing": (0, 1)}
+    finally:
+        truncate(store)
+        store.close()
