@@ -6,16 +6,17 @@ of a scope's ``parked`` equals the scope's rows in ``causal_followers``, in ever
 It holds because the database adjusts the counts inside the statement that inserts or
 deletes the rows, whoever sends it (the store, an operator's ``DELETE``), so the count
 commits or rolls back with them; a TRUNCATE of the follower table clears them. Updates
-(a claim, an unclaim) move no row in or out and leave the counts alone.
+(a claim, an unclaim) move no row in or out and leave the counts alone; one that would
+move a row to another scope is refused (the store never makes one).
 
 PostgreSQL: statement-level triggers with transition tables, so a release that deletes
 500 rows updates one count, not 500. Each server connection adds to the shard of its
 backend pid: parks from many connections do not queue behind one row's lock (a pool's
 connections start close together, so their pids fall in distinct shards). Two writers that
-share a shard wait for each other's commit. Each statement locks its counts in scope order,
-the sweep's tidy-up (which folds a scope's shards into one row and drops counts at zero)
-locks them in (scope, shard) order, and every statement of the store commits alone, so no
-two of them can deadlock.
+share a shard wait for each other's commit. Each statement locks its counts in scope
+order, and so does the sweep's tidy-up, which folds each scope's counts into one row and
+drops those at zero (``postgresql.TIDY_COUNTS``); every statement of the store commits
+alone. So no two of them can deadlock, also with two sweeps at once.
 SQLite: row-level triggers (one writer at a time; one shard).
 """
 
@@ -34,8 +35,13 @@ TRIGGERS = {
         "causal_followers_count_inserts",
         "causal_followers_count_deletes",
         "causal_followers_count_truncates",
+        "causal_followers_keep_scope",
     ),
-    "sqlite": ("causal_followers_count_inserts", "causal_followers_count_deletes"),
+    "sqlite": (
+        "causal_followers_count_inserts",
+        "causal_followers_count_deletes",
+        "causal_followers_keep_scope",
+    ),
 }
 
 _PG_FUNCTION = """
@@ -52,7 +58,15 @@ BEGIN
         SELECT scope, mod(pg_backend_pid(), {shards}), -count(*)
         FROM causal_deleted_rows GROUP BY scope ORDER BY scope
         ON CONFLICT (scope, shard) DO UPDATE SET parked = c.parked + excluded.parked;
+    ELSIF TG_OP = 'UPDATE' THEN
+        IF NEW.scope IS DISTINCT FROM OLD.scope THEN
+            RAISE EXCEPTION 'causal_followers: a parked follower keeps its scope';
+        END IF;
+        RETURN NEW;
     ELSE
+        -- After any tidy-up in flight: one waits for the lock, so this DELETE's snapshot
+        -- holds the shard row the tidy-up wrote, which would otherwise outlive the rows.
+        LOCK TABLE {schema}.causal_scope_counts IN EXCLUSIVE MODE;
         DELETE FROM {schema}.causal_scope_counts;
     END IF;
     RETURN NULL;
@@ -70,6 +84,9 @@ _PG_TRIGGERS = (
     "CREATE TRIGGER causal_followers_count_truncates AFTER TRUNCATE "
     "ON {schema}.causal_followers "
     "FOR EACH STATEMENT EXECUTE FUNCTION {schema}.causal_count_followers()",
+    "CREATE TRIGGER causal_followers_keep_scope BEFORE UPDATE OF scope "
+    "ON {schema}.causal_followers "
+    "FOR EACH ROW EXECUTE FUNCTION {schema}.causal_count_followers()",
 )
 
 _SQLITE_TRIGGERS = (
@@ -79,6 +96,9 @@ _SQLITE_TRIGGERS = (
     "CREATE TRIGGER causal_followers_count_deletes AFTER DELETE ON causal_followers BEGIN "
     "INSERT INTO causal_scope_counts (scope, shard, parked) VALUES (OLD.scope, 0, -1) "
     "ON CONFLICT (scope, shard) DO UPDATE SET parked = parked - 1; END",
+    "CREATE TRIGGER causal_followers_keep_scope BEFORE UPDATE OF scope ON causal_followers "
+    "WHEN NEW.scope IS NOT OLD.scope BEGIN "
+    "SELECT RAISE(ABORT, 'causal_followers: a parked follower keeps its scope'); END",
 )
 
 #: The counts of the rows already there when the triggers are created.
@@ -107,21 +127,14 @@ def installed(conn: Any, dialect: str) -> set[str]:
 def install(conn: Any, dialect: str) -> None:
     """Create the triggers where any is missing, and count the rows already there.
 
-    Called inside the schema's creation, which holds a transaction (PostgreSQL) or takes
-    SQLite's write lock first, so the recount and the triggers are one step: no row can be
+    Called inside the schema's creation, which holds a transaction (on SQLite, one that
+    took the write lock first), so the recount and the triggers are one step: no row can be
     inserted or deleted between the count of the rows present and the first trigger.
     """
     if dialect == POSTGRESQL:
         _install_postgresql(conn)
-        return
-    conn.exec_driver_sql("BEGIN IMMEDIATE")  # SQLite's write lock, held to the commit
-    try:
-        if len(installed(conn, dialect)) < len(TRIGGERS[dialect]):
-            _replace(conn, _SQLITE_TRIGGERS, on="", schema="")
-    except BaseException:
-        conn.exec_driver_sql("ROLLBACK")
-        raise
-    conn.exec_driver_sql("COMMIT")
+    elif len(installed(conn, dialect)) < len(TRIGGERS[dialect]):
+        _replace(conn, _SQLITE_TRIGGERS, on="", schema="")
 
 
 def _install_postgresql(conn: Any) -> None:

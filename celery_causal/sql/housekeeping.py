@@ -256,27 +256,9 @@ def _stats_statement() -> Any:
 STATS = _stats_statement()
 
 
-def locked_counts(where: Any) -> Any:
-    """The keys of the counts matching ``where``, locked in key order.
-
-    The count triggers lock their rows in scope order too (``counts.py``), so a tidy-up
-    and a trigger each wait for the other at most once and never deadlock. Each row is
-    tested again as it is locked: one a trigger changed meanwhile is taken as it is now.
-    """
-    return (
-        select(scope_counts.c.scope, scope_counts.c.shard)
-        .where(where)
-        .order_by(scope_counts.c.scope, scope_counts.c.shard)
-        .with_for_update()
-    )
-
-
-#: Counts that fell to zero (as many rows left as came): status need not read them again.
-DROP_EMPTY_COUNTS = delete(scope_counts).where(
-    tuple_(scope_counts.c.scope, scope_counts.c.shard).in_(
-        locked_counts(scope_counts.c.parked == 0)
-    )
-)
+#: Counts at zero (as many rows left as came), on SQLite: one writer at a time, one shard.
+#: PostgreSQL tidies its shards with TIDY_COUNTS.
+DROP_EMPTY_COUNTS = delete(scope_counts).where(scope_counts.c.parked == 0)
 DEAD_PER_SCOPE = select(dead_followers.c.scope, func.count()).group_by(dead_followers.c.scope)
 SCOPES_OF = (
     select(followers.c.scope)

@@ -58,6 +58,7 @@ from sqlalchemy import (
     exists,
     func,
     literal,
+    or_,
     select,
     tuple_,
     update,
@@ -202,37 +203,67 @@ def _record_and_claim_statement() -> Any:
     )
 
 
-def _fold_counts_statement() -> Any:
-    """Each scope's counts of the other shards added to its shard 0, and deleted.
+def _tidy_counts_statement() -> Any:
+    """Each scope's counts folded into one row (its lowest shard), and counts at zero gone.
 
     A scope's rows come and go through many connections, so its count is spread over up to
     ``counts.SHARDS`` rows, which need not be zero when the scope is empty (+3 on one
-    shard, -3 on another). Folded into one, an empty scope's count is 0 and
-    DROP_EMPTY_COUNTS deletes it. The sum stays right under concurrent triggers: each row
-    is deleted as it is once locked, and its value then is what is added.
+    shard, -3 on another); ``status`` would read them for as long as the store lives.
+
+    The rows of every scope with more than one count, or a zero one, are locked first, in
+    (scope, shard) order; then only those rows are changed: the lowest of each scope takes
+    their sum, the others go, and so does a sum of zero. The sum is right under concurrent
+    triggers: a locked row is taken as it is once locked (a row changed since the
+    statement began is read again), and cannot change until the commit; a count a trigger
+    adds afterwards is a row of its own, left for the next tidy-up. No deadlock: every
+    statement that locks counts (the triggers, this one, a second sweep's) takes them in
+    (scope, shard) order, and this one waits for nothing once its rows are locked (it
+    inserts none).
     """
-    key = tuple_(scope_counts.c.scope, scope_counts.c.shard)
-    folded = (
+    counts = scope_counts.c
+    untidy = (
+        select(counts.scope)
+        .group_by(counts.scope)
+        .having(or_(func.count() > 1, func.bool_or(counts.parked == 0)))
+    )
+    locked = (
+        select(counts.scope, counts.shard, counts.parked)
+        .where(counts.scope.in_(untidy))
+        .order_by(counts.scope, counts.shard)
+        .with_for_update()
+        .cte("locked")
+    )
+    totals = (
+        select(
+            locked.c.scope,
+            func.min(locked.c.shard).label("keep"),
+            func.sum(locked.c.parked).label("parked"),
+        )
+        .group_by(locked.c.scope)
+        .cte("totals")
+    )
+    kept = exists().where(
+        totals.c.scope == counts.scope, totals.c.keep == counts.shard, totals.c.parked != 0
+    )
+    gone = (
         delete(scope_counts)
-        .where(key.in_(hk.locked_counts(scope_counts.c.shard != 0)))
-        .returning(scope_counts.c.scope, scope_counts.c.parked)
-        .cte("folded")
+        .where(tuple_(counts.scope, counts.shard).in_(select(locked.c.scope, locked.c.shard)))
+        .where(~kept)
+        .returning(counts.scope)
+        .cte("gone")
     )
-    moved = (
-        select(folded.c.scope, literal(0), func.sum(folded.c.parked))
-        .group_by(folded.c.scope)
-        .order_by(folded.c.scope)
-    )
-    insert = postgresql.insert(scope_counts).from_select(["scope", "shard", "parked"], moved)
-    return insert.on_conflict_do_update(
-        index_elements=[scope_counts.c.scope, scope_counts.c.shard],
-        set_={"parked": scope_counts.c.parked + insert.excluded.parked},
+    return (
+        update(scope_counts)
+        .where(counts.scope == totals.c.scope, counts.shard == totals.c.keep)
+        .where(totals.c.parked != 0)
+        .values(parked=totals.c.parked)
+        .add_cte(gone)
     )
 
 
 PARK = _park_statement()
 RECORD_AND_CLAIM = _record_and_claim_statement()
-FOLD_COUNTS = _fold_counts_statement()
+TIDY_COUNTS = _tidy_counts_statement()
 #: Released rows of one scope go once published: one prebuilt statement whatever the batch
 #: size (an array parameter). Their followers' lookback restarted when they were claimed.
 #: Planned on every call, never prepared: a generic plan, made while the follower table
@@ -327,5 +358,4 @@ class PostgresStore(SQLStore):
             self._fetch(FINISH, {"b_scope": scope, "b_ids": row_ids})
 
     def _tidy_counts(self) -> None:
-        self._rowcount(FOLD_COUNTS, {})
-        super()._tidy_counts()
+        self._rowcount(TIDY_COUNTS, {})

@@ -39,7 +39,8 @@ sweep republishes them) and their followers waiting a little longer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 from sqlalchemy import bindparam, delete, select
@@ -90,6 +91,18 @@ class SQLiteStore(SQLStore):
     bury_sql: ClassVar[Any] = hk.bury_statement(sqlite.insert)
     record_tail_sql: ClassVar[Any] = record_tail_statement(sqlite.insert)
     remember_send_sql: ClassVar[Any] = remember_send_statement(sqlite.insert)
+
+    @contextlib.contextmanager
+    def _schema_lock(self, conn: Any) -> Iterator[None]:
+        # SQLite's write lock, taken before the schema is read: processes that start at
+        # once create it one after the other, each seeing what the previous one made.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.exec_driver_sql("ROLLBACK")
+            raise
+        conn.exec_driver_sql("COMMIT")
 
     def _park_once(self, values: dict[str, Any]) -> ParkOutcome | None:
         def row_state(conn: Any) -> ParkOutcome | None:

@@ -3,15 +3,18 @@ whatever inserts or deletes follower rows, the counts match the rows."""
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import threading
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import make_url, text
+from sqlalchemy.exc import DBAPIError
 
-from celery_causal.sql import SQLStore, open_store
+from celery_causal.sql import SQLStore, counts, open_store
 from tests.helpers import age, follower, truncate
 
 LOOKBACK = 600.0
@@ -162,46 +165,51 @@ def test_a_truncate_of_the_followers_clears_their_counts(pg_url: str) -> None:
         store.close()
 
 
-def test_concurrent_parks_and_releases_keep_exact_counts(pg_url: str) -> None:
+def _park_and_release(store: SQLStore, worker: int) -> None:
+    for n in range(60):
+        scope = ("default", "billing")[n % 2]
+        store.park(follower(f"w{worker}-{n}", f"L{worker}-{n}", scope=scope), LOOKBACK)
+        if n % 3 == 2:
+            # The leader of the follower parked two steps ago, in the same scope
+            record = store.record_done_and_claim(scope, f"L{worker}-{n - 2}", 100)
+            assert len(record.claimed) == 1
+            store.finish(record.claimed)
+
+
+def _sweep_until(store: SQLStore, done: threading.Event) -> None:
+    while not done.is_set():
+        store.expire_done(3600.0, 1000)  # its last step tidies the counts
+
+
+def _recording(errors: list[BaseException], work: Any, *args: Any) -> threading.Thread:
+    def run() -> None:
+        try:
+            work(*args)
+        except BaseException as exc:
+            errors.append(exc)
+
+    return threading.Thread(target=run)
+
+
+def test_concurrent_parks_releases_and_sweeps_keep_exact_counts(pg_url: str) -> None:
     # Eight threads, each its own pooled connection (and so, mostly, its own shard), park
-    # and release in two scopes at once; some share a shard and queue on its row.
+    # and release in two scopes at once; some share a shard and queue on its row. Two
+    # sweeps (two beat schedulers by mistake, or one from the CLI) tidy the counts
+    # meanwhile; a deadlock would show as an error here.
     store = open_store(pg_url)
     truncate(store)
     errors: list[BaseException] = []
-
-    def work(worker: int) -> None:
-        try:
-            for n in range(60):
-                scope = ("default", "billing")[n % 2]
-                store.park(follower(f"w{worker}-{n}", f"L{worker}-{n}", scope=scope), LOOKBACK)
-                if n % 3 == 2:
-                    # The leader of the follower parked two steps ago, in the same scope
-                    record = store.record_done_and_claim(scope, f"L{worker}-{n - 2}", 100)
-                    assert len(record.claimed) == 1
-                    store.finish(record.claimed)
-        except BaseException as exc:
-            errors.append(exc)
-
     done = threading.Event()
-
-    def sweep() -> None:
-        # The sweep's tidy-up of the counts, folding shards while triggers write them
-        try:
-            while not done.is_set():
-                store.expire_done(3600.0, 1000)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
-    sweeper = threading.Thread(target=sweep)
+    workers = [_recording(errors, _park_and_release, store, w) for w in range(8)]
+    sweepers = [_recording(errors, _sweep_until, store, done) for _ in range(2)]
     try:
-        sweeper.start()
-        for thread in threads:
+        for thread in sweepers + workers:
             thread.start()
-        for thread in threads:
+        for thread in workers:
             thread.join()
         done.set()
-        sweeper.join()
+        for thread in sweepers:
+            thread.join()
         assert errors == []
         assert reported(store) == truth(store)
         store.expire_done(3600.0, 1000)
@@ -253,4 +261,101 @@ def test_a_store_created_before_the_counts_gets_them_with_its_rows_counted(
         assert reported(store) == {"default": (2, 0), "billing": (0, 1)}
     finally:
         truncate(store)
+        store.close()
+
+
+def test_a_truncate_while_a_tidy_up_waits_leaves_no_count_behind(pg_url: str) -> None:
+    store = open_store(pg_url)
+    truncate(store)
+    tidied: list[BaseException | None] = []
+    try:
+        # Given counts in two scopes, spread over two connections' shards
+        store.park(follower("b1", "L2", scope="b"), LOOKBACK)
+        store.expire_done(3600.0, 1000)
+        with store.engine.connect() as first, store.engine.connect() as second:
+            for conn, scope, ids in ((first, "a", ("a1", "a2")), (second, "b", ("b2",))):
+                for follower_id in ids:
+                    conn.execute(
+                        text(
+                            "INSERT INTO causal_followers (scope, follower_id, leader_id, "
+                            "task_name, occurred_at, parked_at, content_type, "
+                            "content_encoding, payload, hostname, lookback, deadline) VALUES "
+                            "(:s, :f, 'L', 't', 1, 1, 'application/json', 'utf-8', '', 'h', "
+                            "600, 1e12)"
+                        ),
+                        {"s": scope, "f": follower_id},
+                    )
+        # And another session holding one of scope b's counts for a moment
+        with psycopg_connection(pg_url) as holder:
+            holder.execute("SELECT 1 FROM causal_scope_counts WHERE scope = 'b' FOR UPDATE")
+            # When a sweep's tidy-up waits for it, and an operator truncates the followers
+            sweep = threading.Thread(target=lambda: tidied.append(tidy(store)))
+            sweep.start()
+            sweep.join(0.5)
+            with psycopg_connection(pg_url, autocommit=True) as operator:
+                truncating = threading.Thread(
+                    target=lambda: operator.execute("TRUNCATE causal_followers")
+                )
+                truncating.start()
+                truncating.join(0.5)
+                holder.commit()
+                sweep.join(30)
+                truncating.join(30)
+        # Then both finish, and no count outlives the rows
+        assert tidied == [None]
+        assert counts_rows(store) == []
+        assert reported(store) == {}
+    finally:
+        truncate(store)
+        store.close()
+
+
+def tidy(store: SQLStore) -> BaseException | None:
+    try:
+        store.expire_done(3600.0, 1000)
+    except BaseException as exc:
+        return exc
+    return None
+
+
+def psycopg_connection(url: str, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    return psycopg.connect(dsn, autocommit=autocommit)
+
+
+def test_a_parked_row_keeps_its_scope(sql_store: SQLStore) -> None:
+    sql_store.park(follower("f1", "L"), LOOKBACK)
+    with pytest.raises(DBAPIError, match="keeps its scope"), sql_store.engine.connect() as conn:
+        conn.execute(text("UPDATE causal_followers SET scope = 'elsewhere'"))
+    assert reported(sql_store) == truth(sql_store) == {"default": (1, 0)}
+
+
+def _migrate(url: str) -> list[str]:
+    store = open_store(url, create_schema=False)
+    try:
+        return store.create_schema()
+    finally:
+        store.close()
+
+
+def test_processes_migrating_an_old_sqlite_store_at_once_each_succeed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    store = open_store(url)
+    try:
+        for n in range(20):
+            store.park(follower(f"f{n}", "L", scope=("a", "b")[n % 2]), LOOKBACK)
+        with store.engine.connect() as conn:
+            for name in counts.TRIGGERS["sqlite"]:
+                conn.execute(text(f"DROP TRIGGER {name}"))
+            conn.execute(text("DROP TABLE causal_scope_counts"))
+    finally:
+        store.close()
+    # Several workers start at once on it: SQLite takes no lock of its own for DDL
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        created = pool.map(_migrate, [url] * 4)
+    assert sorted(len(c) for c in created) == [0, 0, 0, 4]  # the table, its triggers
+    store = open_store(url)
+    try:
+        assert reported(store) == truth(store) == {"a": (10, 0), "b": (10, 0)}
+    finally:
         store.close()

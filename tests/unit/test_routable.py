@@ -174,8 +174,8 @@ ACROSS_SCOPES = {
     "count by leader across scopes": hk.count_statement(by_scope=False, by_leader=True),
     "a key's newest task in every scope": ks.key_tails_statement(by_scope=False),
     "sweep: forget old sends under keys": ks.EXPIRE_SENDS,
-    "sweep: fold the scope counts' shards": pg.FOLD_COUNTS,
-    "sweep: drop scope counts at zero": hk.DROP_EMPTY_COUNTS,
+    "sweep: tidy the scope counts": pg.TIDY_COUNTS,
+    "sweep: drop scope counts at zero (SQLite)": hk.DROP_EMPTY_COUNTS,
     "list by key across scopes": hk.list_statement(
         ["scope"], by_scope=False, by_leader=False, by_key=True
     ),
