@@ -16,7 +16,9 @@ connections start close together, so their pids fall in distinct shards). Two wr
 share a shard wait for each other's commit. Each statement locks its counts in scope
 order, and so does the sweep's tidy-up, which folds each scope's counts into one row and
 drops those at zero (``postgresql.TIDY_COUNTS``); every statement of the store commits
-alone. So no two of them can deadlock, also with two sweeps at once.
+alone. So no two of them can deadlock, also with two sweeps at once. (An operator's
+transaction that changes several scopes' rows in separate statements, out of scope order,
+can: PostgreSQL then aborts one side, which rolls back whole, so nothing is miscounted.)
 SQLite: row-level triggers (one writer at a time; one shard).
 """
 
