@@ -6,8 +6,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 from celery import Celery
-from sqlalchemy import text, update
+from sqlalchemy import make_url, text, update
 
 from celery_causal.payload import build_message, pack
 from celery_causal.sql import SQLStore
@@ -16,6 +17,12 @@ from celery_causal.store import CausalStore, Follower
 from celery_causal.testing import MemoryStore
 
 _APP = Celery("tests-helpers", set_as_current=False)
+
+
+def driver_connection(url: str, **options: Any) -> psycopg.Connection[Any]:
+    """A bare psycopg connection to the database of a store URL (``postgresql+psycopg``)."""
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    return psycopg.connect(dsn, **options)
 
 
 def follower(

@@ -11,12 +11,11 @@ import threading
 import time
 from typing import Any
 
-import psycopg
 import pytest
 
 from celery_causal.sql import SQLStore
 from celery_causal.sql.postgresql import PARK
-from tests.helpers import age, follower
+from tests.helpers import age, driver_connection, follower
 
 TTL = 1800.0
 LOOKBACK = 900.0
@@ -38,7 +37,7 @@ def _expire_while_held(
     lock or passes it by; either way the held transaction commits before it is judged.
     """
     compiled = pg_store._db.compile(statement)
-    held = psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"))
+    held = driver_connection(pg_url)
     expired: list[int] = []
     try:
         compiled.execute(held, values)
@@ -48,7 +47,7 @@ def _expire_while_held(
         blocked = (
             "SELECT count(*) FROM pg_locks WHERE NOT granted AND %s = ANY(pg_blocking_pids(pid))"
         )
-        with psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql")) as probe:
+        with driver_connection(pg_url) as probe:
             for _ in range(300):
                 row = probe.execute(blocked, (pid,)).fetchone()
                 if not sweep.is_alive() or (row is not None and row[0]):

@@ -6,14 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
-from sqlalchemy import make_url, text
+from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import asyncpg
 
 from celery_causal.sql import housekeeping as hk
 from celery_causal.sql import open_store
 from celery_causal.sql.postgresql import PostgresStore
-from tests.helpers import follower, truncate
+from tests.helpers import driver_connection, follower, truncate
 
 
 def test_the_release_delete_is_planned_on_every_call_and_the_claim_is_prepared(
@@ -89,9 +89,7 @@ def test_a_leader_claim_reads_about_its_batch_even_under_a_generic_plan(pg_url: 
         compiled = PostgresStore.claim_followers_sql.compile(dialect=asyncpg.dialect())
         params = {**compiled.params, "b_scope": "default", "b_leader": "big", "b_limit": 100}
         values = [params[name] for name in compiled.positiontup]
-        with psycopg.connect(
-            make_url(pg_url).set(drivername="postgresql").render_as_string(False)
-        ) as conn:
+        with driver_connection(pg_url) as conn:
             cursor = psycopg.ClientCursor(conn)
             # The plan a connection may keep for the store's prepared claim: one made
             # without its values (PostgreSQL's generic plan), here forced for this session

@@ -9,13 +9,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from sqlalchemy import make_url, text
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from celery_causal.sql import SQLStore, counts, open_store
-from tests.helpers import age, follower, truncate
+from tests.helpers import age, driver_connection, follower, truncate
 
 LOOKBACK = 600.0
 
@@ -46,21 +45,6 @@ def oldest(store: SQLStore) -> dict[str, float | None]:
             )
         ).all()
     return {scope: parked_at for scope, parked_at in rows}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def sql_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'causal.sqlite3'}"
-    else:
-        url = request.getfixturevalue("pg_url")
-    store = open_store(url)
-    truncate(store)
-    try:
-        yield store
-    finally:
-        truncate(store)
-        store.close()
 
 
 SCOPES = ["default", "billing", "mail"]
@@ -286,13 +270,13 @@ def test_a_truncate_while_a_tidy_up_waits_leaves_no_count_behind(pg_url: str) ->
                         {"s": scope, "f": follower_id},
                     )
         # And another session holding one of scope b's counts for a moment
-        with psycopg_connection(pg_url) as holder:
+        with driver_connection(pg_url) as holder:
             holder.execute("SELECT 1 FROM causal_scope_counts WHERE scope = 'b' FOR UPDATE")
             # When a sweep's tidy-up waits for it, and an operator truncates the followers
             sweep = threading.Thread(target=lambda: tidied.append(tidy(store)))
             sweep.start()
             sweep.join(0.5)
-            with psycopg_connection(pg_url, autocommit=True) as operator:
+            with driver_connection(pg_url, autocommit=True) as operator:
                 truncating = threading.Thread(
                     target=lambda: operator.execute("TRUNCATE causal_followers")
                 )
@@ -316,11 +300,6 @@ def tidy(store: SQLStore) -> BaseException | None:
     except BaseException as exc:
         return exc
     return None
-
-
-def psycopg_connection(url: str, *, autocommit: bool = False) -> psycopg.Connection[Any]:
-    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    return psycopg.connect(dsn, autocommit=autocommit)
 
 
 def test_a_parked_row_keeps_its_scope(sql_store: SQLStore) -> None:
