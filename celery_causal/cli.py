@@ -292,11 +292,11 @@ def forget(ctx: click.Context, follower_id: str, scope: str | None, yes: bool) -
 @click.pass_context
 @one_line_errors
 def migrate(ctx: click.Context) -> None:
-    """Create the tables and indexes if missing, and report what was done."""
+    """Create the tables and indexes if missing, drop obsolete ones, and report what was done."""
     runtime = runtime_of(ctx, schema=False)
     click.echo(f"store: {mask_url(runtime.settings.store_url)}")
-    created = runtime.store.create_schema()
-    for item in created:
-        click.echo(f"created {item}")
-    if not created:
+    done = runtime.store.create_schema()
+    for line in done:
+        click.echo(line)
+    if not done:
         click.echo("schema is up to date: nothing to create")

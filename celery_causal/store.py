@@ -191,7 +191,8 @@ class CausalStore(Protocol):
     """Atomic operations on the follower table and the done records."""
 
     def create_schema(self) -> list[str]:
-        """Create missing tables and indexes; return what was created (idempotent)."""
+        """Create missing tables and indexes, drop obsolete ones; return what was done, a
+        line each ("created index ...", "dropped index ... (obsolete)"; idempotent)."""
 
     def missing_tables(self) -> list[str]:
         """Tables of the schema that do not exist; creates nothing (no SQLite file either)."""

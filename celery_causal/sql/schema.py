@@ -18,9 +18,10 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     inspect,
+    literal_column,
 )
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.schema import CreateIndex
+from sqlalchemy.schema import CreateIndex, DropIndex
 from sqlalchemy.sql.functions import FunctionElement
 
 from ..store import MAX_ID_LENGTH
@@ -105,18 +106,25 @@ Index(
     postgresql_where=followers.c.claimed_at.is_not(None),
     sqlite_where=followers.c.claimed_at.is_not(None),
 )
-# ``status`` finds each scope's oldest waiting park with one probe of this index. It leads
-# with scope, but it holds waiting rows only, so it can serve only a statement that asks
-# for waiting rows; each of those on a task's path also names a leader (the leader index)
-# or a follower (the unique key), which a plan prefers whatever its estimates: the scope
-# alone is never their only index condition.
+#: The condition of the oldest-park index, which only ``status`` states: so no other
+#: statement can read that index. The rest of the store's statements over waiting rows name
+#: a leader (``leader_id, scope``) or a follower (the unique key); without statistics (a
+#: new table, or a plan kept from when it was small) PostgreSQL costs their scope pin on
+#: this smaller index as cheap as the leader index, and would read every waiting row of the
+#: scope to count or update one leader's. ``parked_at`` is an epoch time: the second test
+#: holds for every row.
+OLDEST_PARK = and_(followers.c.claimed_at.is_(None), followers.c.parked_at >= literal_column("0"))
+# ``status`` finds each scope's oldest waiting park with one probe of this index.
 Index(
-    "causal_followers_waiting_idx",
+    "causal_followers_oldest_park_idx",
     followers.c.scope,
     followers.c.parked_at,
-    postgresql_where=followers.c.claimed_at.is_(None),
-    sqlite_where=followers.c.claimed_at.is_(None),
+    postgresql_where=OLDEST_PARK,
+    sqlite_where=OLDEST_PARK,
 )
+#: Indexes an earlier version created and this one drops (migrate, or a worker's start):
+#: an index over waiting rows led by scope that a leader's statements could pick.
+OBSOLETE_INDEXES = {"causal_followers": ("causal_followers_waiting_idx",)}
 
 #: How many rows ``causal_followers`` holds per scope, summed over ``shard``: kept by
 #: triggers on that table in the statements that insert and delete its rows (``counts.py``
@@ -263,10 +271,12 @@ def schema_objects(conn: Any) -> set[str]:
     return found
 
 
-def create_missing(conn: Any, present: set[str]) -> None:
+def create_missing(conn: Any, present: set[str]) -> list[str]:
     """Create what is not ``present`` (see :func:`schema_objects`): tables, the indexes of
-    tables created by an earlier version, the count triggers."""
+    tables created by an earlier version, the count triggers; drop the obsolete indexes
+    ``present``. Return those dropped."""
     metadata.create_all(conn, checkfirst=True)
+    dropped: list[str] = []
     for table in metadata.sorted_tables:
         if f"table {table.name}" not in present:
             continue  # created just now, with its indexes
@@ -274,4 +284,9 @@ def create_missing(conn: Any, present: set[str]) -> None:
             if f"index {index.name}" not in present:
                 # IF NOT EXISTS: SQLite processes starting at once take no common lock
                 conn.execute(CreateIndex(index, if_not_exists=True))
+        for name in OBSOLETE_INDEXES.get(table.name, ()):
+            if f"index {name}" in present:
+                conn.execute(DropIndex(Index(name), if_exists=True))
+                dropped.append(f"index {name}")
     counts.install(conn, conn.dialect.name)
+    return dropped

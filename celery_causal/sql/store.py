@@ -157,8 +157,11 @@ class SQLStore:
         def create(conn: Any) -> list[str]:
             with self._schema_lock(conn):
                 before = schema_objects(conn)
-                create_missing(conn, before)
-                return sorted(schema_objects(conn) - before)
+                dropped = create_missing(conn, before)
+                created = sorted(schema_objects(conn) - before)
+                return [f"created {item}" for item in created] + [
+                    f"dropped {item} (obsolete)" for item in dropped
+                ]
 
         self._creating = True  # the engine this may build must not create it first
         try:

@@ -6,12 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+import pytest
 from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import asyncpg
 
 from celery_causal.sql import housekeeping as hk
 from celery_causal.sql import open_store
+from celery_causal.sql import statements as sql
 from celery_causal.sql.postgresql import PostgresStore
 from tests.helpers import driver_connection, follower, truncate
 
@@ -79,6 +81,29 @@ def _rows_read(node: dict[str, Any]) -> float:
     return read + sum(_rows_read(child) for child in node.get("Plans", ()))
 
 
+class GenericPlan:
+    """A store statement prepared on a bare connection under the plan a connection may keep
+    for it: one made without its values (PostgreSQL's generic plan), here forced for the
+    session."""
+
+    def __init__(self, conn: psycopg.Connection[Any], statement: Any, **values: Any) -> None:
+        compiled = statement.compile(dialect=asyncpg.dialect())
+        params = {**compiled.params, **values}
+        self.values = [params[name] for name in compiled.positiontup]
+        self.cursor = psycopg.ClientCursor(conn)
+        self.cursor.execute("SET plan_cache_mode = force_generic_plan")
+        self.cursor.execute(f"PREPARE s AS {compiled}")
+
+    def rows_read(self) -> tuple[float, Any]:
+        """Run it once; the follower rows its plan read, and the plan."""
+        placeholders = ", ".join(["%s"] * len(self.values))
+        self.cursor.execute(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE s({placeholders})", self.values
+        )
+        ((plan,),) = self.cursor.fetchall()
+        return _rows_read(plan[0]["Plan"]), plan
+
+
 def test_a_leader_claim_reads_about_its_batch_even_under_a_generic_plan(pg_url: str) -> None:
     # Given a leader with 1,500 parked followers, on a table with no statistics
     store = open_store(pg_url)
@@ -86,28 +111,58 @@ def test_a_leader_claim_reads_about_its_batch_even_under_a_generic_plan(pg_url: 
     try:
         for n in range(1500):
             store.park(follower(f"f{n}", "big", occurred_at=float(n)), 600.0)
-        compiled = PostgresStore.claim_followers_sql.compile(dialect=asyncpg.dialect())
-        params = {**compiled.params, "b_scope": "default", "b_leader": "big", "b_limit": 100}
-        values = [params[name] for name in compiled.positiontup]
         with driver_connection(pg_url) as conn:
-            cursor = psycopg.ClientCursor(conn)
-            # The plan a connection may keep for the store's prepared claim: one made
-            # without its values (PostgreSQL's generic plan), here forced for this session
-            cursor.execute("SET plan_cache_mode = force_generic_plan")
-            cursor.execute(f"PREPARE claim AS {compiled}")
-            placeholders = ", ".join(["%s"] * len(values))
+            claim = GenericPlan(
+                conn,
+                PostgresStore.claim_followers_sql,
+                b_scope="default",
+                b_leader="big",
+                b_limit=100,
+            )
             # When three batches of 100 are claimed, each reads about its own rows, not
             # the leader's 1,500 followers, nor those times the batch
             for batch in range(3):
-                cursor.execute(
-                    f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE claim({placeholders})", values
-                )
-                ((plan,),) = cursor.fetchall()
-                read = _rows_read(plan[0]["Plan"])
+                read, plan = claim.rows_read()
                 assert read <= 3 * 100, f"batch {batch} read {read:.0f} rows: {plan}"
                 # As the release does once it published them
-                cursor.execute("DELETE FROM causal_followers WHERE claimed_at IS NOT NULL")
+                conn.execute("DELETE FROM causal_followers WHERE claimed_at IS NOT NULL")
             conn.rollback()
+    finally:
+        truncate(store)
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "name, statement",
+    [
+        ("a leader's count", hk.COUNT_WAITING),
+        ("the depth guard", sql.MAKE_DUE),
+        ("a forget's restored deadlines", hk.UNPOSTPONE),
+        ("the sweep's test of finished releases", hk.CLEAR_RELEASES),
+    ],
+)
+def test_a_statement_on_one_leaders_waiting_rows_reads_only_those(
+    pg_url: str, name: str, statement: Any
+) -> None:
+    # Given 3,000 followers waiting in one scope, 50 for each of 60 leaders, 3,000 tasks
+    # done and three leaders whose release is over, on tables with no statistics
+    store = open_store(pg_url)
+    truncate(store)
+    try:
+        for n in range(3000):
+            store.park(follower(f"f{n}", f"L{n % 60}"), 600.0)
+            store.record_done_and_claim("default", f"t{n}", 10)
+        for n in range(3):
+            store.park(follower(f"r{n}", f"R{n}"), 600.0)
+            record = store.record_done_and_claim("default", f"R{n}", 10, release_timeout=-1.0)
+            store.finish(record.claimed)
+        with driver_connection(pg_url) as conn:
+            # When it runs for leader L7 under the plan a connection may keep for it
+            plan = GenericPlan(conn, statement, b_scope="default", b_leader="L7", b_limit=10)
+            read, explained = plan.rows_read()
+            conn.rollback()
+        # Then it reads that leader's 50 rows at most, not the scope's 3,000
+        assert read <= 50, f"{name} read {read:.0f} rows: {explained}"
     finally:
         truncate(store)
         store.close()

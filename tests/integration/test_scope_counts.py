@@ -219,7 +219,8 @@ def test_a_store_created_before_the_counts_gets_them_with_its_rows_counted(
         store.park(follower("f1", "L"), LOOKBACK)
         store.park(follower("f2", "L", scope="billing"), LOOKBACK)
         store.claim_one("billing", "f2")
-        # Given a schema without the counts, their triggers and the waiting index
+        # Given a schema without the counts, their triggers and the oldest-park index, with
+        # the index an earlier version had in its place
         with store.engine.connect() as conn:
             for name in (
                 "causal_followers_count_inserts",
@@ -229,16 +230,23 @@ def test_a_store_created_before_the_counts_gets_them_with_its_rows_counted(
                 on = " ON causal_followers" if dialect == "postgresql" else ""
                 conn.execute(text(f"DROP TRIGGER IF EXISTS {name}{on}"))
             conn.execute(text("DROP TABLE causal_scope_counts"))
-            conn.execute(text("DROP INDEX causal_followers_waiting_idx"))
+            conn.execute(text("DROP INDEX causal_followers_oldest_park_idx"))
+            conn.execute(
+                text(
+                    "CREATE INDEX causal_followers_waiting_idx ON causal_followers "
+                    "(scope, parked_at) WHERE claimed_at IS NULL"
+                )
+            )
             if getattr(conn, "in_transaction", lambda: False)():
                 conn.commit()
         # When it is migrated
         created = store.create_schema()
         # Then what was missing is created, and the rows already there are counted
-        assert "table causal_scope_counts" in created
-        assert "index causal_followers_waiting_idx" in created
-        assert "trigger causal_followers_count_inserts" in created
-        assert "trigger causal_followers_count_deletes" in created
+        assert "created table causal_scope_counts" in created
+        assert "created index causal_followers_oldest_park_idx" in created
+        assert "dropped index causal_followers_waiting_idx (obsolete)" in created
+        assert "created trigger causal_followers_count_inserts" in created
+        assert "created trigger causal_followers_count_deletes" in created
         assert reported(store) == {"default": (1, 0), "billing": (0, 1)} == truth(store)
         assert store.create_schema() == []
         store.park(follower("f3", "L"), LOOKBACK)
@@ -327,12 +335,20 @@ def test_processes_migrating_an_old_sqlite_store_at_once_each_succeed(tmp_path: 
             for name in counts.TRIGGERS["sqlite"]:
                 conn.execute(text(f"DROP TRIGGER {name}"))
             conn.execute(text("DROP TABLE causal_scope_counts"))
+            conn.execute(text("DROP INDEX causal_followers_oldest_park_idx"))
+            conn.execute(
+                text(
+                    "CREATE INDEX causal_followers_waiting_idx ON causal_followers "
+                    "(scope, parked_at) WHERE claimed_at IS NULL"
+                )
+            )
     finally:
         store.close()
     # Several workers start at once on it: SQLite takes no lock of its own for DDL
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         created = pool.map(_migrate, [url] * 4)
-    assert sorted(len(c) for c in created) == [0, 0, 0, 4]  # the table, its triggers
+    # One of them creates the table, its triggers and the index, and drops the old index
+    assert sorted(len(c) for c in created) == [0, 0, 0, 6]
     store = open_store(url)
     try:
         assert reported(store) == truth(store) == {"a": (10, 0), "b": (10, 0)}
