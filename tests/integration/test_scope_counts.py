@@ -222,21 +222,7 @@ def test_a_store_created_before_the_counts_gets_them_with_its_rows_counted(
         # Given a schema without the counts, their triggers and the oldest-park index, with
         # the index an earlier version had in its place
         with store.engine.connect() as conn:
-            for name in (
-                "causal_followers_count_inserts",
-                "causal_followers_count_deletes",
-                "causal_followers_count_truncates",
-            ):
-                on = " ON causal_followers" if dialect == "postgresql" else ""
-                conn.execute(text(f"DROP TRIGGER IF EXISTS {name}{on}"))
-            conn.execute(text("DROP TABLE causal_scope_counts"))
-            conn.execute(text("DROP INDEX causal_followers_oldest_park_idx"))
-            conn.execute(
-                text(
-                    "CREATE INDEX causal_followers_waiting_idx ON causal_followers "
-                    "(scope, parked_at) WHERE claimed_at IS NULL"
-                )
-            )
+            as_before_the_counts(conn, dialect)
             if getattr(conn, "in_transaction", lambda: False)():
                 conn.commit()
         # When it is migrated
@@ -317,6 +303,22 @@ def test_a_parked_row_keeps_its_scope(sql_store: SQLStore) -> None:
     assert reported(sql_store) == truth(sql_store) == {"default": (1, 0)}
 
 
+def as_before_the_counts(conn: Any, dialect: str) -> None:
+    """The schema as an earlier version left it: no counts, no triggers, and the index over
+    waiting rows that the oldest-park index replaced."""
+    on = " ON causal_followers" if dialect == "postgresql" else ""
+    for name in counts.TRIGGERS[dialect]:
+        conn.execute(text(f"DROP TRIGGER IF EXISTS {name}{on}"))
+    conn.execute(text("DROP TABLE causal_scope_counts"))
+    conn.execute(text("DROP INDEX causal_followers_oldest_park_idx"))
+    conn.execute(
+        text(
+            "CREATE INDEX causal_followers_waiting_idx ON causal_followers "
+            "(scope, parked_at) WHERE claimed_at IS NULL"
+        )
+    )
+
+
 def _migrate(url: str) -> list[str]:
     store = open_store(url, create_schema=False)
     try:
@@ -332,16 +334,7 @@ def test_processes_migrating_an_old_sqlite_store_at_once_each_succeed(tmp_path: 
         for n in range(20):
             store.park(follower(f"f{n}", "L", scope=("a", "b")[n % 2]), LOOKBACK)
         with store.engine.connect() as conn:
-            for name in counts.TRIGGERS["sqlite"]:
-                conn.execute(text(f"DROP TRIGGER {name}"))
-            conn.execute(text("DROP TABLE causal_scope_counts"))
-            conn.execute(text("DROP INDEX causal_followers_oldest_park_idx"))
-            conn.execute(
-                text(
-                    "CREATE INDEX causal_followers_waiting_idx ON causal_followers "
-                    "(scope, parked_at) WHERE claimed_at IS NULL"
-                )
-            )
+            as_before_the_counts(conn, "sqlite")
     finally:
         store.close()
     # Several workers start at once on it: SQLite takes no lock of its own for DDL
