@@ -215,7 +215,7 @@ def _stats_statement() -> Any:
     Each part is read from where its rows are few, so the cost follows the number of
     scopes and of rows in trouble, not the table: the rows per scope from their counts
     (``counts.py``); the claimed ones from the claimed index (a release deletes them once
-    published); the lost ones from the deadline index's range of rows already due (the
+    published); the lost ones from the due index's range of rows already due (the
     sweep releases them); each scope's oldest waiting park by one probe of the oldest-park
     index. Waiting is the scope's rows less its claimed ones. One statement, so the parts
     see one snapshot.

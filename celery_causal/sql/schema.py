@@ -88,16 +88,36 @@ Index(
     followers.c.occurred_at,
     followers.c.follower_id,
 )
+
+
+# The two indexes over waiting rows are opt-in. Without statistics (a new table, or a plan
+# PostgreSQL made before its first analysis) the planner takes ``claimed_at IS NULL`` for a
+# rare condition, so an index of waiting rows only looks a few entries big: a statement
+# that names a leader over waiting rows (its count, the depth guard, the sweep's test of
+# finished releases) would read the whole index, every waiting row of the table or scope,
+# instead of probing the leader index. So each adds a condition true of every row (the
+# column is an epoch time, never negative) that only the statements meant to read it
+# state; the planner can serve no other statement from it.
+def _opted_in(column: Any) -> Any:
+    return column >= literal_column("0")
+
+
+#: Waiting rows by deadline, as the sweep's due range (``statements.DUE``) and ``status``'s
+#: count of lost rows ask for them.
+WAITING_BY_DEADLINE = and_(followers.c.claimed_at.is_(None), _opted_in(followers.c.deadline))
+#: Waiting rows by park time, as ``status`` asks for each scope's oldest.
+OLDEST_PARK = and_(followers.c.claimed_at.is_(None), _opted_in(followers.c.parked_at))
+
 # The sweep finds lost followers (waiting, past their deadline): a range probe that reads
 # only rows already due, so a sweep with nothing to do reads nothing. The index also
 # carries each row's scope, so that ``status`` counts the lost ones per scope from the
 # index alone ...
 Index(
-    "causal_followers_deadline_idx",
+    "causal_followers_due_idx",
     followers.c.deadline,
     postgresql_include=["scope", "parked_at"],
-    postgresql_where=followers.c.claimed_at.is_(None),
-    sqlite_where=followers.c.claimed_at.is_(None),
+    postgresql_where=WAITING_BY_DEADLINE,
+    sqlite_where=WAITING_BY_DEADLINE,
 )
 # ... and rows whose releaser died mid-release, without scanning the waiting ones.
 Index(
@@ -106,14 +126,6 @@ Index(
     postgresql_where=followers.c.claimed_at.is_not(None),
     sqlite_where=followers.c.claimed_at.is_not(None),
 )
-#: The condition of the oldest-park index, which only ``status`` states: so no other
-#: statement can read that index. The rest of the store's statements over waiting rows name
-#: a leader (``leader_id, scope``) or a follower (the unique key); without statistics (a
-#: new table, or a plan kept from when it was small) PostgreSQL costs their scope pin on
-#: this smaller index as cheap as the leader index, and would read every waiting row of the
-#: scope to count or update one leader's. ``parked_at`` is an epoch time: the second test
-#: holds for every row.
-OLDEST_PARK = and_(followers.c.claimed_at.is_(None), followers.c.parked_at >= literal_column("0"))
 # ``status`` finds each scope's oldest waiting park with one probe of this index.
 Index(
     "causal_followers_oldest_park_idx",
@@ -123,8 +135,10 @@ Index(
     sqlite_where=OLDEST_PARK,
 )
 #: Indexes an earlier version created and this one drops (migrate, or a worker's start):
-#: an index over waiting rows led by scope that a leader's statements could pick.
-OBSOLETE_INDEXES = {"causal_followers": ("causal_followers_waiting_idx",)}
+#: the indexes over waiting rows before they were opt-in.
+OBSOLETE_INDEXES = {
+    "causal_followers": ("causal_followers_deadline_idx", "causal_followers_waiting_idx")
+}
 
 #: How many rows ``causal_followers`` holds per scope, summed over ``shard``: kept by
 #: triggers on that table in the statements that insert and delete its rows (``counts.py``
@@ -276,17 +290,41 @@ def create_missing(conn: Any, present: set[str]) -> list[str]:
     tables created by an earlier version, the count triggers; drop the obsolete indexes
     ``present``. Return those dropped."""
     metadata.create_all(conn, checkfirst=True)
+    if "table causal_followers" in present and conn.dialect.name == "postgresql":
+        _lock_followers_for(conn, present)
     dropped: list[str] = []
     for table in metadata.sorted_tables:
         if f"table {table.name}" not in present:
             continue  # created just now, with its indexes
-        for index in table.indexes:
-            if f"index {index.name}" not in present:
-                # IF NOT EXISTS: SQLite processes starting at once take no common lock
-                conn.execute(CreateIndex(index, if_not_exists=True))
         for name in OBSOLETE_INDEXES.get(table.name, ()):
             if f"index {name}" in present:
                 conn.execute(DropIndex(Index(name), if_exists=True))
                 dropped.append(f"index {name}")
+        for index in table.indexes:
+            if f"index {index.name}" not in present:
+                # IF NOT EXISTS: SQLite processes starting at once take no common lock
+                conn.execute(CreateIndex(index, if_not_exists=True))
     counts.install(conn, conn.dialect.name)
     return dropped
+
+
+def _lock_followers_for(conn: Any, present: set[str]) -> None:
+    """Lock ``causal_followers`` at once as strongly as the changes due to it need.
+
+    One transaction creates the schema (``PostgresStore._schema_lock``). Taken step by
+    step, its locks on the table would grow (SHARE to build an index, SHARE ROW EXCLUSIVE
+    to install the triggers, ACCESS EXCLUSIVE to drop an index) while a finishing task's
+    record-and-claim holds ROW SHARE (its FOR UPDATE) and waits for ROW EXCLUSIVE (its
+    UPDATE): each would wait for the other. Taken first, the strongest lock only waits for
+    the statements in flight to end, and every later step holds what it needs.
+    """
+    table = followers.name
+    drop = any(f"index {name}" in present for name in OBSOLETE_INDEXES.get(table, ()))
+    build = any(f"index {index.name}" not in present for index in followers.indexes)
+    install = any(f"trigger {name}" not in present for name in counts.TRIGGERS["postgresql"])
+    mode = "ACCESS EXCLUSIVE" if drop else "SHARE ROW EXCLUSIVE" if build or install else None
+    if mode is not None:
+        schema = conn.dialect.identifier_preparer.quote(
+            conn.exec_driver_sql("SELECT current_schema()").scalar_one()
+        )
+        conn.exec_driver_sql(f"LOCK TABLE {schema}.{table} IN {mode} MODE")

@@ -33,7 +33,7 @@ from sqlalchemy import (
     update,
 )
 
-from .schema import db_clock, done, followers
+from .schema import WAITING_BY_DEADLINE, db_clock, done, followers
 
 Insert = Callable[..., Any]  # postgresql.insert or sqlite.insert: both have ON CONFLICT
 
@@ -229,9 +229,10 @@ STUCK = and_(
     followers.c.claimed_at.is_not(None),
     followers.c.claimed_at < db_clock() - bindparam("b_timeout", type_=Double),
 )
-#: Due: waiting past its deadline. ``deadline < clock`` is an index condition (the clock
-#: is stable within a statement): a sweep reads only rows that are due.
-DUE = and_(WAITING, followers.c.deadline < db_clock())
+#: Due: waiting past its deadline, read from the due index (``schema.WAITING_BY_DEADLINE``).
+#: ``deadline < clock`` is an index condition (the clock is stable within a statement): a
+#: sweep reads only rows that are due.
+DUE = and_(WAITING_BY_DEADLINE, followers.c.deadline < db_clock())
 #: Lost: due, and its leader is not itself parked. A follower of a parked leader is not
 #: lost: its leader came and waits in turn, and releases it once it has run.
 LOST = and_(DUE, ~LEADER_PARKED)

@@ -83,15 +83,21 @@ def _rows_read(node: dict[str, Any]) -> float:
 
 class GenericPlan:
     """A store statement prepared on a bare connection under the plan a connection may keep
-    for it: one made without its values (PostgreSQL's generic plan), here forced for the
-    session."""
+    for it: by default one made without its values (PostgreSQL's generic plan), here forced
+    for the session (``mode``: the ``plan_cache_mode``)."""
 
-    def __init__(self, conn: psycopg.Connection[Any], statement: Any, **values: Any) -> None:
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        statement: Any,
+        mode: str = "force_generic_plan",
+        **values: Any,
+    ) -> None:
         compiled = statement.compile(dialect=asyncpg.dialect())
         params = {**compiled.params, **values}
         self.values = [params[name] for name in compiled.positiontup]
         self.cursor = psycopg.ClientCursor(conn)
-        self.cursor.execute("SET plan_cache_mode = force_generic_plan")
+        self.cursor.execute(f"SET plan_cache_mode = {mode}")
         self.cursor.execute(f"PREPARE s AS {compiled}")
 
     def rows_read(self) -> tuple[float, Any]:
@@ -132,37 +138,62 @@ def test_a_leader_claim_reads_about_its_batch_even_under_a_generic_plan(pg_url: 
         store.close()
 
 
-@pytest.mark.parametrize(
-    "name, statement",
-    [
-        ("a leader's count", hk.COUNT_WAITING),
-        ("the depth guard", sql.MAKE_DUE),
-        ("a forget's restored deadlines", hk.UNPOSTPONE),
-        ("the sweep's test of finished releases", hk.CLEAR_RELEASES),
-    ],
+#: ``n`` followers over 60 leaders in ``scope``, as workers park them (without the marks).
+_PARK_MANY = text(
+    "INSERT INTO causal_followers (scope, follower_id, leader_id, task_name, occurred_at, "
+    "parked_at, lookback, deadline, content_type, content_encoding, payload, hostname) "
+    "SELECT CAST(:scope AS text), :scope || '-f' || g, 'L' || (g % 60), 'tests.step', g, "
+    "extract(epoch from now()), 600, extract(epoch from now()) + 600, 'application/json', "
+    "'utf-8', '', 'h' FROM generate_series(1, :n) g"
 )
+#: Statements over one leader's waiting rows (leader L7, scope default).
+_ONE_LEADERS = {
+    "a leader's count": hk.COUNT_WAITING,
+    "the depth guard": sql.MAKE_DUE,
+    "a forget's restored deadlines": hk.UNPOSTPONE,
+    "the sweep's test of finished releases": hk.CLEAR_RELEASES,
+}
+
+
+@pytest.mark.parametrize("other_scope", [False, True], ids=["one scope", "two scopes"])
 def test_a_statement_on_one_leaders_waiting_rows_reads_only_those(
-    pg_url: str, name: str, statement: Any
+    pg_url: str, other_scope: bool
 ) -> None:
-    # Given 3,000 followers waiting in one scope, 50 for each of 60 leaders, 3,000 tasks
-    # done and three leaders whose release is over, on tables with no statistics
+    # Given 3,000 followers waiting in scope "default", 50 for each of 60 leaders (and as
+    # many in a second scope, a tenth of them being released), 3,000 tasks done and three
+    # leaders whose release is over, on tables with no statistics
     store = open_store(pg_url)
     truncate(store)
     try:
         for n in range(3000):
             store.park(follower(f"f{n}", f"L{n % 60}"), 600.0)
             store.record_done_and_claim("default", f"t{n}", 10)
+        with store.engine.begin() as conn:
+            if other_scope:
+                conn.execute(_PARK_MANY, {"scope": "other", "n": 3000})
+                conn.execute(
+                    text(
+                        "UPDATE causal_followers SET claimed_at = 1 "
+                        "WHERE scope = 'other' AND id % 10 = 0"
+                    )
+                )
         for n in range(3):
             store.park(follower(f"r{n}", f"R{n}"), 600.0)
             record = store.record_done_and_claim("default", f"R{n}", 10, release_timeout=-1.0)
             store.finish(record.claimed)
-        with driver_connection(pg_url) as conn:
-            # When it runs for leader L7 under the plan a connection may keep for it
-            plan = GenericPlan(conn, statement, b_scope="default", b_leader="L7", b_limit=10)
-            read, explained = plan.rows_read()
-            conn.rollback()
-        # Then it reads that leader's 50 rows at most, not the scope's 3,000
-        assert read <= 50, f"{name} read {read:.0f} rows: {explained}"
+        # When each statement runs for leader L7, under the plan a connection may keep for
+        # it (made without its values) and under one made with them
+        reads = {}
+        for name, statement in _ONE_LEADERS.items():
+            for mode in ("force_generic_plan", "force_custom_plan"):
+                with driver_connection(pg_url) as conn:
+                    plan = GenericPlan(
+                        conn, statement, mode=mode, b_scope="default", b_leader="L7", b_limit=10
+                    )
+                    reads[name, mode] = plan.rows_read()[0]
+                    conn.rollback()
+        # Then each reads that leader's 50 rows at most, not the scope's or the table's
+        assert {key: read for key, read in reads.items() if read > 50} == {}
     finally:
         truncate(store)
         store.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import random
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +231,9 @@ def test_a_store_created_before_the_counts_gets_them_with_its_rows_counted(
         # Then what was missing is created, and the rows already there are counted
         assert "created table causal_scope_counts" in created
         assert "created index causal_followers_oldest_park_idx" in created
+        assert "created index causal_followers_due_idx" in created
         assert "dropped index causal_followers_waiting_idx (obsolete)" in created
+        assert "dropped index causal_followers_deadline_idx (obsolete)" in created
         assert "created trigger causal_followers_count_inserts" in created
         assert "created trigger causal_followers_count_deletes" in created
         assert reported(store) == {"default": (1, 0), "billing": (0, 1)} == truth(store)
@@ -240,6 +243,51 @@ def test_a_store_created_before_the_counts_gets_them_with_its_rows_counted(
     finally:
         truncate(store)
         store.close()
+
+
+def test_a_migration_waits_for_a_finishing_task_instead_of_deadlocking_with_it(
+    pg_url: str,
+) -> None:
+    store = open_store(pg_url)
+    truncate(store)
+    migrated: list[Any] = []
+    try:
+        for n in range(3):
+            store.park(follower(f"f{n}", "L"), LOOKBACK)
+        with store.engine.connect() as conn:
+            as_before_the_counts(conn, "postgresql")
+            conn.commit()
+        with driver_connection(pg_url) as task, driver_connection(pg_url) as watcher:
+            # Given a task finishing: its record-and-claim has selected its followers FOR
+            # UPDATE (a ROW SHARE lock on the table) and is about to update them
+            task.execute("SELECT id FROM causal_followers WHERE leader_id = 'L' FOR UPDATE")
+            # When a migration of the store starts meanwhile
+            migration = threading.Thread(target=lambda: migrated.append(_migrate_or_error(pg_url)))
+            migration.start()
+            while not watcher.execute(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted "
+                "AND relation = 'causal_followers'::regclass"
+            ).fetchone()[0]:  # type: ignore[index]
+                assert migration.is_alive(), migrated
+                time.sleep(0.01)
+            # Then the task's update goes through, and the migration once it committed
+            task.execute("UPDATE causal_followers SET claimed_at = 1 WHERE leader_id = 'L'")
+            task.commit()
+            migration.join(30)
+        assert len(migrated) == 1 and isinstance(migrated[0], list), migrated
+        assert "dropped index causal_followers_deadline_idx (obsolete)" in migrated[0]
+        assert "created trigger causal_followers_count_inserts" in migrated[0]
+        assert reported(store) == {"default": (0, 3)} == truth(store)
+    finally:
+        truncate(store)
+        store.close()
+
+
+def _migrate_or_error(url: str) -> list[str] | BaseException:
+    try:
+        return _migrate(url)
+    except BaseException as exc:
+        return exc
 
 
 def test_a_truncate_while_a_tidy_up_waits_leaves_no_count_behind(pg_url: str) -> None:
@@ -304,19 +352,19 @@ def test_a_parked_row_keeps_its_scope(sql_store: SQLStore) -> None:
 
 
 def as_before_the_counts(conn: Any, dialect: str) -> None:
-    """The schema as an earlier version left it: no counts, no triggers, and the index over
-    waiting rows that the oldest-park index replaced."""
+    """The schema as an earlier version left it: no counts, no triggers, and the indexes
+    over waiting rows as they were before they were opt-in."""
     on = " ON causal_followers" if dialect == "postgresql" else ""
     for name in counts.TRIGGERS[dialect]:
         conn.execute(text(f"DROP TRIGGER IF EXISTS {name}{on}"))
     conn.execute(text("DROP TABLE causal_scope_counts"))
-    conn.execute(text("DROP INDEX causal_followers_oldest_park_idx"))
-    conn.execute(
-        text(
-            "CREATE INDEX causal_followers_waiting_idx ON causal_followers "
-            "(scope, parked_at) WHERE claimed_at IS NULL"
-        )
-    )
+    for name in ("oldest_park", "due", "waiting", "deadline"):
+        conn.execute(text(f"DROP INDEX IF EXISTS causal_followers_{name}_idx"))
+    for old in (
+        "causal_followers_waiting_idx ON causal_followers (scope, parked_at)",
+        "causal_followers_deadline_idx ON causal_followers (deadline)",
+    ):
+        conn.execute(text(f"CREATE INDEX {old} WHERE claimed_at IS NULL"))
 
 
 def _migrate(url: str) -> list[str]:
@@ -340,8 +388,8 @@ def test_processes_migrating_an_old_sqlite_store_at_once_each_succeed(tmp_path: 
     # Several workers start at once on it: SQLite takes no lock of its own for DDL
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         created = pool.map(_migrate, [url] * 4)
-    # One of them creates the table, its triggers and the index, and drops the old index
-    assert sorted(len(c) for c in created) == [0, 0, 0, 6]
+    # One of them creates the table, its triggers and two indexes, and drops the old two
+    assert sorted(len(c) for c in created) == [0, 0, 0, 8]
     store = open_store(url)
     try:
         assert reported(store) == truth(store) == {"a": (10, 0), "b": (10, 0)}
