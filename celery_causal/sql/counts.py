@@ -139,12 +139,23 @@ def install(conn: Any, dialect: str) -> None:
         _replace(conn, _SQLITE_TRIGGERS, on="", schema="")
 
 
+def followers_schema(conn: Any) -> str:
+    """The schema (quoted as needed) of the ``causal_followers`` this connection's
+    search_path finds: the one the inspector, CREATE INDEX and DROP INDEX find too, which
+    need not be ``current_schema()`` (tables made in ``public`` before a schema named after
+    the role was created)."""
+    return str(
+        conn.exec_driver_sql(
+            "SELECT relnamespace::regnamespace::text FROM pg_class "
+            "WHERE oid = to_regclass('causal_followers')"
+        ).scalar_one()
+    )
+
+
 def _install_postgresql(conn: Any) -> None:
     if len(installed(conn, POSTGRESQL)) == len(TRIGGERS[POSTGRESQL]):
         return
-    schema = conn.dialect.identifier_preparer.quote(
-        conn.exec_driver_sql("SELECT current_schema()").scalar_one()
-    )
+    schema = followers_schema(conn)
     # Writers wait from here to the commit; readers (status, lookups) go on.
     conn.exec_driver_sql(f"LOCK TABLE {schema}.causal_followers IN SHARE ROW EXCLUSIVE MODE")
     conn.exec_driver_sql(_PG_FUNCTION.format(schema=schema, shards=SHARDS))

@@ -279,8 +279,8 @@ def _matching(stmt: Any, *, by_scope: bool, by_leader: bool, by_key: bool) -> An
     """``stmt`` on the follower rows of ``b_scope``, ``b_leader`` and/or ``b_key``.
 
     By leader, the leader index serves it; by scope alone or by key, the table is read
-    (only the waiting rows' index leads with scope, see ``schema.py``): an operator's
-    command, not a task's.
+    (no index they may use leads with scope, see ``schema.py``): an operator's command, not
+    a task's.
     """
     if by_scope:
         stmt = stmt.where(followers.c.scope == bindparam("b_scope"))

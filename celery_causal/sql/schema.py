@@ -324,7 +324,4 @@ def _lock_followers_for(conn: Any, present: set[str]) -> None:
     install = any(f"trigger {name}" not in present for name in counts.TRIGGERS["postgresql"])
     mode = "ACCESS EXCLUSIVE" if drop else "SHARE ROW EXCLUSIVE" if build or install else None
     if mode is not None:
-        schema = conn.dialect.identifier_preparer.quote(
-            conn.exec_driver_sql("SELECT current_schema()").scalar_one()
-        )
-        conn.exec_driver_sql(f"LOCK TABLE {schema}.{table} IN {mode} MODE")
+        conn.exec_driver_sql(f"LOCK TABLE {counts.followers_schema(conn)}.{table} IN {mode} MODE")

@@ -15,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from celery_causal.sql import SQLStore, counts, open_store
+from tests.conftest import fresh_database
 from tests.helpers import age, driver_connection, follower, truncate
 
 LOOKBACK = 600.0
@@ -281,6 +282,44 @@ def test_a_migration_waits_for_a_finishing_task_instead_of_deadlocking_with_it(
     finally:
         truncate(store)
         store.close()
+
+
+def test_a_store_in_public_migrates_when_a_schema_named_after_its_role_appears() -> None:
+    # Given a store with an index of an earlier version, made before its role got a schema
+    # of its own name: the tables stay in public, where the default search_path ("$user",
+    # public) still finds them, while current_schema() is now the new, empty schema
+    with fresh_database("_own_schema") as url:
+        store = open_store(url)
+        try:
+            store.park(follower("f1", "L"), LOOKBACK)
+            with store.engine.connect() as conn:
+                conn.exec_driver_sql("DROP INDEX causal_followers_due_idx")
+                conn.exec_driver_sql(
+                    "CREATE INDEX causal_followers_deadline_idx ON causal_followers (deadline) "
+                    "WHERE claimed_at IS NULL"
+                )
+                role = conn.exec_driver_sql("SELECT current_user").scalar_one()
+                conn.exec_driver_sql(f'CREATE SCHEMA "{role}"')
+                conn.commit()
+        finally:
+            store.close()
+        # When it is migrated, then its index is replaced in public
+        done = _migrate(url)
+        assert done == [
+            "created index causal_followers_due_idx",
+            "dropped index causal_followers_deadline_idx (obsolete)",
+        ]
+        store = open_store(url, create_schema=False)
+        try:
+            assert reported(store) == {"default": (1, 0)} == truth(store)
+            with store.engine.connect() as conn:
+                where = conn.exec_driver_sql(
+                    "SELECT relnamespace::regnamespace::text FROM pg_class "
+                    "WHERE relname = 'causal_followers_due_idx'"
+                ).all()
+            assert where == [("public",)]
+        finally:
+            store.close()
 
 
 def _migrate_or_error(url: str) -> list[str] | BaseException:
