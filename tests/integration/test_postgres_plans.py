@@ -11,8 +11,8 @@ from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import asyncpg
 
+from celery_causal.sql import SQLStore, open_store
 from celery_causal.sql import housekeeping as hk
-from celery_causal.sql import open_store
 from celery_causal.sql import statements as sql
 from celery_causal.sql.postgresql import PostgresStore
 from tests.helpers import driver_connection, follower, truncate
@@ -157,46 +157,40 @@ _ONE_LEADERS = {
 
 @pytest.mark.parametrize("other_scope", [False, True], ids=["one scope", "two scopes"])
 def test_a_statement_on_one_leaders_waiting_rows_reads_only_those(
-    pg_url: str, other_scope: bool
+    pg_url: str, pg_store: SQLStore, other_scope: bool
 ) -> None:
     # Given 3,000 followers waiting in scope "default", 50 for each of 60 leaders (and as
     # many in a second scope, a tenth of them being released), 3,000 tasks done and three
     # leaders whose release is over, on tables with no statistics
-    store = open_store(pg_url)
-    truncate(store)
-    try:
-        for n in range(3000):
-            store.park(follower(f"f{n}", f"L{n % 60}"), 600.0)
-            store.record_done_and_claim("default", f"t{n}", 10)
-        with store.engine.begin() as conn:
-            if other_scope:
-                conn.execute(_PARK_MANY, {"scope": "other", "n": 3000})
-                conn.execute(
-                    text(
-                        "UPDATE causal_followers SET claimed_at = 1 "
-                        "WHERE scope = 'other' AND id % 10 = 0"
-                    )
+    for n in range(3000):
+        pg_store.park(follower(f"f{n}", f"L{n % 60}"), 600.0)
+        pg_store.record_done_and_claim("default", f"t{n}", 10)
+    with pg_store.engine.begin() as conn:
+        if other_scope:
+            conn.execute(_PARK_MANY, {"scope": "other", "n": 3000})
+            conn.execute(
+                text(
+                    "UPDATE causal_followers SET claimed_at = 1 "
+                    "WHERE scope = 'other' AND id % 10 = 0"
                 )
-        for n in range(3):
-            store.park(follower(f"r{n}", f"R{n}"), 600.0)
-            record = store.record_done_and_claim("default", f"R{n}", 10, release_timeout=-1.0)
-            store.finish(record.claimed)
-        # When each statement runs for leader L7, under the plan a connection may keep for
-        # it (made without its values) and under one made with them
-        reads = {}
-        for name, statement in _ONE_LEADERS.items():
-            for mode in ("force_generic_plan", "force_custom_plan"):
-                with driver_connection(pg_url) as conn:
-                    plan = GenericPlan(
-                        conn, statement, mode=mode, b_scope="default", b_leader="L7", b_limit=10
-                    )
-                    reads[name, mode] = plan.rows_read()[0]
-                    conn.rollback()
-        # Then each reads that leader's 50 rows at most, not the scope's or the table's
-        assert {key: read for key, read in reads.items() if read > 50} == {}
-    finally:
-        truncate(store)
-        store.close()
+            )
+    for n in range(3):
+        pg_store.park(follower(f"r{n}", f"R{n}"), 600.0)
+        record = pg_store.record_done_and_claim("default", f"R{n}", 10, release_timeout=-1.0)
+        pg_store.finish(record.claimed)
+    # When each statement runs for leader L7, under the plan a connection may keep for
+    # it (made without its values) and under one made with them
+    reads = {}
+    for name, statement in _ONE_LEADERS.items():
+        for mode in ("force_generic_plan", "force_custom_plan"):
+            with driver_connection(pg_url) as conn:
+                plan = GenericPlan(
+                    conn, statement, mode=mode, b_scope="default", b_leader="L7", b_limit=10
+                )
+                reads[name, mode] = plan.rows_read()[0]
+                conn.rollback()
+    # Then each reads that leader's 50 rows at most, not the scope's or the table's
+    assert {key: read for key, read in reads.items() if read > 50} == {}
 
 
 def test_status_reads_no_waiting_row_only_each_scopes_oldest(pg_url: str) -> None:

@@ -247,41 +247,35 @@ def test_a_store_created_before_the_counts_gets_them_with_its_rows_counted(
 
 
 def test_a_migration_waits_for_a_finishing_task_instead_of_deadlocking_with_it(
-    pg_url: str,
+    pg_url: str, pg_store: SQLStore
 ) -> None:
-    store = open_store(pg_url)
-    truncate(store)
     migrated: list[Any] = []
-    try:
-        for n in range(3):
-            store.park(follower(f"f{n}", "L"), LOOKBACK)
-        with store.engine.connect() as conn:
-            as_before_the_counts(conn, "postgresql")
-            conn.commit()
-        with driver_connection(pg_url) as task, driver_connection(pg_url) as watcher:
-            # Given a task finishing: its record-and-claim has selected its followers FOR
-            # UPDATE (a ROW SHARE lock on the table) and is about to update them
-            task.execute("SELECT id FROM causal_followers WHERE leader_id = 'L' FOR UPDATE")
-            # When a migration of the store starts meanwhile
-            migration = threading.Thread(target=lambda: migrated.append(_migrate_or_error(pg_url)))
-            migration.start()
-            while not watcher.execute(
-                "SELECT count(*) FROM pg_locks WHERE NOT granted "
-                "AND relation = 'causal_followers'::regclass"
-            ).fetchone()[0]:  # type: ignore[index]
-                assert migration.is_alive(), migrated
-                time.sleep(0.01)
-            # Then the task's update goes through, and the migration once it committed
-            task.execute("UPDATE causal_followers SET claimed_at = 1 WHERE leader_id = 'L'")
-            task.commit()
-            migration.join(30)
-        assert len(migrated) == 1 and isinstance(migrated[0], list), migrated
-        assert "dropped index causal_followers_deadline_idx (obsolete)" in migrated[0]
-        assert "created trigger causal_followers_count_inserts" in migrated[0]
-        assert reported(store) == {"default": (0, 3)} == truth(store)
-    finally:
-        truncate(store)
-        store.close()
+    for n in range(3):
+        pg_store.park(follower(f"f{n}", "L"), LOOKBACK)
+    with pg_store.engine.connect() as conn:
+        as_before_the_counts(conn, "postgresql")
+        conn.commit()
+    with driver_connection(pg_url) as task, driver_connection(pg_url) as watcher:
+        # Given a task finishing: its record-and-claim has selected its followers FOR
+        # UPDATE (a ROW SHARE lock on the table) and is about to update them
+        task.execute("SELECT id FROM causal_followers WHERE leader_id = 'L' FOR UPDATE")
+        # When a migration of the store starts meanwhile
+        migration = threading.Thread(target=lambda: migrated.append(_migrate_or_error(pg_url)))
+        migration.start()
+        while not watcher.execute(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted "
+            "AND relation = 'causal_followers'::regclass"
+        ).fetchone()[0]:  # type: ignore[index]
+            assert migration.is_alive(), migrated
+            time.sleep(0.01)
+        # Then the task's update goes through, and the migration once it committed
+        task.execute("UPDATE causal_followers SET claimed_at = 1 WHERE leader_id = 'L'")
+        task.commit()
+        migration.join(30)
+    assert len(migrated) == 1 and isinstance(migrated[0], list), migrated
+    assert "dropped index causal_followers_deadline_idx (obsolete)" in migrated[0]
+    assert "created trigger causal_followers_count_inserts" in migrated[0]
+    assert reported(pg_store) == {"default": (0, 3)} == truth(pg_store)
 
 
 def test_a_store_in_public_migrates_when_a_schema_named_after_its_role_appears() -> None:
